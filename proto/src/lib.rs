@@ -1,0 +1,12 @@
+//! Types shared by `cybd` and `cybctl`: the job spec, job records and states, the RPC
+//! service, and errors. No I/O happens here.
+
+pub mod error;
+pub mod job;
+pub mod rpc;
+pub mod spec;
+
+pub use error::{RpcError, SpecError};
+pub use job::{JobId, JobRecord, JobState, Outcome, Owner, Reason, RunResult, StateName, Timestamp};
+pub use rpc::{Cyb, CybClient, JobSummary, ListFilter, Stats, SubmitRequest};
+pub use spec::{Class, JobSpec, parse_job};

@@ -1,0 +1,140 @@
+//! The RPC service between cybctl and cybd (tarpc over a Unix socket, JSON frames).
+//!
+//! The caller is identified by the socket's peer credentials, never by anything it sends.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::RpcError;
+use crate::job::{JobId, JobRecord, StateName, Timestamp};
+use crate::spec::Class;
+
+/// A submission: the raw job JSON, parsed by the daemon with the same code as the spool.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    pub spec_json: String,
+    /// Used as `cwd` when the spec has none (cybctl sends its working directory).
+    #[serde(default)]
+    pub default_cwd: Option<String>,
+}
+
+/// Which jobs `list` returns.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// Only these states (all when empty).
+    #[serde(default)]
+    pub states: Vec<StateName>,
+    /// Only this user's jobs.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// At most this many, newest first (all when None).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// A line of `cybctl ls`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub name: String,
+    pub user: String,
+    pub class: Class,
+    pub priority: i32,
+    pub state: StateName,
+    pub attempts: u32,
+    pub submitted_at: Timestamp,
+    #[serde(default)]
+    pub started_at: Option<Timestamp>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl JobSummary {
+    pub fn of(r: &JobRecord) -> Self {
+        let outcome = r.state.outcome();
+        let started_at = match &r.state {
+            crate::job::JobState::Running { started_at, .. } => Some(*started_at),
+            _ => outcome.and_then(|o| o.started_at),
+        };
+        JobSummary {
+            id: r.id,
+            name: r.name().to_string(),
+            user: r.owner.user.clone(),
+            class: r.spec.class(),
+            priority: r.priority,
+            state: r.state.name(),
+            attempts: r.attempts,
+            submitted_at: r.submitted_at,
+            started_at,
+            exit_code: outcome.and_then(|o| o.exit_code),
+            reason: outcome.map(|o| o.reason.to_string()),
+        }
+    }
+}
+
+/// Per-class counts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClassStats {
+    pub class: Class,
+    pub slots: usize,
+    pub running: usize,
+    pub queued: usize,
+}
+
+/// The daemon's view of itself, for `cybctl stats` and health checks.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stats {
+    pub version: String,
+    pub pid: u32,
+    pub started_at: Timestamp,
+    pub paused: bool,
+    pub counts: Vec<(StateName, usize)>,
+    pub classes: Vec<ClassStats>,
+    pub total_jobs: usize,
+    pub next_id: JobId,
+    /// Records that could not be read and were moved aside at startup.
+    pub quarantined: Vec<String>,
+}
+
+#[tarpc::service]
+pub trait Cyb {
+    /// Queues a job that runs as the caller.
+    async fn submit(req: SubmitRequest) -> Result<JobId, RpcError>;
+    async fn list(filter: ListFilter) -> Vec<JobSummary>;
+    async fn show(id: JobId) -> Result<JobRecord, RpcError>;
+    /// Returns the job once it has ended, or as it is after `timeout_ms`.
+    async fn wait(id: JobId, timeout_ms: u64) -> Result<JobRecord, RpcError>;
+    async fn cancel(id: JobId) -> Result<JobRecord, RpcError>;
+    /// Queues a job that has ended again, as a fresh attempt.
+    async fn retry(id: JobId) -> Result<JobRecord, RpcError>;
+    async fn hold(id: JobId) -> Result<JobRecord, RpcError>;
+    async fn release(id: JobId) -> Result<JobRecord, RpcError>;
+    async fn set_priority(id: JobId, priority: i32) -> Result<JobRecord, RpcError>;
+    /// Stops starting new jobs (running ones go on). Admins only.
+    async fn pause() -> Result<(), RpcError>;
+    async fn resume() -> Result<(), RpcError>;
+    async fn stats() -> Stats;
+}
+
+/// Largest RPC frame either side accepts (a job spec is at most a few MiB; `list` of a large
+/// queue is the biggest answer).
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// Wraps a connected stream in the transport both sides speak: length-delimited JSON frames.
+pub fn transport<S, Item, SinkItem>(
+    io: S,
+) -> tarpc::serde_transport::Transport<S, Item, SinkItem, tarpc::tokio_serde::formats::Json<Item, SinkItem>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+    Item: for<'de> Deserialize<'de>,
+    SinkItem: Serialize,
+{
+    let framed = tarpc::tokio_util::codec::Framed::new(
+        io,
+        tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_FRAME_BYTES)
+            .new_codec(),
+    );
+    tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Json::default())
+}

@@ -1,0 +1,791 @@
+//! The job spec, version 1: what a person writes in a job file or sends with `cybctl submit`.
+//!
+//! Parsing is strict: an unknown field is an error that names it, and every semantic check
+//! ([`JobSpec::validate`]) names the field to blame. The daemon's intake, its RPC server and
+//! `cybctl validate` all go through [`parse_job`], so they give exactly the same errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::SpecError;
+
+/// The largest `context` object kept with a job, in bytes of JSON.
+pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
+/// The longest job name.
+pub const MAX_NAME_CHARS: usize = 256;
+
+/// Job classes. Each has its own concurrency slots and default time limit.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Class {
+    /// Short CPU work (under 60 s by default).
+    #[default]
+    CpuShort,
+    /// Long CPU work (under 15 min by default).
+    CpuLong,
+    /// Work on whole local GPUs (under 10 min by default).
+    Gpu,
+    /// Work sent to Slurm.
+    GpuSlurm,
+}
+
+impl Class {
+    pub const ALL: [Class; 4] = [Class::CpuShort, Class::CpuLong, Class::Gpu, Class::GpuSlurm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::CpuShort => "cpu_short",
+            Class::CpuLong => "cpu_long",
+            Class::Gpu => "gpu",
+            Class::GpuSlurm => "gpu_slurm",
+        }
+    }
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Class {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Class::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown class `{s}` (expected cpu_short, cpu_long, gpu or gpu_slurm)"))
+    }
+}
+
+/// A duration written as `"90s"`, `"10m"`, `"1h 30m"` (humantime), or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) if s.is_finite() && s >= 0.0 => Ok(Dur(Duration::from_secs_f64(s))),
+            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
+                "duration must not be negative (got {s})"
+            ))),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map(Dur).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration `{t}`: {e} (write e.g. \"90s\", \"10m\", \"1h 30m\")"
+                ))
+            }),
+        }
+    }
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a duration such as \"90s\", \"10m\", \"1h 30m\", or a number of seconds",
+            "type": ["string", "number"]
+        })
+    }
+}
+
+/// A size written as `"512MiB"`, `"2GB"` (bytesize), or a number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(i64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) if b >= 0 => Ok(Size(b as u64)),
+            Raw::Bytes(b) => Err(serde::de::Error::custom(format!(
+                "size must not be negative (got {b})"
+            ))),
+            Raw::Text(t) => {
+                let trimmed = t.trim();
+                if trimmed.starts_with('-') {
+                    return Err(serde::de::Error::custom(format!(
+                        "size must not be negative (got `{t}`)"
+                    )));
+                }
+                trimmed
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| Size(b.as_u64()))
+                    .map_err(|e| {
+                        serde::de::Error::custom(format!(
+                            "invalid size `{t}`: {e} (write e.g. \"512MiB\", \"2GiB\")"
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+impl JsonSchema for Size {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a size such as \"512MiB\", \"2GiB\", or a number of bytes",
+            "type": ["string", "integer"]
+        })
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
+
+/// Run a container through the Docker Engine API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DockerSpec {
+    /// Image reference (never pulled implicitly from a registry the host cannot reach).
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<Vec<String>>,
+    /// `host_path:container_path[:ro]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<String>,
+    /// Network mode, e.g. `none`, `bridge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// Built-in task kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    GpuReport,
+    ServiceMap,
+    LogTriage,
+}
+
+/// A built-in task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub kind: TaskKind,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Resource requests. Missing values take the class defaults from the config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Whole GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<i64>,
+    /// CPU quota in cores (1.5 = one and a half cores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    /// Maximum number of processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
+}
+
+/// Retry policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Total attempts, including the first.
+    pub max_attempts: i64,
+    /// Delay before the second attempt; doubles with every further attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Dur>,
+    /// Upper bound of the delay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_backoff: Option<Dur>,
+    /// Retry only on these exit codes (any failure when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_exit_codes: Vec<i64>,
+}
+
+impl RetrySpec {
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+    pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(600);
+
+    /// Delay before attempt number `next_attempt` (2 for the first retry).
+    pub fn delay_before(&self, next_attempt: u32) -> Duration {
+        let base = self.backoff.map_or(Self::DEFAULT_BACKOFF, |d| d.0);
+        let cap = self.max_backoff.map_or(Self::DEFAULT_MAX_BACKOFF, |d| d.0);
+        let doublings = next_attempt.saturating_sub(2).min(32);
+        base.saturating_mul(1u32 << doublings.min(31)).min(cap)
+    }
+
+    /// Whether a run that ended with `exit_code` (None for a signal or other failure) may be
+    /// retried under this policy.
+    pub fn retries_exit(&self, exit_code: Option<i32>) -> bool {
+        self.on_exit_codes.is_empty()
+            || exit_code.is_some_and(|c| self.on_exit_codes.contains(&i64::from(c)))
+    }
+}
+
+/// Options for `gpu_slurm` jobs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    /// Extra sbatch options, each `--name=value`; only allowlisted names are accepted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+/// sbatch options a job may pass through.
+pub const SLURM_ALLOWED_OPTIONS: &[&str] = &[
+    "--time",
+    "--gres",
+    "--gpus",
+    "--nodes",
+    "--ntasks",
+    "--cpus-per-task",
+    "--mem",
+    "--mem-per-cpu",
+    "--constraint",
+    "--qos",
+    "--exclusive",
+    "--comment",
+];
+
+/// Job spec, version 1.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "cybd job spec, version 1")]
+pub struct JobSpec {
+    /// Spec version; only 1 exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
+    /// A label; defaults to the file name (spool) or the command (cybctl).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
+    /// Higher runs first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// Free-form data kept with the job as given (at most 64 KiB of JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<serde_json::Value>,
+    /// argv, run without a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// A script for `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shell: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<DockerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskSpec>,
+    /// Absolute working directory (default: the owner's home; cybctl sends its own cwd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
+    /// Wall-clock limit: TERM, grace period, then KILL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Job ids that must succeed first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<i64>,
+    /// Globs under `cwd` copied into the run's `artifacts/` when the job ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+    /// `result.json` is POSTed here when the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<SlurmSpec>,
+}
+
+/// What a job runs: the one of `command`, `shell`, `docker`, `task` that is set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Payload<'a> {
+    Command(&'a [String]),
+    Shell(&'a str),
+    Docker(&'a DockerSpec),
+    Task(&'a TaskSpec),
+}
+
+/// The backend that runs a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Native,
+    Docker,
+    Slurm,
+    Builtin,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Native => "native",
+            Backend::Docker => "docker",
+            Backend::Slurm => "slurm",
+            Backend::Builtin => "builtin",
+        })
+    }
+}
+
+impl JobSpec {
+    pub fn class(&self) -> Class {
+        self.class.unwrap_or_default()
+    }
+
+    pub fn priority(&self) -> i32 {
+        self.priority.unwrap_or(0)
+    }
+
+    /// The payload. Only call on a validated spec; an unvalidated one may have none.
+    pub fn payload(&self) -> Option<Payload<'_>> {
+        if let Some(c) = &self.command {
+            Some(Payload::Command(c))
+        } else if let Some(s) = &self.shell {
+            Some(Payload::Shell(s))
+        } else if let Some(d) = &self.docker {
+            Some(Payload::Docker(d))
+        } else {
+            self.task.as_ref().map(Payload::Task)
+        }
+    }
+
+    /// Which backend runs this job.
+    pub fn backend(&self) -> Backend {
+        match self.payload() {
+            Some(Payload::Docker(_)) => Backend::Docker,
+            Some(Payload::Task(_)) => Backend::Builtin,
+            _ if self.class() == Class::GpuSlurm => Backend::Slurm,
+            _ => Backend::Native,
+        }
+    }
+
+    /// The argv to exec for a native job.
+    pub fn argv(&self) -> Option<Vec<String>> {
+        match self.payload()? {
+            Payload::Command(c) => Some(c.to_vec()),
+            Payload::Shell(s) => Some(vec!["/bin/sh".into(), "-c".into(), s.into()]),
+            _ => None,
+        }
+    }
+
+    pub fn gpus(&self) -> u32 {
+        self.resources
+            .as_ref()
+            .and_then(|r| r.gpus)
+            .map_or(0, |g| u32::try_from(g).unwrap_or(u32::MAX))
+    }
+
+    /// Semantic checks that need nothing but the spec itself.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(v) = self.version
+            && v != 1
+        {
+            return Err(SpecError::field("version", format!("unsupported spec version {v} (only 1 exists)")));
+        }
+        let set: Vec<&str> = [
+            ("command", self.command.is_some()),
+            ("shell", self.shell.is_some()),
+            ("docker", self.docker.is_some()),
+            ("task", self.task.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect();
+        match set.as_slice() {
+            [] => {
+                return Err(SpecError::general(
+                    "the job has nothing to run: set exactly one of `command`, `shell`, `docker`, `task`",
+                ));
+            }
+            [_] => {}
+            [a, b, ..] => {
+                return Err(SpecError::field(
+                    *b,
+                    format!("`{a}` and `{b}` are both set: set exactly one of `command`, `shell`, `docker`, `task`"),
+                ));
+            }
+        }
+        if let Some(name) = &self.name {
+            check_label("name", name, MAX_NAME_CHARS)?;
+        }
+        if let Some(t) = &self.tenant {
+            check_label("tenant", t, 128)?;
+        }
+        if let Some(w) = &self.workflow_id {
+            check_label("workflow_id", w, 256)?;
+        }
+        if let Some(ctx) = &self.context {
+            let n = serde_json::to_vec(ctx).map_or(usize::MAX, |v| v.len());
+            if n > MAX_CONTEXT_BYTES {
+                return Err(SpecError::field(
+                    "context",
+                    format!("is {n} bytes of JSON; at most {MAX_CONTEXT_BYTES} are kept"),
+                ));
+            }
+        }
+        if let Some(argv) = &self.command {
+            if argv.is_empty() {
+                return Err(SpecError::field("command", "must not be empty: give the program and its arguments"));
+            }
+            if argv[0].is_empty() {
+                return Err(SpecError::field("command[0]", "the program name must not be empty"));
+            }
+            for (i, a) in argv.iter().enumerate() {
+                if a.contains('\0') {
+                    return Err(SpecError::field(format!("command[{i}]"), "must not contain a NUL byte"));
+                }
+            }
+        }
+        if let Some(s) = &self.shell {
+            if s.trim().is_empty() {
+                return Err(SpecError::field("shell", "must not be empty"));
+            }
+            if s.contains('\0') {
+                return Err(SpecError::field("shell", "must not contain a NUL byte"));
+            }
+        }
+        if let Some(d) = &self.docker {
+            if d.image.trim().is_empty() {
+                return Err(SpecError::field("docker.image", "must not be empty"));
+            }
+            if let Some(c) = &d.command
+                && c.is_empty()
+            {
+                return Err(SpecError::field("docker.command", "must not be empty when given"));
+            }
+            for (i, m) in d.mounts.iter().enumerate() {
+                let parts: Vec<&str> = m.split(':').collect();
+                let ok = (parts.len() == 2 || (parts.len() == 3 && matches!(parts[2], "ro" | "rw")))
+                    && parts[0].starts_with('/')
+                    && parts[1].starts_with('/');
+                if !ok {
+                    return Err(SpecError::field(
+                        format!("docker.mounts[{i}]"),
+                        format!("`{m}` is not `/host/path:/container/path[:ro|rw]`"),
+                    ));
+                }
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/') {
+                return Err(SpecError::field("cwd", format!("`{cwd}` is not an absolute path")));
+            }
+            if cwd.contains('\0') {
+                return Err(SpecError::field("cwd", "must not contain a NUL byte"));
+            }
+        }
+        for (k, v) in &self.env {
+            let field = format!("env.{k}");
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(SpecError::field(field, "is not a valid variable name (empty, or has `=` or NUL)"));
+            }
+            if v.contains('\0') {
+                return Err(SpecError::field(field, "value must not contain a NUL byte"));
+            }
+            if k.starts_with("CYB_") {
+                return Err(SpecError::field(field, "names starting with CYB_ are set by cybd"));
+            }
+        }
+        if let Some(r) = &self.resources {
+            if let Some(g) = r.gpus {
+                if g < 0 {
+                    return Err(SpecError::field("resources.gpus", format!("must not be negative (got {g})")));
+                }
+                if g > 0 && !matches!(self.class(), Class::Gpu | Class::GpuSlurm) {
+                    return Err(SpecError::field(
+                        "resources.gpus",
+                        format!("asks for {g} GPU(s) but class is `{}`: use class `gpu` or `gpu_slurm`", self.class()),
+                    ));
+                }
+            }
+            if let Some(c) = r.cpus
+                && !(c.is_finite() && c > 0.0)
+            {
+                return Err(SpecError::field("resources.cpus", format!("must be a positive number of cores (got {c})")));
+            }
+            if let Some(m) = r.memory
+                && m.0 == 0
+            {
+                return Err(SpecError::field("resources.memory", "must be more than 0 bytes"));
+            }
+            if let Some(p) = r.pids
+                && p < 1
+            {
+                return Err(SpecError::field("resources.pids", format!("must be at least 1 (got {p})")));
+            }
+        }
+        if let Some(t) = self.timeout
+            && t.0.is_zero()
+        {
+            return Err(SpecError::field("timeout", "must be longer than 0s"));
+        }
+        if let Some(r) = &self.retry {
+            if r.max_attempts < 1 || r.max_attempts > 100 {
+                return Err(SpecError::field(
+                    "retry.max_attempts",
+                    format!("must be between 1 and 100 (got {})", r.max_attempts),
+                ));
+            }
+            for (i, c) in r.on_exit_codes.iter().enumerate() {
+                if !(0..=255).contains(c) {
+                    return Err(SpecError::field(
+                        format!("retry.on_exit_codes[{i}]"),
+                        format!("exit codes are 0 to 255 (got {c})"),
+                    ));
+                }
+            }
+        }
+        for (i, d) in self.depends_on.iter().enumerate() {
+            if *d < 1 {
+                return Err(SpecError::field(format!("depends_on[{i}]"), format!("job ids start at 1 (got {d})")));
+            }
+        }
+        for (i, a) in self.artifacts.iter().enumerate() {
+            check_artifact_glob(a).map_err(|m| SpecError::field(format!("artifacts[{i}]"), m))?;
+        }
+        if let Some(u) = &self.callback_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err(SpecError::field("callback_url", format!("`{u}` is not an http:// or https:// URL")));
+        }
+        if let Some(s) = &self.slurm {
+            if self.class() != Class::GpuSlurm {
+                return Err(SpecError::field("slurm", "is only for class `gpu_slurm`"));
+            }
+            for (i, o) in s.options.iter().enumerate() {
+                let name = o.split('=').next().unwrap_or_default();
+                if !SLURM_ALLOWED_OPTIONS.contains(&name) {
+                    return Err(SpecError::field(
+                        format!("slurm.options[{i}]"),
+                        format!("`{name}` is not an allowed sbatch option (allowed: {})", SLURM_ALLOWED_OPTIONS.join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_label(field: &str, v: &str, max: usize) -> Result<(), SpecError> {
+    if v.is_empty() {
+        return Err(SpecError::field(field, "must not be empty"));
+    }
+    if v.chars().count() > max {
+        return Err(SpecError::field(field, format!("is longer than {max} characters")));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(SpecError::field(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// An artifact glob must stay under the job's `cwd`: relative, and without `..`.
+pub fn check_artifact_glob(g: &str) -> Result<(), String> {
+    if g.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if g.starts_with('/') {
+        return Err(format!("`{g}` is absolute: artifact globs are relative to `cwd`"));
+    }
+    if g.split('/').any(|c| c == "..") {
+        return Err(format!("`{g}` would leave `cwd` (it contains `..`)"));
+    }
+    glob::Pattern::new(g).map_err(|e| format!("`{g}` is not a valid glob: {e}"))?;
+    Ok(())
+}
+
+/// Parses and checks a job file's bytes: the single entry point for intake, RPC and
+/// `cybctl validate`.
+pub fn parse_job(bytes: &[u8]) -> Result<JobSpec, SpecError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| SpecError::general(format!("the job file is not UTF-8 text: {e}")))?;
+    let de = &mut serde_json::Deserializer::from_str(text);
+    let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        SpecError::from_json(&path, &inner)
+    })?;
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The JSON Schema of the job spec.
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(JobSpec)).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> SpecError {
+        parse_job(json.as_bytes()).expect_err("spec should be refused")
+    }
+
+    #[test]
+    fn minimal_command_job() {
+        let s = parse_job(br#"{"command": ["true"]}"#).unwrap();
+        assert_eq!(s.class(), Class::CpuShort);
+        assert_eq!(s.priority(), 0);
+        assert_eq!(s.argv().unwrap(), vec!["true"]);
+        assert_eq!(s.backend(), Backend::Native);
+    }
+
+    #[test]
+    fn full_job_parses() {
+        let s = parse_job(
+            br#"{"name":"train","class":"gpu","priority":5,"tenant":"ml","shell":"echo hi",
+                 "cwd":"/tmp","env":{"A":"1"},"resources":{"gpus":1,"cpus":1.5,"memory":"512MiB","pids":64},
+                 "timeout":"90s","retry":{"max_attempts":3,"backoff":"1s","on_exit_codes":[1]},
+                 "depends_on":[1],"artifacts":["out/*.txt"],"context":{"k":[1,2]}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.resources.as_ref().unwrap().memory, Some(Size(512 * 1024 * 1024)));
+        assert_eq!(s.timeout, Some(Dur(Duration::from_secs(90))));
+        assert_eq!(s.gpus(), 1);
+        assert_eq!(s.argv().unwrap(), vec!["/bin/sh", "-c", "echo hi"]);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = err(r#"{"command":["true"],"comand":["x"]}"#);
+        assert_eq!(e.field.as_deref(), Some("comand"));
+        assert!(e.message.contains("unknown field"), "{e}");
+        let e = err(r#"{"command":["true"],"resources":{"memroy":"1GiB"}}"#);
+        assert_eq!(e.field.as_deref(), Some("resources.memroy"));
+    }
+
+    #[test]
+    fn exactly_one_payload() {
+        let e = err(r#"{"name":"x"}"#);
+        assert!(e.message.contains("exactly one of"), "{e}");
+        let e = err(r#"{"command":["true"],"shell":"true"}"#);
+        assert_eq!(e.field.as_deref(), Some("shell"));
+    }
+
+    #[test]
+    fn semantic_errors_name_their_field() {
+        let cases = [
+            (r#"{"command":[]}"#, "command"),
+            (r#"{"command":[""]}"#, "command[0]"),
+            (r#"{"shell":"  "}"#, "shell"),
+            (r#"{"command":["true"],"cwd":"rel/dir"}"#, "cwd"),
+            (r#"{"command":["true"],"resources":{"pids":-1}}"#, "resources.pids"),
+            (r#"{"command":["true"],"resources":{"memory":-5}}"#, "resources.memory"),
+            (r#"{"command":["true"],"resources":{"memory":"-5MiB"}}"#, "resources.memory"),
+            (r#"{"command":["true"],"resources":{"cpus":0}}"#, "resources.cpus"),
+            (r#"{"command":["true"],"resources":{"gpus":1}}"#, "resources.gpus"),
+            (r#"{"command":["true"],"class":"gpu","resources":{"gpus":-1}}"#, "resources.gpus"),
+            (r#"{"command":["true"],"class":"huge"}"#, "class"),
+            (r#"{"command":["true"],"timeout":"soon"}"#, "timeout"),
+            (r#"{"command":["true"],"timeout":"0s"}"#, "timeout"),
+            (r#"{"command":["true"],"retry":{"max_attempts":0}}"#, "retry.max_attempts"),
+            (r#"{"command":["true"],"depends_on":[0]}"#, "depends_on[0]"),
+            (r#"{"command":["true"],"artifacts":["../x"]}"#, "artifacts[0]"),
+            (r#"{"command":["true"],"artifacts":["/etc/passwd"]}"#, "artifacts[0]"),
+            (r#"{"command":["true"],"env":{"CYB_JOB_ID":"1"}}"#, "env.CYB_JOB_ID"),
+            (r#"{"command":["true"],"priority":"high"}"#, "priority"),
+            (r#"{"command":["true"],"callback_url":"ftp://x"}"#, "callback_url"),
+            (r#"{"docker":{"image":""}}"#, "docker.image"),
+            (r#"{"task":{"kind":"nope"}}"#, "task.kind"),
+            (r#"{"command":["true"],"version":2}"#, "version"),
+        ];
+        for (json, field) in cases {
+            let e = err(json);
+            assert_eq!(e.field.as_deref(), Some(field), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_says_where() {
+        let e = err("{\"command\": [\"true\"");
+        assert!(e.message.contains("line 1"), "{e}");
+        let e = err("\u{0}\u{ff}");
+        assert!(!e.message.is_empty());
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(parse_job(br#"{"docker":{"image":"x"}}"#).unwrap().backend(), Backend::Docker);
+        assert_eq!(parse_job(br#"{"task":{"kind":"gpu_report"}}"#).unwrap().backend(), Backend::Builtin);
+        assert_eq!(
+            parse_job(br#"{"class":"gpu_slurm","shell":"nvidia-smi"}"#).unwrap().backend(),
+            Backend::Slurm
+        );
+    }
+
+    #[test]
+    fn retry_backoff_doubles_and_caps() {
+        let r = RetrySpec {
+            max_attempts: 5,
+            backoff: Some(Dur(Duration::from_secs(2))),
+            max_backoff: Some(Dur(Duration::from_secs(5))),
+            on_exit_codes: vec![3],
+        };
+        assert_eq!(r.delay_before(2), Duration::from_secs(2));
+        assert_eq!(r.delay_before(3), Duration::from_secs(4));
+        assert_eq!(r.delay_before(4), Duration::from_secs(5));
+        assert!(r.retries_exit(Some(3)));
+        assert!(!r.retries_exit(Some(1)));
+        assert!(!r.retries_exit(None));
+    }
+
+    #[test]
+    fn schema_names_fields() {
+        let s = schema().to_string();
+        for f in ["command", "shell", "docker", "task", "resources", "depends_on"] {
+            assert!(s.contains(f), "schema lacks {f}");
+        }
+    }
+}
