@@ -1,1 +1,103 @@
-fn main(){}
+//! `cybd`: argument parsing and logging setup; the daemon itself is the `cybd` library.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use cybd::Config;
+
+#[derive(Parser)]
+#[command(name = "cybd", version, about = "cybd: a job daemon for GPU/CPU hosts")]
+struct Cli {
+    /// Configuration file (default /etc/cyb/cybd.toml; in user mode ~/.config/cyb/cybd.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Run unprivileged for the current user, with paths under your home directory.
+    #[arg(long)]
+    user: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log level (error, warn, info, debug, trace); overrides the config.
+    #[arg(long)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// (internal) Supervise one job; started by the daemon.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        run_dir: PathBuf,
+        #[arg(long)]
+        attempt: u32,
+    },
+    /// (internal) Copy artifacts as the job's user; started by a supervisor.
+    #[command(hide = true)]
+    CollectArtifacts {
+        #[arg(long)]
+        cwd: PathBuf,
+        #[arg(long)]
+        dest: PathBuf,
+        #[arg(last = true)]
+        globs: Vec<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.mode {
+        Some(Mode::Supervise { run_dir, attempt }) => {
+            return exit_code(cybd::supervisor::main(&run_dir, attempt));
+        }
+        Some(Mode::CollectArtifacts { cwd, dest, globs }) => {
+            return exit_code(cybd::supervisor::collect_main(&cwd, &dest, &globs));
+        }
+        None => {}
+    }
+    let env = |k: &str| std::env::var(k).ok();
+    let cfg = match Config::load(cli.config.as_deref(), cli.user, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cybd: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!(
+            "configuration ok: spool {}, logs {}, socket {}",
+            cfg.paths.spool.display(),
+            cfg.paths.logs.display(),
+            cfg.paths.socket.display()
+        );
+        return std::process::ExitCode::SUCCESS;
+    }
+    let level = cli.log_level.unwrap_or_else(|| cfg.log_level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("cybd={level},warn"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cybd: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(async { cybd::run(cfg).await.context("cybd failed") }) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cybd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit_code(c: i32) -> std::process::ExitCode {
+    std::process::ExitCode::from(u8::try_from(c).unwrap_or(1))
+}

@@ -26,18 +26,28 @@ impl std::fmt::Display for SpecError {
 
 impl SpecError {
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
-        SpecError { message: message.into(), field: Some(field.into()) }
+        SpecError {
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
 
     pub fn general(message: impl Into<String>) -> Self {
-        SpecError { message: message.into(), field: None }
+        SpecError {
+            message: message.into(),
+            field: None,
+        }
     }
 
     /// Turns a serde_json error at `path` (as serde_path_to_error prints it, `.` for the
     /// root) into a spec error naming the field.
     pub fn from_json(path: &str, e: &serde_json::Error) -> Self {
         let msg = e.to_string();
-        let path = if path == "." || path.is_empty() { None } else { Some(path.to_string()) };
+        let path = if path == "." || path.is_empty() {
+            None
+        } else {
+            Some(path.to_string())
+        };
         // serde names an unknown field only in its message: "unknown field `x`, expected ...".
         if let Some(rest) = msg.strip_prefix("unknown field `")
             && let Some(end) = rest.find('`')

@@ -54,7 +54,12 @@ pub struct Owner {
 #[serde(tag = "via", rename_all = "snake_case")]
 pub enum Origin {
     /// A file in the spool's `incoming/`; identified so a restart never takes it twice.
-    Spool { file: String, dev: u64, ino: u64, mtime_ns: i128 },
+    Spool {
+        file: String,
+        dev: u64,
+        ino: u64,
+        mtime_ns: i128,
+    },
     /// An RPC call from process `pid`.
     Rpc { pid: Option<i32> },
 }
@@ -107,7 +112,10 @@ impl StateName {
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, StateName::Succeeded | StateName::Failed | StateName::TimedOut | StateName::Cancelled)
+        matches!(
+            self,
+            StateName::Succeeded | StateName::Failed | StateName::TimedOut | StateName::Cancelled
+        )
     }
 }
 
@@ -120,12 +128,15 @@ impl fmt::Display for StateName {
 impl std::str::FromStr for StateName {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        StateName::ALL.into_iter().find(|n| n.as_str() == s).ok_or_else(|| {
-            format!(
-                "unknown state `{s}` (expected one of {})",
-                StateName::ALL.map(StateName::as_str).join(", ")
-            )
-        })
+        StateName::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown state `{s}` (expected one of {})",
+                    StateName::ALL.map(StateName::as_str).join(", ")
+                )
+            })
     }
 }
 
@@ -157,7 +168,9 @@ pub enum Reason {
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from));
+        let s = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from));
         f.write_str(s.as_deref().unwrap_or("unknown"))
     }
 }
@@ -181,15 +194,38 @@ pub struct Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum JobState {
-    Queued { since: Timestamp },
-    Held { since: Timestamp, by: String },
+    Queued {
+        since: Timestamp,
+    },
+    Held {
+        since: Timestamp,
+        by: String,
+    },
     /// Waiting out the retry backoff before attempt `next_attempt`.
-    Waiting { until: Timestamp, next_attempt: u32, last: Outcome },
-    Running { started_at: Timestamp, attempt: u32, supervisor: ProcRef },
-    Succeeded { outcome: Outcome },
-    Failed { outcome: Outcome },
-    TimedOut { outcome: Outcome },
-    Cancelled { outcome: Outcome, by: String },
+    Waiting {
+        until: Timestamp,
+        next_attempt: u32,
+        last: Outcome,
+    },
+    Running {
+        started_at: Timestamp,
+        attempt: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        supervisor: Option<ProcRef>,
+    },
+    Succeeded {
+        outcome: Outcome,
+    },
+    Failed {
+        outcome: Outcome,
+    },
+    TimedOut {
+        outcome: Outcome,
+    },
+    Cancelled {
+        outcome: Outcome,
+        by: String,
+    },
 }
 
 impl JobState {
@@ -252,17 +288,17 @@ impl JobRecord {
     pub fn wait_exit_code(&self) -> i32 {
         match &self.state {
             JobState::Succeeded { .. } => 0,
-            JobState::Failed { outcome } | JobState::TimedOut { outcome } | JobState::Cancelled { outcome, .. } => {
-                match (outcome.exit_code, outcome.signal) {
-                    (Some(c), _) if c != 0 => c,
-                    (_, Some(s)) => 128 + s,
-                    _ => match outcome.reason {
-                        Reason::Timeout => 124,
-                        Reason::Cancelled => 130,
-                        _ => 1,
-                    },
-                }
-            }
+            JobState::Failed { outcome }
+            | JobState::TimedOut { outcome }
+            | JobState::Cancelled { outcome, .. } => match (outcome.exit_code, outcome.signal) {
+                (Some(c), _) if c != 0 => c,
+                (_, Some(s)) => 128 + s,
+                _ => match outcome.reason {
+                    Reason::Timeout => 124,
+                    Reason::Cancelled => 130,
+                    _ => 1,
+                },
+            },
             _ => 1,
         }
     }
@@ -303,9 +339,10 @@ impl RunResult {
             | JobState::Cancelled { outcome, .. } => outcome,
             _ => return None,
         };
-        let queue_wait_ms = rec
-            .first_started_at
-            .map_or_else(|| rec.submitted_at.ms_until(outcome.finished_at), |s| rec.submitted_at.ms_until(s));
+        let queue_wait_ms = rec.first_started_at.map_or_else(
+            || rec.submitted_at.ms_until(outcome.finished_at),
+            |s| rec.submitted_at.ms_until(s),
+        );
         let run_ms = outcome.started_at.map_or(0, |s| s.ms_until(outcome.finished_at));
         Some(RunResult {
             id: rec.id,

@@ -255,8 +255,7 @@ impl RetrySpec {
     /// Whether a run that ended with `exit_code` (None for a signal or other failure) may be
     /// retried under this policy.
     pub fn retries_exit(&self, exit_code: Option<i32>) -> bool {
-        self.on_exit_codes.is_empty()
-            || exit_code.is_some_and(|c| self.on_exit_codes.contains(&i64::from(c)))
+        self.on_exit_codes.is_empty() || exit_code.is_some_and(|c| self.on_exit_codes.contains(&i64::from(c)))
     }
 }
 
@@ -431,7 +430,10 @@ impl JobSpec {
         if let Some(v) = self.version
             && v != 1
         {
-            return Err(SpecError::field("version", format!("unsupported spec version {v} (only 1 exists)")));
+            return Err(SpecError::field(
+                "version",
+                format!("unsupported spec version {v} (only 1 exists)"),
+            ));
         }
         let set: Vec<&str> = [
             ("command", self.command.is_some()),
@@ -452,7 +454,9 @@ impl JobSpec {
             [a, b, ..] => {
                 return Err(SpecError::field(
                     *b,
-                    format!("`{a}` and `{b}` are both set: set exactly one of `command`, `shell`, `docker`, `task`"),
+                    format!(
+                        "`{a}` and `{b}` are both set: set exactly one of `command`, `shell`, `docker`, `task`"
+                    ),
                 ));
             }
         }
@@ -476,14 +480,23 @@ impl JobSpec {
         }
         if let Some(argv) = &self.command {
             if argv.is_empty() {
-                return Err(SpecError::field("command", "must not be empty: give the program and its arguments"));
+                return Err(SpecError::field(
+                    "command",
+                    "must not be empty: give the program and its arguments",
+                ));
             }
             if argv[0].is_empty() {
-                return Err(SpecError::field("command[0]", "the program name must not be empty"));
+                return Err(SpecError::field(
+                    "command[0]",
+                    "the program name must not be empty",
+                ));
             }
             for (i, a) in argv.iter().enumerate() {
                 if a.contains('\0') {
-                    return Err(SpecError::field(format!("command[{i}]"), "must not contain a NUL byte"));
+                    return Err(SpecError::field(
+                        format!("command[{i}]"),
+                        "must not contain a NUL byte",
+                    ));
                 }
             }
         }
@@ -519,7 +532,10 @@ impl JobSpec {
         }
         if let Some(cwd) = &self.cwd {
             if !cwd.starts_with('/') {
-                return Err(SpecError::field("cwd", format!("`{cwd}` is not an absolute path")));
+                return Err(SpecError::field(
+                    "cwd",
+                    format!("`{cwd}` is not an absolute path"),
+                ));
             }
             if cwd.contains('\0') {
                 return Err(SpecError::field("cwd", "must not contain a NUL byte"));
@@ -528,31 +544,46 @@ impl JobSpec {
         for (k, v) in &self.env {
             let field = format!("env.{k}");
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(SpecError::field(field, "is not a valid variable name (empty, or has `=` or NUL)"));
+                return Err(SpecError::field(
+                    field,
+                    "is not a valid variable name (empty, or has `=` or NUL)",
+                ));
             }
             if v.contains('\0') {
                 return Err(SpecError::field(field, "value must not contain a NUL byte"));
             }
             if k.starts_with("CYB_") {
-                return Err(SpecError::field(field, "names starting with CYB_ are set by cybd"));
+                return Err(SpecError::field(
+                    field,
+                    "names starting with CYB_ are set by cybd",
+                ));
             }
         }
         if let Some(r) = &self.resources {
             if let Some(g) = r.gpus {
                 if g < 0 {
-                    return Err(SpecError::field("resources.gpus", format!("must not be negative (got {g})")));
+                    return Err(SpecError::field(
+                        "resources.gpus",
+                        format!("must not be negative (got {g})"),
+                    ));
                 }
                 if g > 0 && !matches!(self.class(), Class::Gpu | Class::GpuSlurm) {
                     return Err(SpecError::field(
                         "resources.gpus",
-                        format!("asks for {g} GPU(s) but class is `{}`: use class `gpu` or `gpu_slurm`", self.class()),
+                        format!(
+                            "asks for {g} GPU(s) but class is `{}`: use class `gpu` or `gpu_slurm`",
+                            self.class()
+                        ),
                     ));
                 }
             }
             if let Some(c) = r.cpus
                 && !(c.is_finite() && c > 0.0)
             {
-                return Err(SpecError::field("resources.cpus", format!("must be a positive number of cores (got {c})")));
+                return Err(SpecError::field(
+                    "resources.cpus",
+                    format!("must be a positive number of cores (got {c})"),
+                ));
             }
             if let Some(m) = r.memory
                 && m.0 == 0
@@ -562,7 +593,10 @@ impl JobSpec {
             if let Some(p) = r.pids
                 && p < 1
             {
-                return Err(SpecError::field("resources.pids", format!("must be at least 1 (got {p})")));
+                return Err(SpecError::field(
+                    "resources.pids",
+                    format!("must be at least 1 (got {p})"),
+                ));
             }
         }
         if let Some(t) = self.timeout
@@ -588,7 +622,10 @@ impl JobSpec {
         }
         for (i, d) in self.depends_on.iter().enumerate() {
             if *d < 1 {
-                return Err(SpecError::field(format!("depends_on[{i}]"), format!("job ids start at 1 (got {d})")));
+                return Err(SpecError::field(
+                    format!("depends_on[{i}]"),
+                    format!("job ids start at 1 (got {d})"),
+                ));
             }
         }
         for (i, a) in self.artifacts.iter().enumerate() {
@@ -597,7 +634,10 @@ impl JobSpec {
         if let Some(u) = &self.callback_url
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
-            return Err(SpecError::field("callback_url", format!("`{u}` is not an http:// or https:// URL")));
+            return Err(SpecError::field(
+                "callback_url",
+                format!("`{u}` is not an http:// or https:// URL"),
+            ));
         }
         if let Some(s) = &self.slurm {
             if self.class() != Class::GpuSlurm {
@@ -608,7 +648,10 @@ impl JobSpec {
                 if !SLURM_ALLOWED_OPTIONS.contains(&name) {
                     return Err(SpecError::field(
                         format!("slurm.options[{i}]"),
-                        format!("`{name}` is not an allowed sbatch option (allowed: {})", SLURM_ALLOWED_OPTIONS.join(", ")),
+                        format!(
+                            "`{name}` is not an allowed sbatch option (allowed: {})",
+                            SLURM_ALLOWED_OPTIONS.join(", ")
+                        ),
                     ));
                 }
             }
@@ -622,7 +665,10 @@ fn check_label(field: &str, v: &str, max: usize) -> Result<(), SpecError> {
         return Err(SpecError::field(field, "must not be empty"));
     }
     if v.chars().count() > max {
-        return Err(SpecError::field(field, format!("is longer than {max} characters")));
+        return Err(SpecError::field(
+            field,
+            format!("is longer than {max} characters"),
+        ));
     }
     if v.chars().any(char::is_control) {
         return Err(SpecError::field(field, "must not contain control characters"));
@@ -691,7 +737,10 @@ mod tests {
                  "depends_on":[1],"artifacts":["out/*.txt"],"context":{"k":[1,2]}}"#,
         )
         .unwrap();
-        assert_eq!(s.resources.as_ref().unwrap().memory, Some(Size(512 * 1024 * 1024)));
+        assert_eq!(
+            s.resources.as_ref().unwrap().memory,
+            Some(Size(512 * 1024 * 1024))
+        );
         assert_eq!(s.timeout, Some(Dur(Duration::from_secs(90))));
         assert_eq!(s.gpus(), 1);
         assert_eq!(s.argv().unwrap(), vec!["/bin/sh", "-c", "echo hi"]);
@@ -721,20 +770,41 @@ mod tests {
             (r#"{"command":[""]}"#, "command[0]"),
             (r#"{"shell":"  "}"#, "shell"),
             (r#"{"command":["true"],"cwd":"rel/dir"}"#, "cwd"),
-            (r#"{"command":["true"],"resources":{"pids":-1}}"#, "resources.pids"),
-            (r#"{"command":["true"],"resources":{"memory":-5}}"#, "resources.memory"),
-            (r#"{"command":["true"],"resources":{"memory":"-5MiB"}}"#, "resources.memory"),
+            (
+                r#"{"command":["true"],"resources":{"pids":-1}}"#,
+                "resources.pids",
+            ),
+            (
+                r#"{"command":["true"],"resources":{"memory":-5}}"#,
+                "resources.memory",
+            ),
+            (
+                r#"{"command":["true"],"resources":{"memory":"-5MiB"}}"#,
+                "resources.memory",
+            ),
             (r#"{"command":["true"],"resources":{"cpus":0}}"#, "resources.cpus"),
             (r#"{"command":["true"],"resources":{"gpus":1}}"#, "resources.gpus"),
-            (r#"{"command":["true"],"class":"gpu","resources":{"gpus":-1}}"#, "resources.gpus"),
+            (
+                r#"{"command":["true"],"class":"gpu","resources":{"gpus":-1}}"#,
+                "resources.gpus",
+            ),
             (r#"{"command":["true"],"class":"huge"}"#, "class"),
             (r#"{"command":["true"],"timeout":"soon"}"#, "timeout"),
             (r#"{"command":["true"],"timeout":"0s"}"#, "timeout"),
-            (r#"{"command":["true"],"retry":{"max_attempts":0}}"#, "retry.max_attempts"),
+            (
+                r#"{"command":["true"],"retry":{"max_attempts":0}}"#,
+                "retry.max_attempts",
+            ),
             (r#"{"command":["true"],"depends_on":[0]}"#, "depends_on[0]"),
             (r#"{"command":["true"],"artifacts":["../x"]}"#, "artifacts[0]"),
-            (r#"{"command":["true"],"artifacts":["/etc/passwd"]}"#, "artifacts[0]"),
-            (r#"{"command":["true"],"env":{"CYB_JOB_ID":"1"}}"#, "env.CYB_JOB_ID"),
+            (
+                r#"{"command":["true"],"artifacts":["/etc/passwd"]}"#,
+                "artifacts[0]",
+            ),
+            (
+                r#"{"command":["true"],"env":{"CYB_JOB_ID":"1"}}"#,
+                "env.CYB_JOB_ID",
+            ),
             (r#"{"command":["true"],"priority":"high"}"#, "priority"),
             (r#"{"command":["true"],"callback_url":"ftp://x"}"#, "callback_url"),
             (r#"{"docker":{"image":""}}"#, "docker.image"),
@@ -757,10 +827,18 @@ mod tests {
 
     #[test]
     fn backends() {
-        assert_eq!(parse_job(br#"{"docker":{"image":"x"}}"#).unwrap().backend(), Backend::Docker);
-        assert_eq!(parse_job(br#"{"task":{"kind":"gpu_report"}}"#).unwrap().backend(), Backend::Builtin);
         assert_eq!(
-            parse_job(br#"{"class":"gpu_slurm","shell":"nvidia-smi"}"#).unwrap().backend(),
+            parse_job(br#"{"docker":{"image":"x"}}"#).unwrap().backend(),
+            Backend::Docker
+        );
+        assert_eq!(
+            parse_job(br#"{"task":{"kind":"gpu_report"}}"#).unwrap().backend(),
+            Backend::Builtin
+        );
+        assert_eq!(
+            parse_job(br#"{"class":"gpu_slurm","shell":"nvidia-smi"}"#)
+                .unwrap()
+                .backend(),
             Backend::Slurm
         );
     }

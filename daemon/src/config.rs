@@ -1,0 +1,361 @@
+//! Configuration: the TOML file (`etc/cybd.toml` documents every key), the defaults for the
+//! system and the per-user (`--user`) mode, and the checks behind `cybd --check-config`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cyb_proto::Class;
+use cyb_proto::spec::{Dur, Size};
+use serde::Deserialize;
+
+/// Where the system daemon reads its config when `--config` is not given.
+pub const SYSTEM_CONFIG: &str = "/etc/cyb/cybd.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {path}: key `{key}`: {message}")]
+    Key {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("user mode needs {0} to be set")]
+    Env(&'static str),
+}
+
+/// The file as written; every key optional so the mode decides the defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    paths: RawPaths,
+    log_level: Option<String>,
+    kill_grace: Option<Dur>,
+    max_job_bytes: Option<Size>,
+    max_log_bytes: Option<Size>,
+    allow_root_jobs: Option<bool>,
+    admin_group: Option<String>,
+    rescan_interval: Option<Dur>,
+    #[serde(default)]
+    classes: BTreeMap<String, RawClass>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    spool: Option<PathBuf>,
+    logs: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    runtime: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    slots: Option<i64>,
+    timeout: Option<Dur>,
+    max_timeout: Option<Dur>,
+}
+
+/// Per-class settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassConfig {
+    /// Jobs of this class that may run at once.
+    pub slots: usize,
+    /// Time limit of a job that sets none.
+    pub timeout: Duration,
+    /// The longest `timeout` a job may ask for.
+    pub max_timeout: Duration,
+}
+
+/// Paths the daemon uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Paths {
+    /// `incoming/`, `rejected/` and the durable records (`jobs/`) live here.
+    pub spool: PathBuf,
+    /// Run directories `run_<id>/`.
+    pub logs: PathBuf,
+    /// The RPC socket.
+    pub socket: PathBuf,
+    /// Runtime state (GPU lockfiles, ...).
+    pub runtime: PathBuf,
+}
+
+impl Paths {
+    pub fn incoming(&self) -> PathBuf {
+        self.spool.join("incoming")
+    }
+    pub fn rejected(&self) -> PathBuf {
+        self.spool.join("rejected")
+    }
+    pub fn jobs(&self) -> PathBuf {
+        self.spool.join("jobs")
+    }
+    pub fn run_dir(&self, id: u64) -> PathBuf {
+        self.logs.join(format!("run_{id}"))
+    }
+}
+
+/// The resolved configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub user_mode: bool,
+    pub paths: Paths,
+    pub log_level: String,
+    pub kill_grace: Duration,
+    pub max_job_bytes: u64,
+    pub max_log_bytes: u64,
+    pub allow_root_jobs: bool,
+    pub admin_group: Option<String>,
+    pub rescan_interval: Duration,
+    pub classes: BTreeMap<Class, ClassConfig>,
+}
+
+impl Config {
+    pub fn class(&self, c: Class) -> &ClassConfig {
+        // Every class is filled in by `resolve`.
+        &self.classes[&c]
+    }
+
+    /// Defaults for the mode, without any file.
+    pub fn defaults(user_mode: bool, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        Self::resolve(RawConfig::default(), user_mode, env, Path::new("(defaults)"))
+    }
+
+    /// Reads `path` (or the mode's default file, if it exists) and resolves it.
+    pub fn load(
+        path: Option<&Path>,
+        user_mode: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let default_path = if user_mode {
+            env("HOME").map(|h| PathBuf::from(h).join(".config/cyb/cybd.toml"))
+        } else {
+            Some(PathBuf::from(SYSTEM_CONFIG))
+        };
+        let (path, must_exist) = match path {
+            Some(p) => (Some(p.to_path_buf()), true),
+            None => (default_path, false),
+        };
+        let Some(path) = path else {
+            return Self::defaults(user_mode, env);
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
+                return Self::defaults(user_mode, env);
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Self::parse(&text, &path, user_mode, env)
+    }
+
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        user_mode: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        Self::resolve(raw, user_mode, env, path)
+    }
+
+    fn resolve(
+        raw: RawConfig,
+        user_mode: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+        path: &Path,
+    ) -> Result<Config, ConfigError> {
+        let key_err = |key: &str, message: String| ConfigError::Key {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let defaults = if user_mode {
+            let home = PathBuf::from(env("HOME").ok_or(ConfigError::Env("HOME"))?);
+            let runtime = match env("XDG_RUNTIME_DIR") {
+                Some(d) => PathBuf::from(d).join("cyb"),
+                None => PathBuf::from(format!("/run/user/{}/cyb", nix::unistd::geteuid())),
+            };
+            Paths {
+                spool: home.join(".local/share/cyb/spool"),
+                logs: home.join(".local/state/cyb/logs"),
+                socket: runtime.join("cybd.sock"),
+                runtime,
+            }
+        } else {
+            Paths {
+                spool: "/var/spool/cyb".into(),
+                logs: "/logs".into(),
+                socket: "/run/cyb/cybd.sock".into(),
+                runtime: "/run/cyb".into(),
+            }
+        };
+        let p = raw.paths;
+        let paths = Paths {
+            spool: p.spool.unwrap_or(defaults.spool),
+            logs: p.logs.unwrap_or(defaults.logs),
+            socket: p.socket.unwrap_or(defaults.socket),
+            runtime: p.runtime.unwrap_or(defaults.runtime),
+        };
+        for (key, v) in [
+            ("paths.spool", &paths.spool),
+            ("paths.logs", &paths.logs),
+            ("paths.socket", &paths.socket),
+            ("paths.runtime", &paths.runtime),
+        ] {
+            if !v.is_absolute() {
+                return Err(key_err(key, format!("`{}` is not an absolute path", v.display())));
+            }
+        }
+        let log_level = raw.log_level.unwrap_or_else(|| "info".into());
+        if !matches!(log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            return Err(key_err(
+                "log_level",
+                format!("`{log_level}` is not one of error, warn, info, debug, trace"),
+            ));
+        }
+        let max_job_bytes = raw.max_job_bytes.map_or(1024 * 1024, |s| s.0);
+        if max_job_bytes == 0 {
+            return Err(key_err("max_job_bytes", "must be more than 0".into()));
+        }
+        let max_log_bytes = raw.max_log_bytes.map_or(64 * 1024 * 1024, |s| s.0);
+        let rescan_interval = raw.rescan_interval.map_or(Duration::from_secs(2), |d| d.0);
+        if rescan_interval.is_zero() {
+            return Err(key_err("rescan_interval", "must be longer than 0s".into()));
+        }
+        let mut classes = BTreeMap::new();
+        for c in Class::ALL {
+            let (slots, timeout) = match c {
+                Class::CpuShort => (4, Duration::from_secs(60)),
+                Class::CpuLong => (2, Duration::from_secs(15 * 60)),
+                Class::Gpu => (8, Duration::from_secs(10 * 60)),
+                Class::GpuSlurm => (16, Duration::from_secs(10 * 60)),
+            };
+            classes.insert(
+                c,
+                ClassConfig {
+                    slots,
+                    timeout,
+                    max_timeout: timeout,
+                },
+            );
+        }
+        for (name, rc) in raw.classes {
+            let class: Class = name.parse().map_err(|m| key_err(&format!("classes.{name}"), m))?;
+            let entry = classes.entry(class).or_insert(ClassConfig {
+                slots: 1,
+                timeout: Duration::from_secs(60),
+                max_timeout: Duration::from_secs(60),
+            });
+            if let Some(s) = rc.slots {
+                if !(1..=4096).contains(&s) {
+                    return Err(key_err(
+                        &format!("classes.{name}.slots"),
+                        format!("must be 1 to 4096 (got {s})"),
+                    ));
+                }
+                entry.slots = s as usize;
+            }
+            if let Some(t) = rc.timeout {
+                if t.0.is_zero() {
+                    return Err(key_err(
+                        &format!("classes.{name}.timeout"),
+                        "must be longer than 0s".into(),
+                    ));
+                }
+                entry.timeout = t.0;
+                entry.max_timeout = entry.max_timeout.max(t.0);
+            }
+            if let Some(m) = rc.max_timeout {
+                if m.0 < entry.timeout {
+                    return Err(key_err(
+                        &format!("classes.{name}.max_timeout"),
+                        "must not be shorter than the class timeout".into(),
+                    ));
+                }
+                entry.max_timeout = m.0;
+            }
+        }
+        Ok(Config {
+            user_mode,
+            paths,
+            log_level,
+            kill_grace: raw.kill_grace.map_or(Duration::from_secs(10), |d| d.0),
+            max_job_bytes,
+            max_log_bytes,
+            allow_root_jobs: raw.allow_root_jobs.unwrap_or(false),
+            admin_group: Some(raw.admin_group.unwrap_or_else(|| "cybadm".into())).filter(|g| !g.is_empty()),
+            rescan_interval,
+            classes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "HOME" => Some("/home/ann".into()),
+            "XDG_RUNTIME_DIR" => Some("/run/user/1000".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn system_defaults() {
+        let c = Config::defaults(false, &env).unwrap();
+        assert_eq!(c.paths.spool, PathBuf::from("/var/spool/cyb"));
+        assert_eq!(c.paths.logs, PathBuf::from("/logs"));
+        assert_eq!(c.paths.socket, PathBuf::from("/run/cyb/cybd.sock"));
+        assert_eq!(c.paths.runtime, PathBuf::from("/run/cyb"));
+        assert_eq!(c.class(Class::CpuShort).slots, 4);
+        assert_eq!(c.class(Class::CpuLong).slots, 2);
+        assert_eq!(c.max_job_bytes, 1024 * 1024);
+        assert!(!c.allow_root_jobs);
+    }
+
+    #[test]
+    fn user_defaults() {
+        let c = Config::defaults(true, &env).unwrap();
+        assert_eq!(c.paths.spool, PathBuf::from("/home/ann/.local/share/cyb/spool"));
+        assert_eq!(c.paths.logs, PathBuf::from("/home/ann/.local/state/cyb/logs"));
+        assert_eq!(c.paths.socket, PathBuf::from("/run/user/1000/cyb/cybd.sock"));
+    }
+
+    #[test]
+    fn shipped_config_parses_to_the_defaults() {
+        let text = include_str!("../../etc/cybd.toml");
+        let c = Config::parse(text, Path::new("etc/cybd.toml"), false, &env).unwrap();
+        assert_eq!(c, Config::defaults(false, &env).unwrap());
+    }
+
+    #[test]
+    fn bad_keys_are_named() {
+        let cases = [
+            ("slots_cpu = 3", "slots_cpu"),
+            ("[classes.cpu_short]\nslots = 0", "classes.cpu_short.slots"),
+            ("[classes.tiny]\nslots = 1", "classes.tiny"),
+            ("kill_grace = \"soon\"", "kill_grace"),
+            ("[paths]\nspool = \"rel\"", "paths.spool"),
+            ("log_level = \"loud\"", "log_level"),
+            ("max_job_bytes = \"1 potato\"", "max_job_bytes"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(text, Path::new("t.toml"), false, &env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+    }
+}

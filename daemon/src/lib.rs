@@ -1,0 +1,100 @@
+//! cybd, the job daemon, as a library: [`run`] starts every stage of the data flow
+//!
+//! ```text
+//! incoming/*.json ──► intake ──► scheduler (owns the queue) ──► runner ──► supervisor
+//! cybctl ──RPC──► server ──┘          │ ▲                                  └──► <logs>/run_<id>/
+//!                                     ▼ └──── exits ◄── pidfd watch
+//!                                   store (one durable record per job)
+//! ```
+//!
+//! so tests can start a daemon in-process, while `main.rs` is only argument parsing.
+
+pub mod config;
+pub mod fsutil;
+pub mod intake;
+pub mod runner;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod supervisor;
+pub mod sys;
+pub mod users;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// Binds the RPC socket, replacing a stale one left by a daemon that died.
+fn bind_socket(cfg: &Config) -> anyhow::Result<UnixListener> {
+    let path = &cfg.paths.socket;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    if std::fs::symlink_metadata(path).is_ok() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("another cybd is already listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    // Everyone may connect; what a caller may do is decided by its peer credentials.
+    let mode = if cfg.user_mode { 0o600 } else { 0o666 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Jobs keep running under their supervisors when
+/// the daemon stops; the next daemon adopts them.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    intake::Intake::prepare_dirs(&cfg).context("cannot prepare the spool")?;
+    let store = store::Store::open(&cfg.paths.jobs())?;
+    let loaded = {
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || s.load()).await?
+    };
+    for (path, why) in &loaded.quarantined {
+        warn!(path = %path.display(), "job record moved aside: {why}");
+    }
+    let n = loaded.records.len();
+    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, loaded).await;
+    let sched_task = tokio::spawn(sched.run(rx));
+    let known = handle
+        .ask(|reply| scheduler::Msg::SpoolOrigins { reply })
+        .await
+        .unwrap_or_default();
+    let listener = bind_socket(&cfg)?;
+    tokio::spawn(server::serve(listener, cfg.clone(), handle.clone()));
+    tokio::spawn(intake::Intake::new(cfg.clone(), handle.clone(), known).run());
+    info!(
+        records = n,
+        socket = %cfg.paths.socket.display(),
+        spool = %cfg.paths.spool.display(),
+        "cybd {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; restart cybd to apply changes"),
+        }
+    }
+    info!("stopping; running jobs keep running under their supervisors");
+    sched_task.abort();
+    let _ = std::fs::remove_file(&cfg.paths.socket);
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! Runner: turns a job into a running thing. For native jobs (the only backend on this host
+//! so far) it prepares the run directory, starts a supervisor (`cybd supervise`), records
+//! the supervisor's identity before handing it the job, watches it through a pidfd, and
+//! adopts supervisors left running by an earlier daemon. It also writes `job.json` and
+//! `result.json`.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use cyb_proto::job::ProcRef;
+use cyb_proto::{JobRecord, RunResult};
+use serde::Serialize;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::config::Config;
+use crate::fsutil::{self, WriteOpts};
+use crate::supervisor::{EXIT_FILE, ExitRecord, Launch, SUPERVISOR_FILE, SupervisorRef};
+use crate::sys;
+use crate::users::Account;
+
+/// A supervisor being watched.
+pub struct Running {
+    pub sup: SupervisorRef,
+    pub pidfd: Arc<OwnedFd>,
+    /// Our own child (must be reaped) rather than one adopted from an earlier daemon.
+    pub own_child: bool,
+    pub run_dir: PathBuf,
+}
+
+impl Running {
+    pub fn proc_ref(&self) -> ProcRef {
+        ProcRef {
+            pid: self.sup.pid,
+            start_ticks: self.sup.start_ticks,
+        }
+    }
+}
+
+/// Asks a supervisor to cancel its job (TERM, grace, KILL).
+pub fn cancel(pidfd: &OwnedFd) -> std::io::Result<()> {
+    sys::pidfd_send_signal(pidfd.as_raw_fd(), libc::SIGTERM)
+}
+
+/// What became of a supervisor found at startup.
+pub enum Adopted {
+    Alive(Running),
+    Ended(ExitRecord),
+    /// No supervisor was ever handed the job: safe to queue it again.
+    NeverLaunched,
+    /// The supervisor is gone and left no exit record.
+    Lost(String),
+}
+
+#[derive(Serialize)]
+struct JobFile<'a> {
+    id: u64,
+    spec: &'a cyb_proto::JobSpec,
+    user: &'a str,
+    uid: u32,
+    submitted_at: cyb_proto::Timestamp,
+    origin: &'a cyb_proto::job::Origin,
+}
+
+fn as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Creates (or reopens) the run directory: owned by root and the job user's group, mode
+/// 0750, so the user can read it and nobody else can, and the user cannot tamper with it.
+pub fn prepare_run_dir(rec: &JobRecord) -> std::io::Result<OwnedFd> {
+    let path = Path::new(&rec.run_dir);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", parent.display())))?;
+    }
+    match std::fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot create {}: {e}", path.display()),
+            ));
+        }
+    }
+    let fd = fsutil::open_dir(path)?;
+    if as_root() {
+        nix::unistd::fchown(
+            &fd,
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(rec.owner.gid)),
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot chown {}: {e}", path.display())))?;
+    }
+    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o750))
+        .map_err(|e| std::io::Error::other(format!("cannot chmod {}: {e}", path.display())))?;
+    Ok(fd)
+}
+
+fn file_opts(rec: &JobRecord) -> WriteOpts {
+    WriteOpts {
+        mode: 0o640,
+        owner: as_root().then_some((0, rec.owner.gid)),
+        sync: false,
+    }
+}
+
+/// Writes `job.json`: the accepted spec, submitter and submit time.
+pub fn write_job_json(dir: &OwnedFd, rec: &JobRecord) -> std::io::Result<()> {
+    let jf = JobFile {
+        id: rec.id,
+        spec: &rec.spec,
+        user: &rec.owner.user,
+        uid: rec.owner.uid,
+        submitted_at: rec.submitted_at,
+        origin: &rec.origin,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&jf).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    fsutil::write_at(dir, "job.json", &bytes, file_opts(rec))
+}
+
+/// Writes `result.json` for a job in a terminal state (blocking).
+pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
+    let Some(result) = RunResult::of(rec) else {
+        return Ok(());
+    };
+    let dir = prepare_run_dir(rec)?;
+    if fsutil::open_read_at(&dir, "job.json").is_err() {
+        write_job_json(&dir, rec)?;
+    }
+    let mut bytes = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    fsutil::write_at(&dir, "result.json", &bytes, file_opts(rec))
+}
+
+/// Builds the launch description of attempt `attempt`.
+pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -> Result<Launch, String> {
+    let argv = rec
+        .spec
+        .argv()
+        .ok_or_else(|| format!("job {} is not a native job", rec.id))?;
+    let run_dir = &rec.run_dir;
+    let mut env: Vec<(String, String)> = vec![
+        ("HOME".into(), acct.home.clone()),
+        ("USER".into(), acct.name.clone()),
+        ("LOGNAME".into(), acct.name.clone()),
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+    ];
+    for (k, v) in &rec.spec.env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env.push(("CYB_JOB_ID".into(), rec.id.to_string()));
+    env.push(("CYB_RUN_DIR".into(), run_dir.clone()));
+    env.push(("CYB_ARTIFACTS_DIR".into(), format!("{run_dir}/artifacts")));
+    env.push(("CYB_ATTEMPT".into(), attempt.to_string()));
+    let class = cfg.class(rec.spec.class());
+    let timeout = rec.spec.timeout.map_or(class.timeout, |t| t.0);
+    Ok(Launch {
+        job_id: rec.id,
+        attempt,
+        argv,
+        env,
+        cwd: rec.spec.cwd.clone().unwrap_or_else(|| acct.home.clone()),
+        uid: acct.uid,
+        gid: acct.gid,
+        groups: acct.groups.clone(),
+        log_gid: acct.gid,
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        grace_ms: u64::try_from(cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
+        max_log_bytes: cfg.max_log_bytes,
+        artifacts: rec.spec.artifacts.clone(),
+    })
+}
+
+/// Starts a supervisor for `launch` (blocking). The supervisor's identity is on disk before
+/// it is handed the job, so a daemon that dies at any point can tell what happened.
+pub fn start(rec: &JobRecord, launch: &Launch) -> Result<Running, String> {
+    let dir = prepare_run_dir(rec).map_err(|e| e.to_string())?;
+    if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
+        write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
+    }
+    for stale in [EXIT_FILE, SUPERVISOR_FILE] {
+        let _ = nix::unistd::unlinkat(&dir, stale, nix::unistd::UnlinkatFlags::NoRemoveDir);
+    }
+    let mut child = Command::new("/proc/self/exe")
+        .arg("supervise")
+        .arg("--run-dir")
+        .arg(&rec.run_dir)
+        .arg("--attempt")
+        .arg(launch.attempt.to_string())
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        // Its own process group: a signal to the daemon's group (Ctrl-C) does not reach jobs.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the supervisor of job {}: {e}", rec.id))?;
+    let pid = child.id() as i32;
+    let fail = |child: &mut std::process::Child, msg: String| {
+        let _ = child.kill();
+        let _ = child.wait();
+        msg
+    };
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => return Err(fail(&mut child, format!("pidfd_open({pid}): {e}"))),
+    };
+    let start_ticks = match sys::proc_start_ticks(pid) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(fail(
+                &mut child,
+                format!("cannot read the supervisor's start time: {e}"),
+            ));
+        }
+    };
+    let sup = SupervisorRef {
+        attempt: launch.attempt,
+        pid,
+        start_ticks,
+    };
+    let write = serde_json::to_vec(&sup)
+        .map_err(std::io::Error::other)
+        .and_then(|b| fsutil::write_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)));
+    if let Err(e) = write {
+        return Err(fail(
+            &mut child,
+            format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir),
+        ));
+    }
+    let payload = match serde_json::to_vec(launch) {
+        Ok(p) => p,
+        Err(e) => return Err(fail(&mut child, format!("cannot encode launch: {e}"))),
+    };
+    if let Some(mut stdin) = child.stdin.take()
+        && let Err(e) = stdin.write_all(&payload)
+    {
+        // The supervisor died already; its exit record (or its absence) tells the rest.
+        tracing::warn!(job = rec.id, "cannot hand the job to its supervisor: {e}");
+    }
+    // The Child is dropped without waiting: the monitor reaps it through waitpid.
+    drop(child);
+    Ok(Running {
+        sup,
+        pidfd: Arc::new(pidfd),
+        own_child: true,
+        run_dir: PathBuf::from(&rec.run_dir),
+    })
+}
+
+/// Looks for the supervisor of attempt `attempt` of a job recorded as running (blocking).
+pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
+    let dir = match fsutil::open_dir(run_dir) {
+        Ok(d) => d,
+        Err(_) => return Adopted::NeverLaunched,
+    };
+    let sup: Option<SupervisorRef> = fsutil::read_at(&dir, SUPERVISOR_FILE, 64 * 1024)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &SupervisorRef| s.attempt == attempt);
+    let Some(sup) = sup else {
+        // The launch is sent only after supervisor.json is written.
+        return Adopted::NeverLaunched;
+    };
+    if let Ok(fd) = sys::pidfd_open(sup.pid)
+        && sys::proc_start_ticks(sup.pid).ok() == Some(sup.start_ticks)
+    {
+        return Adopted::Alive(Running {
+            sup,
+            pidfd: Arc::new(fd),
+            own_child: false,
+            run_dir: run_dir.to_path_buf(),
+        });
+    }
+    match read_exit(run_dir, attempt) {
+        Some(e) if e.not_launched => Adopted::NeverLaunched,
+        Some(e) => Adopted::Ended(e),
+        None => Adopted::Lost(format!(
+            "supervisor (pid {}) of attempt {attempt} is gone and left no {EXIT_FILE}",
+            sup.pid
+        )),
+    }
+}
+
+fn read_exit(run_dir: &Path, attempt: u32) -> Option<ExitRecord> {
+    let dir = fsutil::open_dir(run_dir).ok()?;
+    let bytes = fsutil::read_at(&dir, EXIT_FILE, 1024 * 1024).ok()?;
+    serde_json::from_slice::<ExitRecord>(&bytes)
+        .ok()
+        .filter(|e| e.attempt == attempt)
+}
+
+/// How a watched supervisor ended.
+pub enum Ended {
+    Exit(ExitRecord),
+    Lost(String),
+}
+
+/// Waits until the supervisor exits, then reads its exit record.
+pub async fn wait(run: &Running) -> Ended {
+    // SAFETY: PidFd holds an Arc of the OwnedFd, so the descriptor stays open and is not
+    // replaced for as long as the AsyncFd (which owns that PidFd) exists.
+    let registered = unsafe { AsyncFd::register_with_interest(PidFd(run.pidfd.clone()), Interest::READABLE) };
+    match registered {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(e) => {
+            let e = std::io::Error::from(e);
+            // Without a pollable pidfd, fall back to polling /proc.
+            tracing::warn!("cannot watch supervisor {} through its pidfd: {e}", run.sup.pid);
+            while sys::proc_start_ticks(run.sup.pid).ok() == Some(run.sup.start_ticks) {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let pid = run.sup.pid;
+    let own = run.own_child;
+    let run_dir = run.run_dir.clone();
+    let attempt = run.sup.attempt;
+    let res = tokio::task::spawn_blocking(move || {
+        if own {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        }
+        read_exit(&run_dir, attempt)
+    })
+    .await;
+    match res {
+        Ok(Some(e)) => Ended::Exit(e),
+        Ok(None) => Ended::Lost(format!(
+            "supervisor (pid {pid}) exited without writing {EXIT_FILE}"
+        )),
+        Err(e) => Ended::Lost(format!("cannot read the exit record: {e}")),
+    }
+}
+
+struct PidFd(Arc<OwnedFd>);
+
+impl AsRawFd for PidFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}

@@ -1,0 +1,1095 @@
+//! Scheduler: the one task that owns the queue. Intake, the RPC server and the job monitors
+//! send it typed messages ([`Msg`]); it decides, records every change in the store, and
+//! starts jobs through the runner.
+//!
+//! Order: highest priority first, FIFO (by id) within a priority, per-class slots, jobs
+//! whose `depends_on` are not yet met wait aside. Every change is durable before anyone is
+//! told: replies, `wait` answers and `result.json` follow the store's acknowledgement, and a
+//! job is started only after its `running` record is on disk, so a kill -9 at any instant
+//! never runs a job twice.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cyb_proto::job::{JobState, Origin, Outcome, Owner, Reason, StateName, Timestamp};
+use cyb_proto::rpc::{ClassStats, JobSummary, ListFilter, Stats};
+use cyb_proto::spec::Backend;
+use cyb_proto::{Class, JobId, JobRecord, JobSpec, RpcError, SpecError};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::runner::{self, Adopted, Ended, Running};
+use crate::store::{Loaded, Store};
+use crate::supervisor::ExitRecord;
+use crate::users;
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: Option<i32>,
+    pub name: String,
+    pub admin: bool,
+}
+
+impl Peer {
+    fn may_manage(&self, owner: &Owner) -> bool {
+        self.admin || self.uid == owner.uid
+    }
+}
+
+/// Changes a person can make to one job.
+#[derive(Clone, Copy, Debug)]
+pub enum Action {
+    Cancel,
+    Retry,
+    Hold,
+    Release,
+    Priority(i32),
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+/// Messages to the scheduler.
+pub enum Msg {
+    Submit {
+        spec: Box<JobSpec>,
+        owner: Owner,
+        origin: Origin,
+        reply: Reply<Result<JobId, RpcError>>,
+    },
+    List {
+        filter: ListFilter,
+        reply: Reply<Vec<JobSummary>>,
+    },
+    Show {
+        id: JobId,
+        reply: Reply<Result<JobRecord, RpcError>>,
+    },
+    /// Answered when the job has ended (and its end is on disk).
+    Wait {
+        id: JobId,
+        reply: Reply<Result<JobRecord, RpcError>>,
+    },
+    Act {
+        id: JobId,
+        action: Action,
+        peer: Peer,
+        reply: Reply<Result<JobRecord, RpcError>>,
+    },
+    Pause {
+        pause: bool,
+        peer: Peer,
+        reply: Reply<Result<(), RpcError>>,
+    },
+    Stats {
+        reply: Reply<Stats>,
+    },
+    /// Origins of spool files already accepted (for intake after a restart).
+    SpoolOrigins {
+        reply: Reply<HashSet<(u64, u64, i128)>>,
+    },
+    // Internal.
+    Launched {
+        id: JobId,
+        attempt: u32,
+        res: Result<Running, String>,
+    },
+    Exited {
+        id: JobId,
+        attempt: u32,
+        ended: Ended,
+    },
+    Wake {
+        id: JobId,
+    },
+    Kick,
+}
+
+/// Handle for sending messages to the scheduler.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Handle {
+    pub fn send(&self, m: Msg) -> Result<(), RpcError> {
+        self.tx
+            .send(m)
+            .map_err(|_| RpcError::Unavailable("cybd is shutting down".into()))
+    }
+
+    /// Sends a message built around a reply channel and waits for the answer.
+    pub async fn ask<T>(&self, f: impl FnOnce(Reply<T>) -> Msg) -> Result<T, RpcError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(f(tx))?;
+        rx.await
+            .map_err(|_| RpcError::Unavailable("cybd is shutting down".into()))
+    }
+}
+
+struct Slot {
+    pidfd: Option<Arc<OwnedFd>>,
+    cancel_by: Option<String>,
+}
+
+pub struct Scheduler {
+    cfg: Arc<Config>,
+    store: Store,
+    tx: mpsc::UnboundedSender<Msg>,
+    jobs: HashMap<JobId, JobRecord>,
+    ready: BTreeMap<Class, BTreeSet<(Reverse<i32>, JobId)>>,
+    running: HashMap<JobId, Slot>,
+    running_per_class: HashMap<Class, usize>,
+    /// dependency -> jobs waiting for it
+    dependents: HashMap<JobId, Vec<JobId>>,
+    waiters: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
+    next_id: JobId,
+    paused: bool,
+    started_at: Timestamp,
+    quarantined: Vec<String>,
+}
+
+impl Scheduler {
+    /// Builds the scheduler from what the store holds, adopting jobs that were running.
+    pub async fn recover(
+        cfg: Arc<Config>,
+        store: Store,
+        loaded: Loaded,
+    ) -> (Scheduler, Handle, mpsc::UnboundedReceiver<Msg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let paused = cfg.paths.spool.join("paused").exists();
+        let mut s = Scheduler {
+            cfg,
+            store,
+            tx: tx.clone(),
+            jobs: HashMap::new(),
+            ready: BTreeMap::new(),
+            running: HashMap::new(),
+            running_per_class: HashMap::new(),
+            dependents: HashMap::new(),
+            waiters: HashMap::new(),
+            next_id: loaded.max_id + 1,
+            paused,
+            started_at: Timestamp::now(),
+            quarantined: loaded
+                .quarantined
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect(),
+        };
+        let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
+        s.next_id = s.next_id.max(max_run_dir + 1);
+        let mut to_adopt = Vec::new();
+        let mut missing_results = Vec::new();
+        for rec in loaded.records {
+            let id = rec.id;
+            match &rec.state {
+                JobState::Running { attempt, .. } => to_adopt.push((id, *attempt, rec.run_dir.clone())),
+                JobState::Waiting { until, .. } => {
+                    let wait = Duration::from_millis(Timestamp::now().ms_until(*until));
+                    s.wake_after(id, wait);
+                }
+                st if st.is_terminal() => missing_results.push(rec.clone()),
+                _ => {}
+            }
+            s.jobs.insert(id, rec);
+        }
+        // Queued jobs enter the ready sets (after all records are known, for dependencies).
+        let queued: Vec<JobId> = s
+            .jobs
+            .values()
+            .filter(|r| matches!(r.state, JobState::Queued { .. }))
+            .map(|r| r.id)
+            .collect();
+        for id in queued {
+            s.enqueue(id);
+        }
+        for (id, attempt, run_dir) in to_adopt {
+            let class = s.jobs[&id].spec.class();
+            *s.running_per_class.entry(class).or_default() += 1;
+            s.running.insert(
+                id,
+                Slot {
+                    pidfd: None,
+                    cancel_by: None,
+                },
+            );
+            let found =
+                tokio::task::spawn_blocking(move || runner::adopt(std::path::Path::new(&run_dir), attempt))
+                    .await
+                    .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
+            match found {
+                Adopted::Alive(run) => {
+                    info!(job = id, pid = run.sup.pid, "re-adopted running job");
+                    s.watch(id, attempt, run);
+                }
+                Adopted::Ended(exit) => {
+                    let _ = tx.send(Msg::Exited {
+                        id,
+                        attempt,
+                        ended: Ended::Exit(exit),
+                    });
+                }
+                Adopted::Lost(why) => {
+                    let _ = tx.send(Msg::Exited {
+                        id,
+                        attempt,
+                        ended: Ended::Lost(why),
+                    });
+                }
+                Adopted::NeverLaunched => {
+                    info!(
+                        job = id,
+                        "job was being started when cybd stopped; queueing it again"
+                    );
+                    let _ = tx.send(Msg::Exited {
+                        id,
+                        attempt,
+                        ended: Ended::Exit(ExitRecord {
+                            attempt,
+                            not_launched: true,
+                            ..Default::default()
+                        }),
+                    });
+                }
+            }
+        }
+        // A crash between a job's end and its result.json: write the missing ones.
+        tokio::task::spawn_blocking(move || {
+            for rec in missing_results {
+                if !std::path::Path::new(&rec.run_dir).join("result.json").exists()
+                    && let Err(e) = runner::write_result(&rec)
+                {
+                    warn!(job = rec.id, "cannot write result.json: {e}");
+                }
+            }
+        });
+        let handle = Handle { tx };
+        (s, handle, rx)
+    }
+
+    /// The scheduler loop; returns when every sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        self.schedule();
+        while let Some(m) = rx.recv().await {
+            self.handle(m);
+            // Drain whatever else is waiting before scheduling once.
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m);
+            }
+            self.schedule();
+        }
+    }
+
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Submit {
+                spec,
+                owner,
+                origin,
+                reply,
+            } => self.submit(*spec, owner, origin, reply),
+            Msg::List { filter, reply } => {
+                let _ = reply.send(self.list(&filter));
+            }
+            Msg::Show { id, reply } => {
+                let _ = reply.send(self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id)));
+            }
+            Msg::Wait { id, reply } => match self.jobs.get(&id) {
+                None => {
+                    let _ = reply.send(Err(RpcError::NotFound(id)));
+                }
+                Some(r) if r.state.is_terminal() => {
+                    let _ = reply.send(Ok(r.clone()));
+                }
+                Some(_) => {
+                    let w = self.waiters.entry(id).or_default();
+                    w.retain(|s| !s.is_closed());
+                    w.push(reply);
+                }
+            },
+            Msg::Act {
+                id,
+                action,
+                peer,
+                reply,
+            } => self.act(id, action, &peer, reply),
+            Msg::Pause { pause, peer, reply } => {
+                if !peer.admin {
+                    let _ = reply.send(Err(RpcError::PermissionDenied(format!(
+                        "only root or members of the admin group may {} the queue",
+                        if pause { "pause" } else { "resume" }
+                    ))));
+                    return;
+                }
+                self.paused = pause;
+                let marker = self.cfg.paths.spool.join("paused");
+                let res = if pause {
+                    std::fs::write(&marker, format!("paused by {}\n", peer.name))
+                } else {
+                    std::fs::remove_file(&marker).or_else(|e| {
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                };
+                if let Err(e) = res {
+                    warn!("cannot record pause state in {}: {e}", marker.display());
+                }
+                info!(event = if pause { "paused" } else { "resumed" }, by = %peer.name, "queue {}", if pause { "paused" } else { "resumed" });
+                let _ = reply.send(Ok(()));
+            }
+            Msg::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+            Msg::SpoolOrigins { reply } => {
+                let set = self
+                    .jobs
+                    .values()
+                    .filter_map(|r| match &r.origin {
+                        Origin::Spool {
+                            dev, ino, mtime_ns, ..
+                        } => Some((*dev, *ino, *mtime_ns)),
+                        Origin::Rpc { .. } => None,
+                    })
+                    .collect();
+                let _ = reply.send(set);
+            }
+            Msg::Launched { id, attempt, res } => self.launched(id, attempt, res),
+            Msg::Exited { id, attempt, ended } => self.exited(id, attempt, ended),
+            Msg::Wake { id } => {
+                if let Some(r) = self.jobs.get_mut(&id)
+                    && let JobState::Waiting { .. } = r.state
+                {
+                    r.state = JobState::Queued {
+                        since: Timestamp::now(),
+                    };
+                    let _ = self.store.put(r);
+                    self.enqueue(id);
+                }
+            }
+            Msg::Kick => {}
+        }
+    }
+
+    // ----- submission
+
+    fn admit(&self, spec: &JobSpec, owner: &Owner) -> Result<(), RpcError> {
+        let spec_err = |e: SpecError| RpcError::InvalidSpec(e);
+        if owner.uid == 0 && !self.cfg.allow_root_jobs {
+            return Err(RpcError::PermissionDenied(
+                "jobs owned by root are refused here (allow_root_jobs = false in the config)".into(),
+            ));
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if me != 0 && owner.uid != me {
+            return Err(RpcError::PermissionDenied(format!(
+                "this cybd runs unprivileged as uid {me} and can only run that user's jobs (the job belongs to uid {})",
+                owner.uid
+            )));
+        }
+        match spec.backend() {
+            Backend::Native => {}
+            b => {
+                let field = match b {
+                    Backend::Docker => "docker",
+                    Backend::Builtin => "task",
+                    _ => "class",
+                };
+                return Err(spec_err(SpecError::field(
+                    field,
+                    format!("backend not available on this host: this cybd cannot run {b} jobs yet"),
+                )));
+            }
+        }
+        if spec.gpus() > 0 {
+            return Err(spec_err(SpecError::field(
+                "resources.gpus",
+                format!(
+                    "asks for {} GPU(s) but this host has 0 GPUs available to cybd",
+                    spec.gpus()
+                ),
+            )));
+        }
+        let class = self.cfg.class(spec.class());
+        if let Some(t) = spec.timeout
+            && t.0 > class.max_timeout
+        {
+            return Err(spec_err(SpecError::field(
+                "timeout",
+                format!(
+                    "{} is longer than the {} allowed for class {}",
+                    humantime::format_duration(t.0),
+                    humantime::format_duration(class.max_timeout),
+                    spec.class()
+                ),
+            )));
+        }
+        for (i, d) in spec.depends_on.iter().enumerate() {
+            let known = u64::try_from(*d).ok().is_some_and(|d| self.jobs.contains_key(&d));
+            if !known {
+                return Err(spec_err(SpecError::field(
+                    format!("depends_on[{i}]"),
+                    format!("job {d} does not exist"),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn submit(
+        &mut self,
+        mut spec: JobSpec,
+        owner: Owner,
+        origin: Origin,
+        reply: Reply<Result<JobId, RpcError>>,
+    ) {
+        if let Err(e) = self.admit(&spec, &owner) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if spec.class.is_none() {
+            spec.class = Some(Class::CpuShort);
+        }
+        if spec.name.is_none() {
+            spec.name = Some(default_name(&spec, &origin));
+        }
+        let now = Timestamp::now();
+        let rec = JobRecord {
+            id,
+            priority: spec.priority(),
+            spec,
+            owner,
+            origin,
+            submitted_at: now,
+            attempts: 0,
+            first_started_at: None,
+            run_dir: self.cfg.paths.run_dir(id).to_string_lossy().into_owned(),
+            state: JobState::Queued { since: now },
+        };
+        let ack = self.store.put(&rec);
+        info!(
+            event = "submitted",
+            job = id,
+            user = %rec.owner.user,
+            class = %rec.spec.class(),
+            tenant = rec.spec.tenant.as_deref().unwrap_or(""),
+            "job {id} submitted by {}", rec.owner.user
+        );
+        self.jobs.insert(id, rec);
+        self.enqueue(id);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            match ack.await {
+                Ok(Ok(())) => {
+                    let _ = reply.send(Ok(id));
+                }
+                res => {
+                    let why = match res {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "the store writer stopped".into(),
+                    };
+                    error!(job = id, "cannot record job: {why}");
+                    let _ = reply.send(Err(RpcError::Unavailable(format!(
+                        "cannot record the job: {why}"
+                    ))));
+                    let _ = tx.send(Msg::Act {
+                        id,
+                        action: Action::Cancel,
+                        peer: Peer {
+                            uid: 0,
+                            pid: None,
+                            name: "cybd (store failure)".into(),
+                            admin: true,
+                        },
+                        reply: oneshot::channel().0,
+                    });
+                }
+            }
+        });
+    }
+
+    /// Puts a queued job where it belongs: ready, waiting for dependencies, or failed
+    /// because a dependency failed.
+    fn enqueue(&mut self, id: JobId) {
+        let Some(rec) = self.jobs.get(&id) else { return };
+        let mut pending = Vec::new();
+        let mut failed_dep = None;
+        for d in &rec.spec.depends_on {
+            let d = *d as JobId;
+            match self.jobs.get(&d).map(|r| r.state.name()) {
+                Some(StateName::Succeeded) => {}
+                Some(s) if s.is_terminal() => failed_dep = Some((d, s)),
+                Some(_) => pending.push(d),
+                None => failed_dep = Some((d, StateName::Failed)),
+            }
+        }
+        if let Some((d, s)) = failed_dep {
+            let outcome = Outcome {
+                reason: Reason::DependencyFailed,
+                message: format!("dependency job {d} ended {s}"),
+                exit_code: None,
+                signal: None,
+                started_at: None,
+                finished_at: Timestamp::now(),
+            };
+            self.finish(id, JobState::Failed { outcome });
+            return;
+        }
+        if !pending.is_empty() {
+            for d in pending {
+                let v = self.dependents.entry(d).or_default();
+                if !v.contains(&id) {
+                    v.push(id);
+                }
+            }
+            return;
+        }
+        self.ready
+            .entry(rec.spec.class())
+            .or_default()
+            .insert((Reverse(rec.priority), id));
+    }
+
+    fn dequeue(&mut self, id: JobId) {
+        if let Some(rec) = self.jobs.get(&id)
+            && let Some(set) = self.ready.get_mut(&rec.spec.class())
+        {
+            set.remove(&(Reverse(rec.priority), id));
+        }
+    }
+
+    // ----- starting and ending
+
+    fn schedule(&mut self) {
+        if self.paused {
+            return;
+        }
+        for class in Class::ALL {
+            let slots = self.cfg.class(class).slots;
+            loop {
+                let busy = self.running_per_class.get(&class).copied().unwrap_or(0);
+                if busy >= slots {
+                    break;
+                }
+                let Some(set) = self.ready.get_mut(&class) else {
+                    break;
+                };
+                let Some((_, id)) = set.pop_first() else { break };
+                self.start(id);
+            }
+        }
+    }
+
+    fn start(&mut self, id: JobId) {
+        let Some(rec) = self.jobs.get_mut(&id) else { return };
+        if !matches!(rec.state, JobState::Queued { .. }) {
+            return;
+        }
+        let attempt = rec.attempts + 1;
+        let now = Timestamp::now();
+        rec.attempts = attempt;
+        rec.first_started_at.get_or_insert(now);
+        rec.state = JobState::Running {
+            started_at: now,
+            attempt,
+            supervisor: None,
+        };
+        *self.running_per_class.entry(rec.spec.class()).or_default() += 1;
+        self.running.insert(
+            id,
+            Slot {
+                pidfd: None,
+                cancel_by: None,
+            },
+        );
+        let ack = self.store.put(rec);
+        let rec = rec.clone();
+        let cfg = self.cfg.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let res = match ack.await {
+                Ok(Ok(())) => tokio::task::spawn_blocking(move || {
+                    let acct = users::account(rec.owner.uid).map_err(|e| e.to_string())?;
+                    let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
+                    runner::start(&rec, &launch)
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("start task failed: {e}"))),
+                Ok(Err(e)) => Err(format!("store: {e}")),
+                Err(_) => Err("store: writer stopped".into()),
+            };
+            let _ = tx.send(Msg::Launched { id, attempt, res });
+        });
+    }
+
+    fn launched(&mut self, id: JobId, attempt: u32, res: Result<Running, String>) {
+        match res {
+            Ok(run) => {
+                if let Some(rec) = self.jobs.get_mut(&id)
+                    && let JobState::Running { supervisor, .. } = &mut rec.state
+                {
+                    *supervisor = Some(run.proc_ref());
+                    info!(event = "started", job = id, pid = run.sup.pid, attempt, user = %rec.owner.user, "job {id} started");
+                }
+                self.watch(id, attempt, run);
+            }
+            Err(why) if why.starts_with("store:") => {
+                // Not recorded as running, so nothing ran: put it back and try again later.
+                error!(job = id, "cannot record job start ({why}); retrying in 5s");
+                self.release_slot(id);
+                if let Some(rec) = self.jobs.get_mut(&id) {
+                    rec.attempts = rec.attempts.saturating_sub(1);
+                    rec.state = JobState::Waiting {
+                        until: Timestamp::now(),
+                        next_attempt: attempt,
+                        last: Outcome {
+                            reason: Reason::SpawnFailed,
+                            message: why,
+                            exit_code: None,
+                            signal: None,
+                            started_at: None,
+                            finished_at: Timestamp::now(),
+                        },
+                    };
+                }
+                self.wake_after(id, Duration::from_secs(5));
+            }
+            Err(why) => {
+                let exit = ExitRecord {
+                    attempt,
+                    started: false,
+                    error: Some(why),
+                    ..Default::default()
+                };
+                self.exited(id, attempt, Ended::Exit(exit));
+            }
+        }
+    }
+
+    /// Watches a supervisor until it exits.
+    fn watch(&mut self, id: JobId, attempt: u32, run: Running) {
+        if let Some(slot) = self.running.get_mut(&id) {
+            slot.pidfd = Some(run.pidfd.clone());
+            if slot.cancel_by.is_some()
+                && let Err(e) = runner::cancel(&run.pidfd)
+            {
+                warn!(job = id, "cannot signal supervisor: {e}");
+            }
+        }
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let ended = runner::wait(&run).await;
+            let _ = tx.send(Msg::Exited { id, attempt, ended });
+        });
+    }
+
+    fn release_slot(&mut self, id: JobId) -> Option<Slot> {
+        let slot = self.running.remove(&id)?;
+        if let Some(rec) = self.jobs.get(&id)
+            && let Some(n) = self.running_per_class.get_mut(&rec.spec.class())
+        {
+            *n = n.saturating_sub(1);
+        }
+        Some(slot)
+    }
+
+    fn exited(&mut self, id: JobId, attempt: u32, ended: Ended) {
+        let Some(rec) = self.jobs.get(&id) else { return };
+        if !matches!(rec.state, JobState::Running { attempt: a, .. } if a == attempt) {
+            return;
+        }
+        let started_at = match rec.state {
+            JobState::Running { started_at, .. } => started_at,
+            _ => Timestamp::now(),
+        };
+        let slot = self.release_slot(id);
+        let cancel_by = slot.and_then(|s| s.cancel_by);
+        let exit = match ended {
+            Ended::Exit(e) => e,
+            Ended::Lost(why) => ExitRecord {
+                attempt,
+                started: true,
+                error: Some(why),
+                ..Default::default()
+            },
+        };
+        if exit.not_launched {
+            if let Some(rec) = self.jobs.get_mut(&id) {
+                rec.attempts = rec.attempts.saturating_sub(1);
+                rec.state = JobState::Queued {
+                    since: Timestamp::now(),
+                };
+                let _ = self.store.put(rec);
+            }
+            self.enqueue(id);
+            return;
+        }
+        let outcome = |reason, message: String| Outcome {
+            reason,
+            message,
+            exit_code: exit.exit_code,
+            signal: exit.signal,
+            started_at: exit.started_at.or(Some(started_at)),
+            finished_at: exit.finished_at.unwrap_or_else(Timestamp::now),
+        };
+        let state = if exit.cancelled || (cancel_by.is_some() && !exit.started) {
+            let by = cancel_by.unwrap_or_else(|| "unknown (cancelled while cybd restarted)".into());
+            JobState::Cancelled {
+                outcome: outcome(Reason::Cancelled, format!("cancelled by {by}")),
+                by,
+            }
+        } else if exit.timed_out {
+            JobState::TimedOut {
+                outcome: outcome(Reason::Timeout, "the job ran past its time limit".into()),
+            }
+        } else if !exit.started {
+            let why = exit
+                .error
+                .clone()
+                .unwrap_or_else(|| "the job could not be started".into());
+            JobState::Failed {
+                outcome: outcome(Reason::SpawnFailed, why),
+            }
+        } else if let Some(why) = exit
+            .error
+            .clone()
+            .filter(|_| exit.exit_code.is_none() && exit.signal.is_none())
+        {
+            JobState::Failed {
+                outcome: outcome(Reason::Lost, why),
+            }
+        } else if exit.exit_code == Some(0) {
+            JobState::Succeeded {
+                outcome: outcome(Reason::Success, "exited with status 0".into()),
+            }
+        } else if let Some(c) = exit.exit_code {
+            JobState::Failed {
+                outcome: outcome(Reason::ExitCode, format!("exited with status {c}")),
+            }
+        } else if let Some(s) = exit.signal {
+            let name = nix::sys::signal::Signal::try_from(s)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown signal");
+            JobState::Failed {
+                outcome: outcome(Reason::Signal, format!("killed by signal {s} ({name})")),
+            }
+        } else {
+            JobState::Failed {
+                outcome: outcome(Reason::Lost, "the job ended without an exit status".into()),
+            }
+        };
+        // Retry policy.
+        if matches!(state, JobState::Failed { .. } | JobState::TimedOut { .. })
+            && let Some(rec) = self.jobs.get(&id)
+            && let Some(policy) = rec.spec.retry.clone()
+            && i64::from(rec.attempts) < policy.max_attempts
+            && (matches!(state, JobState::TimedOut { .. }) || policy.retries_exit(exit.exit_code))
+        {
+            let next_attempt = rec.attempts + 1;
+            let delay = policy.delay_before(next_attempt);
+            let last = state
+                .outcome()
+                .cloned()
+                .unwrap_or_else(|| outcome(Reason::Lost, String::new()));
+            info!(
+                event = "retried",
+                job = id,
+                attempt = next_attempt,
+                "job {id} failed ({}); attempt {next_attempt} in {}",
+                last.message,
+                humantime::format_duration(delay)
+            );
+            let until = Timestamp(Timestamp::now().0 + delay);
+            if let Some(rec) = self.jobs.get_mut(&id) {
+                rec.state = JobState::Waiting {
+                    until,
+                    next_attempt,
+                    last,
+                };
+                let _ = self.store.put(rec);
+            }
+            self.wake_after(id, delay);
+            return;
+        }
+        self.finish(id, state);
+    }
+
+    /// Moves a job to a terminal state: durable first, then result.json, waiters and
+    /// dependents.
+    fn finish(&mut self, id: JobId, state: JobState) {
+        self.dequeue(id);
+        let Some(rec) = self.jobs.get_mut(&id) else { return };
+        let name = state.name();
+        let event = match name {
+            StateName::Succeeded => "finished",
+            StateName::TimedOut => "timed_out",
+            StateName::Cancelled => "cancelled",
+            _ => "failed",
+        };
+        if let Some(o) = state.outcome() {
+            info!(event, job = id, user = %rec.owner.user, reason = %o.reason, "job {id} {name}: {}", o.message);
+        }
+        rec.state = state;
+        let ack = self.store.put(rec);
+        let rec = rec.clone();
+        let waiters = self.waiters.remove(&id).unwrap_or_default();
+        tokio::spawn(async move {
+            let durable = matches!(ack.await, Ok(Ok(())));
+            if !durable {
+                error!(job = id, "cannot record the end of job {id}");
+            }
+            let r2 = rec.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = runner::write_result(&r2) {
+                    warn!(job = r2.id, "cannot write result.json in {}: {e}", r2.run_dir);
+                }
+            })
+            .await;
+            for w in waiters {
+                let _ = w.send(Ok(rec.clone()));
+            }
+        });
+        // Jobs waiting for this one.
+        if let Some(deps) = self.dependents.remove(&id) {
+            for d in deps {
+                if matches!(self.jobs.get(&d).map(|r| &r.state), Some(JobState::Queued { .. })) {
+                    self.enqueue(d);
+                }
+            }
+        }
+    }
+
+    fn wake_after(&self, id: JobId, delay: Duration) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Msg::Wake { id });
+        });
+    }
+
+    // ----- actions by people
+
+    fn act(&mut self, id: JobId, action: Action, peer: &Peer, reply: Reply<Result<JobRecord, RpcError>>) {
+        let res = self.try_act(id, action, peer);
+        match res {
+            Ok(Some(ack)) => {
+                let rec = self.jobs.get(&id).cloned();
+                tokio::spawn(async move {
+                    let r = match (ack.await, rec) {
+                        (Ok(Ok(())), Some(rec)) => Ok(rec),
+                        (Ok(Err(e)), _) => {
+                            Err(RpcError::Unavailable(format!("cannot record the change: {e}")))
+                        }
+                        _ => Err(RpcError::Unavailable("cybd is shutting down".into())),
+                    };
+                    let _ = reply.send(r);
+                });
+            }
+            Ok(None) => {
+                let _ = reply.send(self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id)));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// Applies an action; returns the store ack when a record was written.
+    fn try_act(
+        &mut self,
+        id: JobId,
+        action: Action,
+        peer: &Peer,
+    ) -> Result<Option<crate::store::Ack>, RpcError> {
+        let rec = self.jobs.get(&id).ok_or(RpcError::NotFound(id))?;
+        if !peer.may_manage(&rec.owner) {
+            return Err(RpcError::PermissionDenied(format!(
+                "job {id} belongs to {}; only its owner or an admin may change it",
+                rec.owner.user
+            )));
+        }
+        let state = rec.state.name();
+        let now = Timestamp::now();
+        match action {
+            Action::Cancel => match state {
+                StateName::Running => {
+                    let slot = self
+                        .running
+                        .get_mut(&id)
+                        .ok_or(RpcError::Internal("running job has no slot".into()))?;
+                    slot.cancel_by = Some(peer.name.clone());
+                    if let Some(fd) = &slot.pidfd
+                        && let Err(e) = runner::cancel(fd)
+                    {
+                        warn!(job = id, "cannot signal supervisor: {e}");
+                    }
+                    Ok(None)
+                }
+                s if s.is_terminal() => Err(RpcError::InvalidState(format!(
+                    "job {id} has already ended ({s})"
+                ))),
+                _ => {
+                    let outcome = Outcome {
+                        reason: Reason::Cancelled,
+                        message: format!("cancelled by {} before it ran", peer.name),
+                        exit_code: None,
+                        signal: None,
+                        started_at: None,
+                        finished_at: now,
+                    };
+                    self.finish(
+                        id,
+                        JobState::Cancelled {
+                            outcome,
+                            by: peer.name.clone(),
+                        },
+                    );
+                    // finish() wrote the record; acknowledge after a no-op write of the same.
+                    Ok(Some(self.store.put(&self.jobs[&id])))
+                }
+            },
+            Action::Retry => {
+                if !state.is_terminal() {
+                    return Err(RpcError::InvalidState(format!(
+                        "job {id} is {state}; only ended jobs can be retried"
+                    )));
+                }
+                let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
+                rec.state = JobState::Queued { since: now };
+                let ack = self.store.put(rec);
+                info!(event = "retried", job = id, by = %peer.name, "job {id} queued again by {}", peer.name);
+                self.enqueue(id);
+                Ok(Some(ack))
+            }
+            Action::Hold => match state {
+                StateName::Queued | StateName::Waiting => {
+                    self.dequeue(id);
+                    let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
+                    rec.state = JobState::Held {
+                        since: now,
+                        by: peer.name.clone(),
+                    };
+                    Ok(Some(self.store.put(rec)))
+                }
+                StateName::Held => Ok(None),
+                s => Err(RpcError::InvalidState(format!(
+                    "job {id} is {s}; only queued or waiting jobs can be held"
+                ))),
+            },
+            Action::Release => match state {
+                StateName::Held => {
+                    let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
+                    rec.state = JobState::Queued { since: now };
+                    let ack = self.store.put(rec);
+                    self.enqueue(id);
+                    Ok(Some(ack))
+                }
+                s => Err(RpcError::InvalidState(format!("job {id} is {s}, not held"))),
+            },
+            Action::Priority(p) => {
+                let was_ready = self
+                    .ready
+                    .get(&rec.spec.class())
+                    .is_some_and(|s| s.contains(&(Reverse(rec.priority), id)));
+                self.dequeue(id);
+                let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
+                rec.priority = p;
+                let ack = self.store.put(rec);
+                if was_ready {
+                    let class = rec.spec.class();
+                    self.ready.entry(class).or_default().insert((Reverse(p), id));
+                }
+                Ok(Some(ack))
+            }
+        }
+    }
+
+    // ----- reading
+
+    fn list(&self, f: &ListFilter) -> Vec<JobSummary> {
+        let mut ids: Vec<&JobRecord> = self
+            .jobs
+            .values()
+            .filter(|r| f.states.is_empty() || f.states.contains(&r.state.name()))
+            .filter(|r| f.user.as_ref().is_none_or(|u| *u == r.owner.user))
+            .collect();
+        ids.sort_by_key(|r| r.id);
+        if let Some(n) = f.limit
+            && ids.len() > n
+        {
+            ids.drain(..ids.len() - n);
+        }
+        ids.into_iter().map(JobSummary::of).collect()
+    }
+
+    fn stats(&self) -> Stats {
+        let mut counts: HashMap<StateName, usize> = HashMap::new();
+        let mut queued_per_class: HashMap<Class, usize> = HashMap::new();
+        for r in self.jobs.values() {
+            *counts.entry(r.state.name()).or_default() += 1;
+            if matches!(r.state, JobState::Queued { .. }) {
+                *queued_per_class.entry(r.spec.class()).or_default() += 1;
+            }
+        }
+        Stats {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            started_at: self.started_at,
+            paused: self.paused,
+            counts: StateName::ALL
+                .iter()
+                .map(|s| (*s, counts.get(s).copied().unwrap_or(0)))
+                .collect(),
+            classes: Class::ALL
+                .iter()
+                .map(|c| ClassStats {
+                    class: *c,
+                    slots: self.cfg.class(*c).slots,
+                    running: self.running_per_class.get(c).copied().unwrap_or(0),
+                    queued: queued_per_class.get(c).copied().unwrap_or(0),
+                })
+                .collect(),
+            total_jobs: self.jobs.len(),
+            next_id: self.next_id,
+            quarantined: self.quarantined.clone(),
+        }
+    }
+}
+
+fn default_name(spec: &JobSpec, origin: &Origin) -> String {
+    if let Origin::Spool { file, .. } = origin {
+        return file.strip_suffix(".json").unwrap_or(file).to_string();
+    }
+    match (&spec.command, &spec.shell) {
+        (Some(argv), _) => argv.join(" ").chars().take(64).collect(),
+        (_, Some(sh)) => sh.chars().take(64).collect(),
+        _ => "job".into(),
+    }
+}
+
+fn max_run_dir_id(logs: &std::path::Path) -> JobId {
+    std::fs::read_dir(logs)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_prefix("run_")?
+                        .parse::<JobId>()
+                        .ok()
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}

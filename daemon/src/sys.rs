@@ -1,0 +1,74 @@
+//! Small wrappers over Linux calls that std and nix do not offer (pidfd), each unsafe block
+//! with its SAFETY note, plus /proc readers used to identify processes against pid reuse.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Opens a pidfd for `pid`: a handle that stays bound to that process even if the pid is
+/// reused, becomes readable when it exits, and can be signalled without races.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to the process behind `pidfd`.
+pub fn pidfd_send_signal(pidfd: RawFd, sig: i32) -> io::Result<()> {
+    // SAFETY: plain integer arguments; a null siginfo pointer is allowed and means "as kill(2)".
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), which
+/// together with the pid identifies a process.
+pub fn proc_start_ticks(pid: i32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_start_ticks(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("cannot parse /proc/{pid}/stat"),
+        )
+    })
+}
+
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may contain spaces or ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields from 3 on; starttime is field 22, so index 19 here.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_of_self() {
+        let me = std::process::id() as i32;
+        let t = proc_start_ticks(me).unwrap();
+        assert!(t > 0);
+        assert_eq!(proc_start_ticks(me).unwrap(), t);
+    }
+
+    #[test]
+    fn start_ticks_with_odd_comm() {
+        let stat = "42 (a) b (c) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 777 19 20";
+        assert_eq!(parse_start_ticks(stat), Some(777));
+    }
+}
