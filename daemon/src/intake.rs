@@ -30,7 +30,7 @@ use crate::users;
 /// Files looked at per batch.
 const BATCH: usize = 512;
 
-type Identity = (u64, u64, i128);
+type Identity = (u64, u64, i64);
 
 /// A file taken from incoming/ and checked.
 enum Taken {
@@ -227,7 +227,7 @@ fn take_batch(cfg: &Config, known: &HashSet<Identity>) -> Vec<Taken> {
             return Vec::new();
         }
     };
-    let mut names: Vec<(i128, String)> = rd
+    let mut names: Vec<(i64, String)> = rd
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
@@ -235,10 +235,7 @@ fn take_batch(cfg: &Config, known: &HashSet<Identity>) -> Vec<Taken> {
                 return None;
             }
             let m = e.metadata().ok()?;
-            Some((
-                i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-                name,
-            ))
+            Some((m.mtime() * 1_000_000_000 + m.mtime_nsec(), name))
         })
         .collect();
     names.sort();
@@ -288,7 +285,7 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
     let ident: Identity = (
         meta.dev(),
         meta.ino(),
-        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
     );
     if known.contains(&ident) {
         return Taken::Known { name, ident };

@@ -91,7 +91,7 @@ pub enum Msg {
     },
     /// Origins of spool files already accepted (for intake after a restart).
     SpoolOrigins {
-        reply: Reply<HashSet<(u64, u64, i128)>>,
+        reply: Reply<HashSet<(u64, u64, i64)>>,
     },
     // Internal.
     Launched {
@@ -371,7 +371,7 @@ impl Scheduler {
                     r.state = JobState::Queued {
                         since: Timestamp::now(),
                     };
-                    let _ = self.store.put(r);
+                    self.store.put_detached(r);
                     self.enqueue(id);
                 }
             }
@@ -729,7 +729,7 @@ impl Scheduler {
                 rec.state = JobState::Queued {
                     since: Timestamp::now(),
                 };
-                let _ = self.store.put(rec);
+                self.store.put_detached(rec);
             }
             self.enqueue(id);
             return;
@@ -816,7 +816,7 @@ impl Scheduler {
                     next_attempt,
                     last,
                 };
-                let _ = self.store.put(rec);
+                self.store.put_detached(rec);
             }
             self.wake_after(id, delay);
             return;

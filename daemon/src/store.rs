@@ -109,6 +109,11 @@ impl Store {
         ack_rx
     }
 
+    /// Queues `rec` for a durable write nobody waits for (a failure is logged).
+    pub fn put_detached(&self, rec: &JobRecord) {
+        drop(self.put(rec));
+    }
+
     /// Reads every record (blocking; call before serving or from spawn_blocking).
     pub fn load(&self) -> Loaded {
         let mut out = Loaded::default();

@@ -306,21 +306,13 @@ fn run(
     let deadline = Instant::now() + Duration::from_millis(l.timeout_ms);
     let grace = Duration::from_millis(l.grace_ms);
     let control = std::thread::spawn(move || {
-        let mut why = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match ctl_rx.recv_timeout(left) {
-                Ok(Control::Exited) | Err(mpsc::RecvTimeoutError::Disconnected) => return why,
-                Ok(Control::Cancel) => {
-                    why = Some(Control::Cancel);
-                    break;
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    why = Some(Control::Exited); // stands for "timed out" below
-                    break;
-                }
-            }
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let why = match ctl_rx.recv_timeout(left) {
+            Ok(Control::Exited) | Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Ok(Control::Cancel) => Some(Control::Cancel),
+            // `Exited` stands for "timed out" from here on.
+            Err(mpsc::RecvTimeoutError::Timeout) => Some(Control::Exited),
+        };
         let _ = killpg(pgid, Signal::SIGTERM);
         if let Ok(Control::Exited) = ctl_rx.recv_timeout(grace) {
             return why;

@@ -55,7 +55,7 @@ pub fn is_admin(uid: u32, admin_group: Option<&str>) -> bool {
         return false;
     };
     match account(uid) {
-        Ok(a) => a.groups.contains(&g.gid.as_raw()) || g.mem.iter().any(|m| *m == a.name),
+        Ok(a) => a.groups.contains(&g.gid.as_raw()) || g.mem.contains(&a.name),
         Err(_) => false,
     }
 }

@@ -58,7 +58,7 @@ pub enum Origin {
         file: String,
         dev: u64,
         ino: u64,
-        mtime_ns: i128,
+        mtime_ns: i64,
     },
     /// An RPC call from process `pid`.
     Rpc { pid: Option<i32> },

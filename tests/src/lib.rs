@@ -1,1 +1,340 @@
+//! Test harness: starts real `cybd` processes on temporary directories, drops real job
+//! files, runs the real `cybctl` binary, and can kill -9 and restart the daemon.
+//!
+//! Prerequisites that a host may lack (root, a cgroup controller, Docker...) go through
+//! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
+//! the skip is a failure.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Whether skips are failures (`CYB_TEST_STRICT=1`, as in CI).
+pub fn strict() -> bool {
+    std::env::var("CYB_TEST_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// Returns true when `ok`; otherwise prints why the test skips and returns false, or panics
+/// under `CYB_TEST_STRICT=1`.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if strict() {
+        panic!("CYB_TEST_STRICT=1 and this test needs {what}");
+    }
+    eprintln!("SKIP: this test needs {what}");
+    false
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The directory holding the workspace's built binaries (target/<profile>/).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("CYB_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` (or cargo test --workspace)",
+        p.display()
+    );
+    p
+}
+
+/// A user for tests that run jobs as someone other than root; created when missing.
+pub const TEST_USER: &str = "cybtest";
+
+/// Creates [`TEST_USER`] if needed (root only) and returns its uid and gid.
+pub fn test_user() -> (u32, u32) {
+    if nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {
+        let st = Command::new("useradd")
+            .args(["--create-home", "--user-group", "--shell", "/bin/sh", TEST_USER])
+            .status()
+            .expect("useradd");
+        // Another test may have created it at the same moment.
+        assert!(
+            st.success() || nix::unistd::User::from_name(TEST_USER).ok().flatten().is_some(),
+            "useradd {TEST_USER} failed"
+        );
+    }
+    let u = nix::unistd::User::from_name(TEST_USER).unwrap().unwrap();
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// A cybd process with its own spool, logs and socket under a temporary directory.
+pub struct Daemon {
+    pub root: tempfile::TempDir,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon whose jobs may run as root (tests run as root), plus `extra` TOML.
+    pub fn start() -> Daemon {
+        Self::start_with("")
+    }
+
+    pub fn start_with(extra: &str) -> Daemon {
+        let root = tempfile::Builder::new()
+            .prefix("cybd-test-")
+            .tempdir()
+            .expect("tempdir");
+        // Others must reach the spool and logs (jobs run as the test user).
+        std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let r = root.path();
+        let config = r.join("cybd.toml");
+        let text = format!(
+            "allow_root_jobs = true\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
+             [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
+            r.join("spool").display(),
+            r.join("logs").display(),
+            r.join("cybd.sock").display(),
+            r.join("run").display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut d = Daemon {
+            root,
+            config,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn path(&self) -> &Path {
+        self.root.path()
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.path().join("cybd.sock")
+    }
+    pub fn incoming(&self) -> PathBuf {
+        self.path().join("spool/incoming")
+    }
+    pub fn rejected(&self) -> PathBuf {
+        self.path().join("spool/rejected")
+    }
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.path().join("spool/jobs")
+    }
+    pub fn run_dir(&self, id: u64) -> PathBuf {
+        self.path().join(format!("logs/run_{id}"))
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.path().join("daemon.log")
+    }
+
+    /// The daemon's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(bin("cybd"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn cybd");
+        self.child = Some(child);
+        let sock = self.socket();
+        let ok = wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
+        assert!(
+            ok,
+            "cybd did not answer on {} within 20s; log:\n{}",
+            sock.display(),
+            self.log()
+        );
+    }
+
+    /// Starts the daemon again on the same directories.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.spawn();
+    }
+
+    /// kill -9 of the daemon (its supervisors and jobs live on).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs cybctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_cmd(args).output().expect("run cybctl")
+    }
+
+    /// A cybctl command against this daemon, to adjust (user, stdin...) before running.
+    pub fn ctl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("cybctl"));
+        c.arg("--socket").arg(self.socket()).args(args);
+        c
+    }
+
+    /// Runs cybctl, asserts success, and returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "cybctl {args:?} failed ({:?}): {}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `cybctl --json ARGS` and parses its output.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.ctl_ok(&a);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("cybctl {a:?} printed non-JSON ({e}): {out}"))
+    }
+
+    /// Submits `-- argv...` (plus options before `--`) and returns the job id.
+    pub fn submit(&self, opts: &[&str], argv: &[&str]) -> u64 {
+        let mut a = vec!["--json", "submit"];
+        a.extend_from_slice(opts);
+        a.push("--");
+        a.extend_from_slice(argv);
+        let out = self.ctl_ok(&a);
+        let v: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("bad submit output ({e}): {out}"));
+        v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
+    }
+
+    /// Drops a job file the way a careful writer does: `.name.tmp`, then rename.
+    pub fn drop_job(&self, name: &str, body: &str) -> PathBuf {
+        let tmp = self.incoming().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        let dest = self.incoming().join(name);
+        std::fs::rename(&tmp, &dest).unwrap();
+        dest
+    }
+
+    /// Like [`drop_job`](Self::drop_job), but the file belongs to `uid:gid`.
+    pub fn drop_job_as(&self, name: &str, body: &str, uid: u32, gid: u32) -> PathBuf {
+        let tmp = self.incoming().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, body).unwrap();
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
+        let dest = self.incoming().join(name);
+        std::fs::rename(&tmp, &dest).unwrap();
+        dest
+    }
+
+    /// `result.json` of job `id`, once it exists.
+    pub fn result(&self, id: u64) -> Option<Value> {
+        let text = std::fs::read_to_string(self.run_dir(id).join("result.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Waits for `result.json` of job `id`.
+    pub fn wait_result(&self, id: u64, timeout: Duration) -> Value {
+        let mut found = None;
+        wait_until(timeout, || {
+            found = self.result(id);
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "job {id} has no result.json after {timeout:?}; log:\n{}",
+                self.log()
+            )
+        })
+    }
+
+    /// The `.error.json` written for a refused file, once it exists.
+    pub fn wait_rejected(&self, name: &str, timeout: Duration) -> Value {
+        let p = self.rejected().join(format!("{name}.error.json"));
+        let ok = wait_until(timeout, || p.exists());
+        assert!(
+            ok,
+            "{name} was not rejected within {timeout:?}; log:\n{}",
+            self.log()
+        );
+        // The file is renamed into place, so it is complete once it exists.
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+    }
+
+    /// Every job record in the store, by id.
+    pub fn records(&self) -> Vec<Value> {
+        let mut v: Vec<Value> = std::fs::read_dir(self.jobs_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .map(|e| serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).unwrap())
+            .collect();
+        v.sort_by_key(|r| r["id"].as_u64());
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passes; returns the last value.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether process `pid` exists.
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}

@@ -1,0 +1,18 @@
+//! `cybctl release`: lets a held job start again.
+
+use cyb_proto::JobId;
+
+use super::Ctx;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The job's id
+    pub id: JobId,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    let conn = ctx.connect().await?;
+    let after = conn.release(args.id).await?;
+    let line = format!("released job {} (now {})", after.id, after.state.name());
+    super::confirm(ctx, &after, &line)
+}

@@ -1,0 +1,231 @@
+//! `cybctl show`: one job in detail: state and why, exit code or signal, times, run directory
+//! and what it runs. `--json` prints the record itself.
+
+use cyb_proto::spec::Payload;
+use cyb_proto::{JobId, JobRecord, JobState, Timestamp};
+use time::{OffsetDateTime, UtcOffset};
+
+use super::Ctx;
+use crate::exit;
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The job's id
+    pub id: JobId,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    let rec = ctx.connect().await?.show(args.id).await?;
+    if ctx.json {
+        output::json(&rec)?;
+    } else {
+        output::print(&render(&rec, OffsetDateTime::now_utc(), ctx.tz))?;
+    }
+    Ok(exit::OK)
+}
+
+/// Aligned `key  value` lines.
+struct Lines(Vec<(&'static str, String)>);
+
+impl Lines {
+    fn add(&mut self, key: &'static str, value: impl Into<String>) {
+        self.0.push((key, value.into()));
+    }
+
+    fn render(&self) -> String {
+        let width = self.0.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+}
+
+fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
+    let at = |t: Timestamp| format!("{} ({})", output::long_time(t.0, tz), output::relative(t.0, now));
+    let mut l = Lines(Vec::new());
+    l.add(
+        "job",
+        if rec.name().is_empty() {
+            rec.id.to_string()
+        } else {
+            format!("{} ({})", rec.id, rec.name())
+        },
+    );
+
+    match &rec.state {
+        JobState::Queued { since } => l.add("state", format!("queued since {}", at(*since))),
+        JobState::Held { since, by } => l.add("state", format!("held by {by} since {}", at(*since))),
+        JobState::Waiting {
+            until,
+            next_attempt,
+            last,
+        } => {
+            l.add(
+                "state",
+                format!("waiting: attempt {next_attempt} starts at {}", at(*until)),
+            );
+            let mut was = format!("{}: {}", last.reason, last.message);
+            if let Some(s) = output::exit_status(last) {
+                was.push_str(&format!(" ({s})"));
+            }
+            l.add("last attempt", was);
+        }
+        JobState::Running {
+            started_at,
+            attempt,
+            supervisor,
+        } => {
+            let sup = supervisor
+                .map(|s| format!(", supervisor pid {}", s.pid))
+                .unwrap_or_default();
+            l.add("state", format!("running (attempt {attempt}{sup})"));
+            l.add("started", at(*started_at));
+        }
+        JobState::Succeeded { outcome }
+        | JobState::Failed { outcome }
+        | JobState::TimedOut { outcome }
+        | JobState::Cancelled { outcome, .. } => {
+            l.add("state", format!("{} ({})", rec.state.name(), outcome.reason));
+            if !outcome.message.is_empty() {
+                l.add("message", outcome.message.clone());
+            }
+            if let Some(code) = outcome.exit_code {
+                l.add("exit code", code.to_string());
+            }
+            if let Some(sig) = outcome.signal {
+                l.add("signal", format!("{sig} ({})", output::signal_name(sig)));
+            }
+            if let JobState::Cancelled { by, .. } = &rec.state {
+                l.add("cancelled by", by.clone());
+            }
+        }
+    }
+
+    l.add("user", format!("{} (uid {})", rec.owner.user, rec.owner.uid));
+    l.add(
+        "class",
+        format!(
+            "{}, priority {}, backend {}",
+            rec.spec.class(),
+            rec.priority,
+            rec.spec.backend()
+        ),
+    );
+    l.add("attempts", rec.attempts.to_string());
+    l.add("submitted", at(rec.submitted_at));
+    if let Some(first) = rec.first_started_at {
+        l.add(
+            "first start",
+            format!(
+                "{} (queued {})",
+                at(first),
+                output::between(rec.submitted_at, first)
+            ),
+        );
+    }
+    if let Some(o) = rec.state.outcome().filter(|_| rec.state.is_terminal()) {
+        let ran = o
+            .started_at
+            .map(|s| format!(", ran {}", output::between(s, o.finished_at)))
+            .unwrap_or_default();
+        l.add("finished", format!("{}{ran}", at(o.finished_at)));
+    }
+    if !rec.run_dir.is_empty() {
+        l.add("run dir", rec.run_dir.clone());
+    }
+    l.add("runs", payload(rec));
+    if let Some(cwd) = &rec.spec.cwd {
+        l.add("cwd", cwd.clone());
+    }
+    if !rec.spec.depends_on.is_empty() {
+        let ids: Vec<String> = rec.spec.depends_on.iter().map(i64::to_string).collect();
+        l.add("after", ids.join(", "));
+    }
+    if let Some(t) = rec.spec.timeout {
+        l.add("timeout", humantime::format_duration(t.0).to_string());
+    }
+    l.render()
+}
+
+/// What the job runs, in one line.
+fn payload(rec: &JobRecord) -> String {
+    match rec.spec.payload() {
+        Some(Payload::Command(argv)) => output::shell_join(argv),
+        Some(Payload::Shell(script)) => format!("sh -c {}", output::shell_join(&[script.to_string()])),
+        Some(Payload::Docker(d)) => {
+            let mut s = format!("docker image {}", d.image);
+            if let Some(c) = &d.command {
+                s.push_str(&format!(": {}", output::shell_join(c)));
+            }
+            s
+        }
+        Some(Payload::Task(t)) => {
+            let kind = serde_json::to_value(t.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from));
+            format!("builtin task {}", kind.unwrap_or_default())
+        }
+        None => "nothing".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cyb_proto::job::Origin;
+    use cyb_proto::{Outcome, Owner, Reason};
+    use time::macros::datetime;
+
+    fn ts(t: OffsetDateTime) -> Timestamp {
+        Timestamp(t)
+    }
+
+    #[test]
+    fn failed_job() {
+        let spec = cyb_proto::parse_job(
+            br#"{"name":"build","command":["make","-C","my dir"],"cwd":"/src","depends_on":[3]}"#,
+        )
+        .unwrap();
+        let rec = JobRecord {
+            id: 7,
+            spec,
+            owner: Owner {
+                uid: 1000,
+                gid: 1000,
+                user: "alice".into(),
+            },
+            origin: Origin::Rpc { pid: Some(1) },
+            submitted_at: ts(datetime!(2025-11-23 14:00:00 UTC)),
+            priority: 5,
+            attempts: 1,
+            first_started_at: Some(ts(datetime!(2025-11-23 14:00:01 UTC))),
+            run_dir: "/logs/run_7".into(),
+            state: JobState::Failed {
+                outcome: Outcome {
+                    reason: Reason::ExitCode,
+                    message: "exited with status 2".into(),
+                    exit_code: Some(2),
+                    signal: None,
+                    started_at: Some(ts(datetime!(2025-11-23 14:00:01 UTC))),
+                    finished_at: ts(datetime!(2025-11-23 14:00:05 UTC)),
+                },
+            },
+        };
+        let text = render(&rec, datetime!(2025-11-23 14:10:00 UTC), UtcOffset::UTC);
+        for want in [
+            "job          7 (build)\n",
+            "state        failed (exit_code)\n",
+            "message      exited with status 2\n",
+            "exit code    2\n",
+            "class        cpu_short, priority 5, backend native\n",
+            "finished     2025-11-23 14:00:05 +00:00 (9m 55s ago), ran 4.0s\n",
+            "run dir      /logs/run_7\n",
+            "runs         make -C 'my dir'\n",
+            "after        3\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! `cybctl submit`: builds a job spec from a file and/or flags, sends it, and optionally
+//! waits for the job or streams its output.
+
+use std::path::{Path, PathBuf};
+
+use clap::ArgGroup;
+use cyb_proto::{Class, JobId, SpecError, SubmitRequest};
+use serde_json::{Map, Value, json};
+
+use super::{Ctx, logs, validate, wait};
+use crate::exit::{self, Failure};
+use crate::output;
+
+/// The spec fields that say what to run; a payload given by flags replaces the file's.
+const PAYLOAD_FIELDS: [&str; 4] = ["command", "shell", "docker", "task"];
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("payload").required(true).multiple(true).args(["file", "shell", "command"])))]
+pub struct Args {
+    /// Job file (JSON, as in the spool; `-` reads stdin); flags given alongside replace its fields
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: Option<PathBuf>,
+
+    /// Run SCRIPT with /bin/sh -c instead of a command
+    #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
+    pub shell: Option<String>,
+
+    /// Job name [default: chosen by cybd from the command]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Job class: cpu_short, cpu_long, gpu or gpu_slurm
+    #[arg(long, value_name = "CLASS")]
+    pub class: Option<Class>,
+
+    /// Priority; higher runs first
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub priority: Option<i32>,
+
+    /// Start only after job ID has succeeded (repeatable; added to the file's `depends_on`)
+    #[arg(long = "after", value_name = "ID")]
+    pub after: Vec<JobId>,
+
+    /// Wall-clock limit, e.g. 90s, 10m, "1h 30m"
+    #[arg(long, value_name = "DURATION", value_parser = duration_text)]
+    pub timeout: Option<String>,
+
+    /// Extra environment variable (repeatable; added to the file's `env`)
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+
+    /// Working directory [default: the current directory]
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+
+    /// Wait for the job to end and exit with its exit code
+    #[arg(long)]
+    pub wait: bool,
+
+    /// Stream the job's stdout to stdout and its stderr to stderr until it ends, then exit with
+    /// its exit code
+    #[arg(long)]
+    pub follow: bool,
+
+    /// The program and its arguments, after `--`
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// Checks a `--timeout` value early, but sends it as written.
+fn duration_text(s: &str) -> Result<String, String> {
+    humantime::parse_duration(s.trim())
+        .map(|_| s.trim().to_string())
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 90s, 10m, \"1h 30m\""))
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+    if args.follow && ctx.json {
+        return Err(Failure::usage(
+            "`submit --follow` streams the job's output and has no --json form; use `--wait --json`",
+        )
+        .into());
+    }
+    let base = match &args.file {
+        Some(file) => Some(read_spec_object(file)?),
+        None => None,
+    };
+    let cwd = std::env::current_dir();
+    let spec = build_spec(base, &args, cwd.as_deref().ok())?;
+    let default_cwd = if spec.contains_key("cwd") {
+        None
+    } else {
+        let cwd = cwd.map_err(|e| {
+            anyhow::Error::new(e)
+                .context("cannot tell the current directory (the job's default cwd); give --cwd DIR")
+        })?;
+        Some(utf8(&cwd, "the current directory")?.to_string())
+    };
+    let spec_json = serde_json::to_string(&spec)?;
+
+    let conn = ctx.connect().await?;
+    let id = conn
+        .submit(SubmitRequest {
+            spec_json,
+            default_cwd,
+        })
+        .await?;
+
+    if args.follow {
+        output::note(&format!("submitted job {id}"));
+        let first = conn.show(id).await?;
+        let rec = logs::follow(
+            &conn,
+            first,
+            vec![
+                logs::Tail::new(logs::STDOUT_LOG, logs::Sink::Stdout),
+                logs::Tail::new(logs::STDERR_LOG, logs::Sink::Stderr),
+            ],
+        )
+        .await?;
+        if rec.wait_exit_code() != 0 {
+            output::note(&output::end_line(&rec));
+        }
+        return Ok(rec.wait_exit_code());
+    }
+    if args.wait {
+        if !ctx.json {
+            output::print(&format!("submitted job {id}\n"))?;
+        }
+        let rec = wait::until_end(&conn, id, None).await?;
+        if ctx.json {
+            output::json(&rec)?;
+        } else {
+            output::print(&format!("{}\n", output::end_line(&rec)))?;
+        }
+        return Ok(rec.wait_exit_code());
+    }
+    if ctx.json {
+        output::json(&json!({ "id": id }))?;
+    } else {
+        output::print(&format!("submitted job {id}\n"))?;
+    }
+    Ok(exit::OK)
+}
+
+/// Reads `-f FILE`: a JSON object, at most [`validate::MAX_JOB_FILE_BYTES`].
+fn read_spec_object(file: &Path) -> anyhow::Result<Map<String, Value>> {
+    let bytes = validate::read_job_file(file)?;
+    let name = file.display();
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Failure::new(
+            exit::INVALID_SPEC,
+            format!("{name}: a job file holds one JSON object"),
+        )
+        .into()),
+        Err(e) => Err(Failure::new(
+            exit::INVALID_SPEC,
+            format!("{name}: {}", SpecError::from_json(".", &e)),
+        )
+        .into()),
+    }
+}
+
+/// The spec object: `base` (the file's, if any) with the flags' fields put in. Scalars and
+/// the payload replace the file's; `--env` and `--after` add to its `env` and `depends_on`.
+/// `cwd` is the current directory, used to make a relative `--cwd` absolute.
+pub fn build_spec(
+    base: Option<Map<String, Value>>,
+    args: &Args,
+    cwd: Option<&Path>,
+) -> anyhow::Result<Map<String, Value>> {
+    let mut spec = base.unwrap_or_default();
+    if let Some(shell) = &args.shell {
+        set_payload(&mut spec, "shell", json!(shell));
+    }
+    if !args.command.is_empty() {
+        set_payload(&mut spec, "command", json!(args.command));
+    }
+    if let Some(name) = &args.name {
+        spec.insert("name".into(), json!(name));
+    }
+    if let Some(class) = args.class {
+        spec.insert("class".into(), json!(class.as_str()));
+    }
+    if let Some(p) = args.priority {
+        spec.insert("priority".into(), json!(p));
+    }
+    if let Some(t) = &args.timeout {
+        spec.insert("timeout".into(), json!(t));
+    }
+    if !args.after.is_empty() {
+        let deps = spec.entry("depends_on").or_insert_with(|| json!([]));
+        if !deps.is_array() {
+            *deps = json!([]);
+        }
+        if let Value::Array(list) = deps {
+            for id in &args.after {
+                let id = json!(id);
+                if !list.contains(&id) {
+                    list.push(id);
+                }
+            }
+        }
+    }
+    if !args.env.is_empty() {
+        let env = spec.entry("env").or_insert_with(|| json!({}));
+        if !env.is_object() {
+            *env = json!({});
+        }
+        if let Value::Object(vars) = env {
+            for kv in &args.env {
+                let (k, v) = parse_env(kv)?;
+                vars.insert(k.to_string(), json!(v));
+            }
+        }
+    }
+    if let Some(dir) = &args.cwd {
+        let abs = if dir.is_absolute() {
+            dir.clone()
+        } else {
+            let Some(base) = cwd else {
+                return Err(Failure::usage(format!(
+                    "--cwd {}: a relative directory needs a current directory, and it cannot be told",
+                    dir.display()
+                ))
+                .into());
+            };
+            base.join(dir)
+        };
+        spec.insert("cwd".into(), json!(utf8(&abs, "--cwd")?));
+    }
+    Ok(spec)
+}
+
+fn set_payload(spec: &mut Map<String, Value>, field: &str, value: Value) {
+    for f in PAYLOAD_FIELDS {
+        spec.remove(f);
+    }
+    spec.insert(field.into(), value);
+}
+
+/// Splits `NAME=VALUE`.
+fn parse_env(kv: &str) -> anyhow::Result<(&str, &str)> {
+    match kv.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k, v)),
+        _ => Err(Failure::usage(format!("--env `{kv}`: expected NAME=VALUE")).into()),
+    }
+}
+
+fn utf8<'a>(p: &'a Path, what: &str) -> anyhow::Result<&'a str> {
+    p.to_str()
+        .ok_or_else(|| Failure::usage(format!("{what} {}: the path is not valid UTF-8", p.display())).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn args(argv: &[&str]) -> Args {
+        let cli = Cli::try_parse_from(std::iter::once("cybctl").chain(argv.iter().copied())).unwrap();
+        match cli.command {
+            Command::Submit(a) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn build(argv: &[&str]) -> Map<String, Value> {
+        build_spec(None, &args(argv), Some(Path::new("/home/u"))).unwrap()
+    }
+
+    #[test]
+    fn command_with_flags() {
+        let spec = build(&[
+            "submit",
+            "--env",
+            "A=1",
+            "--after",
+            "3",
+            "--priority",
+            "5",
+            "--",
+            "echo",
+            "hi",
+        ]);
+        assert_eq!(
+            Value::Object(spec),
+            json!({"command": ["echo", "hi"], "env": {"A": "1"}, "depends_on": [3], "priority": 5})
+        );
+    }
+
+    #[test]
+    fn every_flag() {
+        let spec = build(&[
+            "submit",
+            "--shell",
+            "make -j4",
+            "--name",
+            "build",
+            "--class",
+            "cpu_long",
+            "--priority",
+            "-2",
+            "--after",
+            "1",
+            "--after",
+            "2",
+            "--timeout",
+            "10m",
+            "--env",
+            "X=a=b",
+            "--env",
+            "EMPTY=",
+            "--cwd",
+            "src",
+        ]);
+        assert_eq!(
+            Value::Object(spec),
+            json!({
+                "shell": "make -j4", "name": "build", "class": "cpu_long", "priority": -2,
+                "depends_on": [1, 2], "timeout": "10m", "env": {"X": "a=b", "EMPTY": ""}, "cwd": "/home/u/src"
+            })
+        );
+    }
+
+    #[test]
+    fn env_without_equals_is_named() {
+        let e = build_spec(None, &args(&["submit", "--env", "NOPE", "--", "true"]), None).unwrap_err();
+        assert!(e.to_string().contains("`NOPE`"), "{e}");
+        assert_eq!(exit::code_of(&e), exit::USAGE);
+        let e = build_spec(None, &args(&["submit", "--env", "=x", "--", "true"]), None).unwrap_err();
+        assert!(e.to_string().contains("`=x`"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = json!({
+            "command": ["old"], "name": "from-file", "priority": 1,
+            "env": {"A": "file", "B": "file"}, "depends_on": [3]
+        });
+        let Value::Object(base) = file else { unreachable!() };
+        let a = args(&[
+            "submit",
+            "-f",
+            "job.json",
+            "--shell",
+            "new",
+            "--priority",
+            "9",
+            "--env",
+            "A=flag",
+            "--after",
+            "3",
+            "--after",
+            "4",
+        ]);
+        let spec = build_spec(Some(base), &a, None).unwrap();
+        assert_eq!(
+            Value::Object(spec),
+            json!({
+                "shell": "new", "name": "from-file", "priority": 9,
+                "env": {"A": "flag", "B": "file"}, "depends_on": [3, 4]
+            })
+        );
+    }
+
+    #[test]
+    fn the_result_is_a_valid_spec() {
+        let spec = build(&["submit", "--class", "gpu", "--timeout", "90s", "--", "nvidia-smi"]);
+        let parsed = cyb_proto::parse_job(serde_json::to_string(&spec).unwrap().as_bytes()).unwrap();
+        assert_eq!(parsed.class(), Class::Gpu);
+    }
+
+    #[test]
+    fn usage_errors_come_from_clap() {
+        let parse =
+            |argv: &[&str]| Cli::try_parse_from(std::iter::once("cybctl").chain(argv.iter().copied()));
+        // Nothing to run.
+        assert!(parse(&["submit", "--name", "x"]).is_err());
+        // Both a shell script and a command.
+        assert!(parse(&["submit", "--shell", "true", "--", "true"]).is_err());
+        assert!(parse(&["submit", "--timeout", "soon", "--", "true"]).is_err());
+        assert!(parse(&["submit", "--class", "huge", "--", "true"]).is_err());
+    }
+}
