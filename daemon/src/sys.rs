@@ -68,7 +68,7 @@ mod tests {
 
     #[test]
     fn start_ticks_with_odd_comm() {
-        let stat = "42 (a) b (c) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 777 19 20";
+        let stat = "42 (a) b (c) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 20 21";
         assert_eq!(parse_start_ticks(stat), Some(777));
     }
 }
