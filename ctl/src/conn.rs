@@ -189,6 +189,11 @@ impl Conn {
         self.answer("submit", CALL_TIMEOUT, r)
     }
 
+    pub async fn check(&self, req: SubmitRequest) -> anyhow::Result<()> {
+        let r = self.client.check(Self::context(CALL_TIMEOUT), req).await;
+        self.answer("check", CALL_TIMEOUT, r)
+    }
+
     pub async fn list(&self, filter: ListFilter) -> anyhow::Result<Vec<JobSummary>> {
         let r = self.client.list(Self::context(CALL_TIMEOUT), filter).await;
         self.answer("list", CALL_TIMEOUT, r.map(Ok))

@@ -87,6 +87,10 @@ impl Cyb for Fake {
         Ok(42)
     }
 
+    async fn check(self, _: Context, _: SubmitRequest) -> Result<(), RpcError> {
+        Ok(())
+    }
+
     async fn list(self, _: Context, _: ListFilter) -> Vec<JobSummary> {
         vec![JobSummary::of(&self.state().job)]
     }

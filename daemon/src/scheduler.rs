@@ -62,6 +62,12 @@ pub enum Msg {
         origin: Origin,
         reply: Reply<Result<JobId, RpcError>>,
     },
+    /// The checks of `Submit`, without queueing.
+    Check {
+        spec: Box<JobSpec>,
+        owner: Owner,
+        reply: Reply<Result<(), RpcError>>,
+    },
     List {
         filter: ListFilter,
         reply: Reply<Vec<JobSummary>>,
@@ -294,6 +300,9 @@ impl Scheduler {
                 origin,
                 reply,
             } => self.submit(*spec, owner, origin, reply),
+            Msg::Check { spec, owner, reply } => {
+                let _ = reply.send(self.admit(&spec, &owner));
+            }
             Msg::List { filter, reply } => {
                 let _ = reply.send(self.list(&filter));
             }

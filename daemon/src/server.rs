@@ -42,8 +42,9 @@ impl Conn {
     }
 }
 
-impl Cyb for Conn {
-    async fn submit(self, _: Context, req: SubmitRequest) -> Result<JobId, RpcError> {
+impl Conn {
+    /// Parses a submission with the intake's own checks; the job runs as the caller.
+    fn parse(&self, req: SubmitRequest) -> Result<(Box<cyb_proto::JobSpec>, Owner), RpcError> {
         if req.spec_json.len() as u64 > self.cfg.max_job_bytes {
             return Err(RpcError::InvalidSpec(cyb_proto::SpecError::general(format!(
                 "the job is {} bytes; at most {} (max_job_bytes) are accepted",
@@ -62,8 +63,14 @@ impl Cyb for Conn {
             gid: self.gid,
             user: self.peer.name.clone(),
         };
+        Ok((Box::new(spec), owner))
+    }
+}
+
+impl Cyb for Conn {
+    async fn submit(self, _: Context, req: SubmitRequest) -> Result<JobId, RpcError> {
+        let (spec, owner) = self.parse(req)?;
         let origin = Origin::Rpc { pid: self.peer.pid };
-        let spec = Box::new(spec);
         self.sched
             .ask(|reply| Msg::Submit {
                 spec,
@@ -72,6 +79,11 @@ impl Cyb for Conn {
                 reply,
             })
             .await?
+    }
+
+    async fn check(self, _: Context, req: SubmitRequest) -> Result<(), RpcError> {
+        let (spec, owner) = self.parse(req)?;
+        self.sched.ask(|reply| Msg::Check { spec, owner, reply }).await?
     }
 
     async fn list(self, _: Context, filter: ListFilter) -> Vec<JobSummary> {

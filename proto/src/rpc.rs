@@ -101,6 +101,8 @@ pub struct Stats {
 pub trait Cyb {
     /// Queues a job that runs as the caller.
     async fn submit(req: SubmitRequest) -> Result<JobId, RpcError>;
+    /// Runs every check `submit` would (as the caller) without queueing anything.
+    async fn check(req: SubmitRequest) -> Result<(), RpcError>;
     async fn list(filter: ListFilter) -> Vec<JobSummary>;
     async fn show(id: JobId) -> Result<JobRecord, RpcError>;
     /// Returns the job once it has ended, or as it is after `timeout_ms`.

@@ -61,7 +61,7 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Stats => stats::run(&ctx).await,
         Command::Pause => pause::run(&ctx).await,
         Command::Resume => resume::run(&ctx).await,
-        Command::Validate(a) => validate::run(&ctx, a),
+        Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Schema => schema::run(),
     }
 }

@@ -21,16 +21,37 @@ pub struct Args {
     pub file: PathBuf,
 }
 
-pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
+pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let name = display_name(&args.file);
-    let checked = read_limited(&args.file)?.and_then(|bytes| cyb_proto::parse_job(&bytes));
+    let bytes = read_limited(&args.file)?;
+    let checked = bytes.clone().and_then(|b| cyb_proto::parse_job(&b));
+    // A spec that parses is also put to the daemon, when one answers, for what only it
+    // knows (backends on this host, existing job ids, root jobs): the same checks as intake.
+    let (checked, daemon) = match (checked, bytes) {
+        (Ok(spec), Ok(b)) => match daemon_check(ctx, b).await {
+            DaemonCheck::Passed => (Ok(spec), true),
+            DaemonCheck::Unreachable => (Ok(spec), false),
+            DaemonCheck::Refused(e) => (Err(e), true),
+        },
+        (Err(e), _) | (_, Err(e)) => (Err(e), false),
+    };
     match checked {
         Ok(spec) => {
             if ctx.json {
-                output::json(&json!({ "ok": true, "class": spec.class(), "backend": spec.backend() }))?;
+                output::json(&json!({
+                    "ok": true,
+                    "class": spec.class(),
+                    "backend": spec.backend(),
+                    "checked_by_daemon": daemon,
+                }))?;
             } else {
+                let note = if daemon {
+                    ""
+                } else {
+                    "; cybd not reachable, host checks skipped"
+                };
                 output::print(&format!(
-                    "{name}: ok (class {}, backend {})\n",
+                    "{name}: ok (class {}, backend {}{note})\n",
                     spec.class(),
                     spec.backend()
                 ))?;
@@ -45,6 +66,30 @@ pub fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             }
             Ok(exit::INVALID_SPEC)
         }
+    }
+}
+
+enum DaemonCheck {
+    Passed,
+    Unreachable,
+    Refused(SpecError),
+}
+
+async fn daemon_check(ctx: &Ctx, bytes: Vec<u8>) -> DaemonCheck {
+    let Ok(conn) = ctx.connect().await else {
+        return DaemonCheck::Unreachable;
+    };
+    let req = cyb_proto::SubmitRequest {
+        spec_json: String::from_utf8_lossy(&bytes).into_owned(),
+        default_cwd: None,
+    };
+    match conn.check(req).await {
+        Ok(()) => DaemonCheck::Passed,
+        Err(e) => match e.downcast::<cyb_proto::RpcError>() {
+            Ok(cyb_proto::RpcError::InvalidSpec(s)) => DaemonCheck::Refused(s),
+            Ok(cyb_proto::RpcError::PermissionDenied(m)) => DaemonCheck::Refused(SpecError::general(m)),
+            _ => DaemonCheck::Unreachable,
+        },
     }
 }
 
