@@ -113,6 +113,10 @@ pub enum Msg {
     Wake {
         id: JobId,
     },
+    /// result.json of an ended job is written.
+    ResultWritten {
+        id: JobId,
+    },
     Kick,
 }
 
@@ -154,6 +158,8 @@ pub struct Scheduler {
     /// dependency -> jobs waiting for it
     dependents: HashMap<JobId, Vec<JobId>>,
     waiters: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
+    /// Ended jobs whose result.json is being written, with the `wait`s to answer after it.
+    writing_results: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
     next_id: JobId,
     paused: bool,
     started_at: Timestamp,
@@ -179,6 +185,7 @@ impl Scheduler {
             running_per_class: HashMap::new(),
             dependents: HashMap::new(),
             waiters: HashMap::new(),
+            writing_results: HashMap::new(),
             next_id: loaded.max_id + 1,
             paused,
             started_at: Timestamp::now(),
@@ -303,19 +310,18 @@ impl Scheduler {
             Msg::Check { spec, owner, reply } => {
                 let _ = reply.send(self.admit(&spec, &owner));
             }
-            Msg::List { filter, reply } => {
-                let _ = reply.send(self.list(&filter));
-            }
+            Msg::List { filter, reply } => self.reply_synced(reply, self.list(&filter)),
             Msg::Show { id, reply } => {
-                let _ = reply.send(self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id)));
+                self.reply_synced(reply, self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id)))
             }
             Msg::Wait { id, reply } => match self.jobs.get(&id) {
                 None => {
                     let _ = reply.send(Err(RpcError::NotFound(id)));
                 }
-                Some(r) if r.state.is_terminal() => {
-                    let _ = reply.send(Ok(r.clone()));
+                Some(_) if self.writing_results.contains_key(&id) => {
+                    self.writing_results.entry(id).or_default().push(reply);
                 }
+                Some(r) if r.state.is_terminal() => self.reply_synced(reply, Ok(r.clone())),
                 Some(_) => {
                     let w = self.waiters.entry(id).or_default();
                     w.retain(|s| !s.is_closed());
@@ -355,9 +361,7 @@ impl Scheduler {
                 info!(event = if pause { "paused" } else { "resumed" }, by = %peer.name, "queue {}", if pause { "paused" } else { "resumed" });
                 let _ = reply.send(Ok(()));
             }
-            Msg::Stats { reply } => {
-                let _ = reply.send(self.stats());
-            }
+            Msg::Stats { reply } => self.reply_synced(reply, self.stats()),
             Msg::SpoolOrigins { reply } => {
                 let set = self
                     .jobs
@@ -384,8 +388,24 @@ impl Scheduler {
                     self.enqueue(id);
                 }
             }
+            Msg::ResultWritten { id } => {
+                let rec = self.jobs.get(&id).cloned();
+                for w in self.writing_results.remove(&id).unwrap_or_default() {
+                    let _ = w.send(rec.clone().ok_or(RpcError::NotFound(id)));
+                }
+            }
             Msg::Kick => {}
         }
+    }
+
+    /// Answers a read once everything written before it is on disk, so nobody is shown a
+    /// state that a crash could still take back.
+    fn reply_synced<T: Send + 'static>(&self, reply: Reply<T>, value: T) {
+        let synced = self.store.barrier();
+        tokio::spawn(async move {
+            let _ = synced.await;
+            let _ = reply.send(value);
+        });
     }
 
     // ----- submission
@@ -851,7 +871,10 @@ impl Scheduler {
         rec.state = state;
         let ack = self.store.put(rec);
         let rec = rec.clone();
+        // `wait` answers only once result.json is there too.
         let waiters = self.waiters.remove(&id).unwrap_or_default();
+        self.writing_results.entry(id).or_default().extend(waiters);
+        let tx = self.tx.clone();
         tokio::spawn(async move {
             let durable = matches!(ack.await, Ok(Ok(())));
             if !durable {
@@ -864,9 +887,7 @@ impl Scheduler {
                 }
             })
             .await;
-            for w in waiters {
-                let _ = w.send(Ok(rec.clone()));
-            }
+            let _ = tx.send(Msg::ResultWritten { id });
         });
         // Jobs waiting for this one.
         if let Some(deps) = self.dependents.remove(&id) {
@@ -904,9 +925,7 @@ impl Scheduler {
                     let _ = reply.send(r);
                 });
             }
-            Ok(None) => {
-                let _ = reply.send(self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id)));
-            }
+            Ok(None) => self.reply_synced(reply, self.jobs.get(&id).cloned().ok_or(RpcError::NotFound(id))),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }

@@ -43,9 +43,11 @@ pub struct Loaded {
     pub max_id: JobId,
 }
 
+/// A record to write, or (with `bytes` None) a barrier: acknowledged once every write queued
+/// before it is durable.
 struct WriteReq {
     id: JobId,
-    bytes: Vec<u8>,
+    bytes: Option<Vec<u8>>,
     ack: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
 
@@ -93,7 +95,7 @@ impl Store {
                 bytes.push(b'\n');
                 let req = WriteReq {
                     id: rec.id,
-                    bytes,
+                    bytes: Some(bytes),
                     ack: Some(ack_tx),
                 };
                 if let Err(std_mpsc::SendError(req)) = self.tx.send(req)
@@ -105,6 +107,18 @@ impl Store {
             Err(source) => {
                 let _ = ack_tx.send(Err(StoreError::Encode { id: rec.id, source }));
             }
+        }
+        ack_rx
+    }
+
+    /// Resolves once every write queued before this call is durable: what a reader is shown
+    /// after it is what is on disk.
+    pub fn barrier(&self) -> Ack {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if let Err(std_mpsc::SendError(req)) = self.tx.send(WriteReq { id: 0, bytes: None, ack: Some(ack_tx) })
+            && let Some(ack) = req.ack
+        {
+            let _ = ack.send(Err(StoreError::Closed));
         }
         ack_rx
     }
@@ -209,10 +223,13 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
         // but every caller is acknowledged.
         let mut last_of: HashMap<JobId, usize> = HashMap::with_capacity(group.len());
         for (i, w) in group.iter().enumerate() {
-            last_of.insert(w.id, i);
+            if w.bytes.is_some() {
+                last_of.insert(w.id, i);
+            }
         }
         let mut failed: HashMap<JobId, io::Error> = HashMap::new();
         for (i, w) in group.iter().enumerate() {
+            let Some(bytes) = &w.bytes else { continue };
             if last_of.get(&w.id) != Some(&i) {
                 continue;
             }
@@ -220,7 +237,7 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
             if let Err(e) = fsutil::write_at(
                 &fd,
                 &name,
-                &w.bytes,
+                bytes,
                 WriteOpts {
                     mode: 0o644,
                     owner: None,
@@ -230,11 +247,12 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
                 failed.insert(w.id, e);
             }
         }
-        let dir_sync = fsutil::sync_dir(&fd);
+        // A group of barriers only has nothing of its own to make durable.
+        let dir_sync = if last_of.is_empty() { Ok(()) } else { fsutil::sync_dir(&fd) };
         for w in group {
             let Some(ack) = w.ack else { continue };
             let path = dir.join(format!("{}.json", w.id));
-            let res = match (failed.get(&w.id), &dir_sync) {
+            let res = match (failed.get(&w.id).filter(|_| w.bytes.is_some()), &dir_sync) {
                 (Some(e), _) => Err(StoreError::Write {
                     path,
                     source: io::Error::new(e.kind(), e.to_string()),

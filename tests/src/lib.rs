@@ -90,6 +90,12 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &str) -> Daemon {
+        Self::start_with_root_jobs(true, extra)
+    }
+
+    /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
+    /// refuses a key given twice, so `extra` cannot override it).
+    pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
             .tempdir()
@@ -99,7 +105,7 @@ impl Daemon {
         let r = root.path();
         let config = r.join("cybd.toml");
         let text = format!(
-            "allow_root_jobs = true\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
+            "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
              [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
             r.join("spool").display(),
             r.join("logs").display(),

@@ -166,7 +166,8 @@ pub async fn follow(conn: &Conn, first: JobRecord, mut tails: Vec<Tail>) -> anyh
             t.drain(&rec.run_dir).await?;
         }
         if rec.state.is_terminal() {
-            return Ok(rec);
+            // `wait` answers once result.json is written too, so a script may read it next.
+            return Ok(conn.wait(id, std::time::Duration::from_secs(10)).await.unwrap_or(rec));
         }
         tokio::time::sleep(POLL).await;
         rec = conn.show(id).await?;
