@@ -113,20 +113,35 @@ impl Intake {
                 _ = tick.tick() => {}
                 ev = ev_rx.recv() => if ev.is_none() { break },
             }
-            // Keep going while there is work: a burst larger than one batch.
-            while self.scan_once().await {}
+            self.scan().await;
             if self.sched.send(Msg::Kick).is_err() {
                 break;
             }
         }
     }
 
-    /// Takes one batch of files; returns true if the batch was full (more may be waiting).
-    async fn scan_once(&mut self) -> bool {
+    /// Lists incoming/ once and takes every job file in it, oldest first, in batches.
+    async fn scan(&mut self) {
+        let cfg = self.cfg.clone();
+        let names = match tokio::task::spawn_blocking(move || list_incoming(&cfg)).await {
+            Ok(n) => n,
+            Err(e) => {
+                error!("cannot list incoming job files: {e}");
+                return;
+            }
+        };
+        for chunk in names.chunks(BATCH) {
+            self.take_batch(chunk.to_vec()).await;
+        }
+    }
+
+    /// Takes one batch of files.
+    async fn take_batch(&mut self, names: Vec<String>) {
         let cfg = self.cfg.clone();
         let known = std::mem::take(&mut self.known);
         let res = tokio::task::spawn_blocking(move || {
-            let taken = take_batch(&cfg, &known);
+            let dir = cfg.paths.incoming();
+            let taken: Vec<Taken> = names.into_iter().map(|n| take_file(&cfg, &dir, n, &known)).collect();
             (taken, known)
         })
         .await;
@@ -134,11 +149,10 @@ impl Intake {
             Ok(r) => r,
             Err(e) => {
                 error!("intake batch failed: {e}");
-                return false;
+                return;
             }
         };
         self.known = known;
-        let full = taken.len() >= BATCH;
         let mut pending = FuturesUnordered::new();
         let mut to_remove: Vec<(String, Option<Identity>)> = Vec::new();
         let mut to_reject: Vec<(String, SpecError, Option<u32>)> = Vec::new();
@@ -213,12 +227,11 @@ impl Intake {
         for i in removed {
             self.known.remove(&i);
         }
-        full
     }
 }
 
 /// Lists incoming/ and takes up to [`BATCH`] files, oldest first.
-fn take_batch(cfg: &Config, known: &HashSet<Identity>) -> Vec<Taken> {
+fn list_incoming(cfg: &Config) -> Vec<String> {
     let dir = cfg.paths.incoming();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -227,23 +240,24 @@ fn take_batch(cfg: &Config, known: &HashSet<Identity>) -> Vec<Taken> {
             return Vec::new();
         }
     };
-    let mut names: Vec<(i64, String)> = rd
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            if name.starts_with('.') || !name.ends_with(".json") {
-                return None;
-            }
-            let m = e.metadata().ok()?;
-            Some((m.mtime() * 1_000_000_000 + m.mtime_nsec(), name))
-        })
-        .collect();
+    let mut names: Vec<(i64, String)> = Vec::new();
+    for e in rd.flatten() {
+        let raw = e.file_name();
+        let bytes = raw.as_encoded_bytes();
+        if bytes.starts_with(b".") || !bytes.ends_with(b".json") {
+            continue;
+        }
+        let Some(name) = raw.to_str() else {
+            // Nobody could name it in a job or a log line: refuse it under a readable name.
+            reject_raw(cfg, &raw, &SpecError::general("the job file's name is not valid UTF-8"), None);
+            continue;
+        };
+        if let Ok(m) = e.metadata() {
+            names.push((m.mtime() * 1_000_000_000 + m.mtime_nsec(), name.to_string()));
+        }
+    }
     names.sort();
-    names.truncate(BATCH);
-    names
-        .into_iter()
-        .map(|(_, n)| take_file(cfg, &dir, n, known))
-        .collect()
+    names.into_iter().map(|(_, n)| n).collect()
 }
 
 fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) -> Taken {
@@ -317,7 +331,7 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
         Ok(s) => s,
         Err(e) => return refuse(e, Some(uid)),
     };
-    let acct = match users::account(uid) {
+    let acct = match users::account_cached(uid) {
         Ok(a) => a,
         Err(e) => return refuse(SpecError::general(format!("the file's owner: {e}")), Some(uid)),
     };
@@ -353,7 +367,12 @@ fn remove_if_same(path: &Path, ident: Option<Identity>) {
 /// Moves a refused file to rejected/ and writes `<name>.error.json` beside it, owned by and
 /// readable to the submitter.
 fn reject(cfg: &Config, name: &str, err: &SpecError, uid: Option<u32>) {
-    let src = cfg.paths.incoming().join(name);
+    reject_raw(cfg, std::ffi::OsStr::new(name), err, uid);
+}
+
+fn reject_raw(cfg: &Config, raw: &std::ffi::OsStr, err: &SpecError, uid: Option<u32>) {
+    let name = &*raw.to_string_lossy();
+    let src = cfg.paths.incoming().join(raw);
     let rejected = cfg.paths.rejected();
     let dest = unique_name(&rejected, name);
     if let Err(e) = std::fs::rename(&src, rejected.join(&dest)) {
@@ -374,7 +393,7 @@ fn reject(cfg: &Config, name: &str, err: &SpecError, uid: Option<u32>) {
     body.push(b'\n');
     let owner = match uid {
         Some(u) if nix::unistd::geteuid().is_root() => {
-            let gid = users::account(u).map(|a| a.gid).unwrap_or(u);
+            let gid = users::account_cached(u).map(|a| a.gid).unwrap_or(u);
             Some((u, gid))
         }
         _ => None,

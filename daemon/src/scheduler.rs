@@ -648,7 +648,7 @@ impl Scheduler {
         tokio::spawn(async move {
             let res = match ack.await {
                 Ok(Ok(())) => tokio::task::spawn_blocking(move || {
-                    let acct = users::account(rec.owner.uid).map_err(|e| e.to_string())?;
+                    let acct = users::account_cached(rec.owner.uid).map_err(|e| e.to_string())?;
                     let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
                     runner::start(&rec, &launch)
                 })

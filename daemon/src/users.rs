@@ -45,6 +45,27 @@ pub fn account(uid: u32) -> Result<Account, UserError> {
     })
 }
 
+/// [`account`], remembered for a minute: intake and the scheduler look up the same few
+/// users for every job, and each NSS lookup reads /etc/passwd and /etc/group.
+pub fn account_cached(uid: u32) -> Result<Account, UserError> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CACHE: Mutex<Option<HashMap<u32, (Instant, Account)>>> = Mutex::new(None);
+    const TTL: Duration = Duration::from_secs(60);
+    if let Ok(mut guard) = CACHE.lock()
+        && let Some((at, acct)) = guard.get_or_insert_with(HashMap::new).get(&uid)
+        && at.elapsed() < TTL
+    {
+        return Ok(acct.clone());
+    }
+    let acct = account(uid)?;
+    if let Ok(mut guard) = CACHE.lock() {
+        guard.get_or_insert_with(HashMap::new).insert(uid, (Instant::now(), acct.clone()));
+    }
+    Ok(acct)
+}
+
 /// Whether `uid` is root or a member of `admin_group` (primary or supplementary).
 pub fn is_admin(uid: u32, admin_group: Option<&str>) -> bool {
     if uid == 0 {

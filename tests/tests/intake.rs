@@ -431,6 +431,20 @@ fn dotfiles_and_other_names_are_ignored() {
     }
 }
 
+#[test]
+fn a_file_name_that_is_not_utf8_is_refused_not_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = Daemon::start();
+    let raw = std::ffi::OsStr::from_bytes(b"bad\xff.json");
+    std::fs::write(d.incoming().join(raw), VALID).unwrap();
+    // It lands in rejected/ under a readable name, with the reason beside it.
+    let err = d.wait_rejected("bad\u{fffd}.json", Duration::from_secs(20));
+    assert!(message(&err).contains("not valid UTF-8"), "{err}");
+    assert!(d.rejected().join("bad\u{fffd}.json").exists());
+    assert!(names_in(&d.incoming()).is_empty(), "{:?}", names_in(&d.incoming()));
+    assert!(d.records().is_empty());
+}
+
 /// `KEY=value` lines of `env` output (values without newlines).
 fn env_of(out: &str) -> BTreeMap<String, String> {
     out.lines()
