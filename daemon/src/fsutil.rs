@@ -84,13 +84,32 @@ impl Default for WriteOpts {
     }
 }
 
-/// Writes `name` in `dir` atomically: temp file, optional fsync, rename over `name`.
-pub fn write_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io::Result<()> {
-    let tmp = format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+/// A file written under a temporary name, waiting to be renamed over its real name.
+pub struct Staged {
+    pub file: File,
+    tmp: String,
+    name: String,
+}
+
+impl Staged {
+    /// Renames the temp file over its real name.
+    pub fn commit(self, dir: &OwnedFd) -> io::Result<()> {
+        let r = renameat(dir, self.tmp.as_str(), dir, self.name.as_str()).map_err(nix_io);
+        if r.is_err() {
+            let _ = unlinkat(dir, self.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        r
+    }
+
+    /// Removes the temp file.
+    pub fn abandon(self, dir: &OwnedFd) {
+        let _ = unlinkat(dir, self.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
+}
+
+/// Writes `bytes` to a new temp file in `dir` that [`Staged::commit`] renames to `name`.
+pub fn stage_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io::Result<Staged> {
+    let tmp = format!(".{name}.{}.{}.tmp", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed));
     let result = (|| {
         let mut f = create_excl_at(dir, &tmp, opts.mode)?;
         if let Some((uid, gid)) = opts.owner {
@@ -100,12 +119,20 @@ pub fn write_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io:
         if opts.sync {
             f.sync_data()?;
         }
-        renameat(dir, tmp.as_str(), dir, name).map_err(nix_io)
+        Ok(f)
     })();
-    if result.is_err() {
-        let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    match result {
+        Ok(file) => Ok(Staged { file, tmp, name: name.to_string() }),
+        Err(e) => {
+            let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+            Err(e)
+        }
     }
-    result
+}
+
+/// Writes `name` in `dir` atomically: temp file, optional fsync, rename over `name`.
+pub fn write_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io::Result<()> {
+    stage_at(dir, name, bytes, opts)?.commit(dir)
 }
 
 /// fsyncs a directory so the renames in it are durable.
