@@ -72,4 +72,28 @@ pub enum Command {
     Validate(cmd::validate::Args),
     /// Print the JSON Schema of the job spec
     Schema,
+    /// (packaging) Write the man page and shell completions into DIR
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Writes `cybctl.1` and bash, zsh and fish completions into `out` (for the packages).
+pub fn generate_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(out)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(out.join("cybctl.1"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "cybctl", out)?;
+    }
+    Ok(())
 }

@@ -19,7 +19,12 @@ fn shipped_examples_are_valid_specs() {
     for e in std::fs::read_dir(dir).unwrap() {
         let path = e.unwrap().path();
         let out = cybctl(&["validate", path.to_str().unwrap()]);
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
         n += 1;
     }
     assert!(n >= 5, "only {n} examples");
@@ -42,8 +47,19 @@ fn schema_is_json_schema_of_the_spec() {
     let out = cybctl(&["schema"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(v["$schema"].as_str().unwrap_or_default().contains("json-schema"), "{v}");
-    for f in ["command", "shell", "docker", "task", "resources", "retry", "depends_on"] {
+    assert!(
+        v["$schema"].as_str().unwrap_or_default().contains("json-schema"),
+        "{v}"
+    );
+    for f in [
+        "command",
+        "shell",
+        "docker",
+        "task",
+        "resources",
+        "retry",
+        "depends_on",
+    ] {
         assert!(v["properties"].get(f).is_some(), "schema lacks {f}");
     }
 }
@@ -53,6 +69,9 @@ fn unreachable_daemon_says_what_to_do() {
     let out = cybctl(&["ls"]);
     assert_eq!(out.status.code(), Some(69));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach cybd at /nonexistent/cybd.sock"), "{err}");
+    assert!(
+        err.contains("cannot reach cybd at /nonexistent/cybd.sock"),
+        "{err}"
+    );
     assert!(err.contains("is the daemon running?"), "{err}");
 }

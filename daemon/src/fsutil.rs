@@ -109,7 +109,11 @@ impl Staged {
 
 /// Writes `bytes` to a new temp file in `dir` that [`Staged::commit`] renames to `name`.
 pub fn stage_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io::Result<Staged> {
-    let tmp = format!(".{name}.{}.{}.tmp", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed));
+    let tmp = format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     let result = (|| {
         let mut f = create_excl_at(dir, &tmp, opts.mode)?;
         if let Some((uid, gid)) = opts.owner {
@@ -122,7 +126,11 @@ pub fn stage_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io:
         Ok(f)
     })();
     match result {
-        Ok(file) => Ok(Staged { file, tmp, name: name.to_string() }),
+        Ok(file) => Ok(Staged {
+            file,
+            tmp,
+            name: name.to_string(),
+        }),
         Err(e) => {
             let _ = unlinkat(dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
             Err(e)

@@ -141,7 +141,10 @@ impl Intake {
         let known = std::mem::take(&mut self.known);
         let res = tokio::task::spawn_blocking(move || {
             let dir = cfg.paths.incoming();
-            let taken: Vec<Taken> = names.into_iter().map(|n| take_file(&cfg, &dir, n, &known)).collect();
+            let taken: Vec<Taken> = names
+                .into_iter()
+                .map(|n| take_file(&cfg, &dir, n, &known))
+                .collect();
             (taken, known)
         })
         .await;
@@ -249,7 +252,12 @@ fn list_incoming(cfg: &Config) -> Vec<String> {
         }
         let Some(name) = raw.to_str() else {
             // Nobody could name it in a job or a log line: refuse it under a readable name.
-            reject_raw(cfg, &raw, &SpecError::general("the job file's name is not valid UTF-8"), None);
+            reject_raw(
+                cfg,
+                &raw,
+                &SpecError::general("the job file's name is not valid UTF-8"),
+                None,
+            );
             continue;
         };
         if let Ok(m) = e.metadata() {

@@ -35,6 +35,12 @@ enum Mode {
         #[arg(long)]
         attempt: u32,
     },
+    /// (packaging) Write the man page and shell completions into OUT.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// (internal) Copy artifacts as the job's user; started by a supervisor.
     #[command(hide = true)]
     CollectArtifacts {
@@ -55,6 +61,15 @@ fn main() -> std::process::ExitCode {
         }
         Some(Mode::CollectArtifacts { cwd, dest, globs }) => {
             return exit_code(cybd::supervisor::collect_main(&cwd, &dest, &globs));
+        }
+        Some(Mode::GenerateDocs { out }) => {
+            return match generate_docs(&out) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cybd: cannot write docs into {}: {e}", out.display());
+                    std::process::ExitCode::FAILURE
+                }
+            };
         }
         None => {}
     }
@@ -96,6 +111,26 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Writes `cybd.8` and bash, zsh and fish completions into `out` (for the packages).
+fn generate_docs(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(out)?;
+    let cmd = Cli::command();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::write(out.join("cybd.8"), page)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "cybd", out)?;
+    }
+    Ok(())
 }
 
 fn exit_code(c: i32) -> std::process::ExitCode {

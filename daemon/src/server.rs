@@ -193,7 +193,8 @@ pub async fn serve(listener: UnixListener, cfg: Arc<Config>, sched: Handle) {
             let who = tokio::task::spawn_blocking(move || {
                 let acct = users::account(uid).ok();
                 // The daemon's own user administers it (root for the system daemon; you, for `--user`).
-                let admin = uid == nix::unistd::geteuid().as_raw() || users::is_admin(uid, admin_group.as_deref());
+                let admin =
+                    uid == nix::unistd::geteuid().as_raw() || users::is_admin(uid, admin_group.as_deref());
                 (acct, admin)
             })
             .await;

@@ -118,8 +118,11 @@ impl Store {
     /// after it is what is on disk.
     pub fn barrier(&self) -> Ack {
         let (ack_tx, ack_rx) = oneshot::channel();
-        if let Err(std_mpsc::SendError(req)) = self.tx.send(WriteReq { id: 0, bytes: None, ack: Some(ack_tx) })
-            && let Some(ack) = req.ack
+        if let Err(std_mpsc::SendError(req)) = self.tx.send(WriteReq {
+            id: 0,
+            bytes: None,
+            ack: Some(ack_tx),
+        }) && let Some(ack) = req.ack
         {
             let _ = ack.send(Err(StoreError::Closed));
         }
@@ -237,7 +240,11 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
             if last_of.get(&w.id) != Some(&i) {
                 continue;
             }
-            let opts = WriteOpts { mode: 0o644, owner: None, sync: false };
+            let opts = WriteOpts {
+                mode: 0o644,
+                owner: None,
+                sync: false,
+            };
             match fsutil::stage_at(&fd, &format!("{}.json", w.id), bytes, opts) {
                 Ok(s) => staged.push((w.id, s)),
                 Err(e) => {
@@ -257,7 +264,10 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
                 .collect();
             handles
                 .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))]))
+                .flat_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))])
+                })
                 .collect()
         });
         for ((id, s), r) in staged.into_iter().zip(synced) {
@@ -273,7 +283,11 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
             }
         }
         // A group of barriers only has nothing of its own to make durable.
-        let dir_sync = if last_of.is_empty() { Ok(()) } else { fsutil::sync_dir(&fd) };
+        let dir_sync = if last_of.is_empty() {
+            Ok(())
+        } else {
+            fsutil::sync_dir(&fd)
+        };
         for w in group {
             let Some(ack) = w.ack else { continue };
             let path = dir.join(format!("{}.json", w.id));

@@ -61,7 +61,9 @@ pub fn account_cached(uid: u32) -> Result<Account, UserError> {
     }
     let acct = account(uid)?;
     if let Ok(mut guard) = CACHE.lock() {
-        guard.get_or_insert_with(HashMap::new).insert(uid, (Instant::now(), acct.clone()));
+        guard
+            .get_or_insert_with(HashMap::new)
+            .insert(uid, (Instant::now(), acct.clone()));
     }
     Ok(acct)
 }

@@ -167,7 +167,10 @@ pub async fn follow(conn: &Conn, first: JobRecord, mut tails: Vec<Tail>) -> anyh
         }
         if rec.state.is_terminal() {
             // `wait` answers once result.json is written too, so a script may read it next.
-            return Ok(conn.wait(id, std::time::Duration::from_secs(10)).await.unwrap_or(rec));
+            return Ok(conn
+                .wait(id, std::time::Duration::from_secs(10))
+                .await
+                .unwrap_or(rec));
         }
         tokio::time::sleep(POLL).await;
         rec = conn.show(id).await?;

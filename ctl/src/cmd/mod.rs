@@ -63,6 +63,11 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Resume => resume::run(&ctx).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Schema => schema::run(),
+        Command::GenerateDocs { out } => {
+            crate::cli::generate_docs(&out)
+                .map_err(|e| anyhow::anyhow!("cannot write docs into {}: {e}", out.display()))?;
+            Ok(crate::exit::OK)
+        }
     }
 }
 
