@@ -9,6 +9,9 @@ use cyb_proto::Class;
 use cyb_proto::spec::{Dur, Size};
 use serde::Deserialize;
 
+/// The configuration in force; replaced as a whole when SIGHUP reloads it.
+pub type Live = tokio::sync::watch::Receiver<std::sync::Arc<Config>>;
+
 /// Where the system daemon reads its config when `--config` is not given.
 pub const SYSTEM_CONFIG: &str = "/etc/cyb/cybd.toml";
 

@@ -52,14 +52,18 @@ enum Taken {
 }
 
 pub struct Intake {
-    cfg: Arc<Config>,
+    cfg: crate::config::Live,
     sched: Handle,
     known: HashSet<Identity>,
 }
 
 impl Intake {
-    pub fn new(cfg: Arc<Config>, sched: Handle, known: HashSet<Identity>) -> Self {
+    pub fn new(cfg: crate::config::Live, sched: Handle, known: HashSet<Identity>) -> Self {
         Intake { cfg, sched, known }
+    }
+
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.borrow().clone()
     }
 
     /// Creates incoming/ and rejected/ with their modes.
@@ -85,7 +89,7 @@ impl Intake {
     /// Runs until the scheduler goes away.
     pub async fn run(mut self) {
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
-        let incoming = self.cfg.paths.incoming();
+        let incoming = self.cfg().paths.incoming();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
                 let _ = ev_tx.try_send(());
@@ -101,12 +105,12 @@ impl Intake {
                 warn!(
                     "cannot watch {} ({e}); relying on the rescan every {:?}",
                     incoming.display(),
-                    self.cfg.rescan_interval
+                    self.cfg().rescan_interval
                 );
                 None
             }
         };
-        let mut tick = tokio::time::interval(self.cfg.rescan_interval);
+        let mut tick = tokio::time::interval(self.cfg().rescan_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -122,7 +126,7 @@ impl Intake {
 
     /// Lists incoming/ once and takes every job file in it, oldest first, in batches.
     async fn scan(&mut self) {
-        let cfg = self.cfg.clone();
+        let cfg = self.cfg();
         let names = match tokio::task::spawn_blocking(move || list_incoming(&cfg)).await {
             Ok(n) => n,
             Err(e) => {
@@ -137,7 +141,7 @@ impl Intake {
 
     /// Takes one batch of files.
     async fn take_batch(&mut self, names: Vec<String>) {
-        let cfg = self.cfg.clone();
+        let cfg = self.cfg();
         let known = std::mem::take(&mut self.known);
         let res = tokio::task::spawn_blocking(move || {
             let dir = cfg.paths.incoming();
@@ -195,7 +199,7 @@ impl Intake {
         while let Some((name, ident, uid, r)) = pending.next().await {
             match r {
                 Ok(id) => {
-                    debug!(job = id, file = %name, "accepted spool file");
+                    debug!(job_id = id, file = %name, "accepted spool file");
                     if let Some(i) = ident {
                         self.known.insert(i);
                     }
@@ -211,7 +215,7 @@ impl Intake {
                 }
             }
         }
-        let cfg = self.cfg.clone();
+        let cfg = self.cfg();
         let removed = tokio::task::spawn_blocking(move || {
             let mut gone = Vec::new();
             for (name, ident) in to_remove {

@@ -12,20 +12,23 @@
 pub mod config;
 pub mod fsutil;
 pub mod intake;
+pub mod logging;
 pub mod runner;
 pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod supervisor;
 pub mod sys;
+pub mod systemd;
 pub mod users;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 
@@ -50,9 +53,23 @@ fn bind_socket(cfg: &Config) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Where the configuration came from, so SIGHUP can read it again.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub user_mode: bool,
+}
+
+impl ConfigSource {
+    fn load(&self) -> Result<Config, config::ConfigError> {
+        Config::load(self.path.as_deref(), self.user_mode, &|k| std::env::var(k).ok())
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT. Jobs keep running under their supervisors when
-/// the daemon stops; the next daemon adopts them.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// the daemon stops, and the next daemon adopts them; only when systemd stops the unit for
+/// good are they cancelled first.
+pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -73,9 +90,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .ask(|reply| scheduler::Msg::SpoolOrigins { reply })
         .await
         .unwrap_or_default();
-    let listener = bind_socket(&cfg)?;
-    tokio::spawn(server::serve(listener, cfg.clone(), handle.clone()));
-    tokio::spawn(intake::Intake::new(cfg.clone(), handle.clone(), known).run());
+    let (cfg_tx, live) = tokio::sync::watch::channel(cfg.clone());
+    let (listener, bound) =
+        match systemd::activated_listener().context("cannot use the socket from systemd")? {
+            Some(l) => (
+                UnixListener::from_std(l).context("cannot use the socket from systemd")?,
+                false,
+            ),
+            None => (bind_socket(&cfg)?, true),
+        };
+    tokio::spawn(server::serve(listener, live.clone(), handle.clone()));
+    tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
     info!(
         records = n,
         socket = %cfg.paths.socket.display(),
@@ -83,6 +108,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         "cybd {} ready",
         env!("CARGO_PKG_VERSION")
     );
+    systemd::ready(&format!("ready, {n} job records"));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -90,11 +116,44 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => warn!("SIGHUP: configuration reload is not supported yet; restart cybd to apply changes"),
+            _ = hup.recv() => {
+                systemd::reloading();
+                let src = source.clone();
+                match tokio::task::spawn_blocking(move || src.load()).await {
+                    Ok(Ok(mut new)) => {
+                        let old = cfg_tx.borrow().clone();
+                        if new.paths != old.paths {
+                            warn!("paths cannot change while cybd runs; keeping the old ones until a restart");
+                            new.paths = old.paths.clone();
+                        }
+                        let new = Arc::new(new);
+                        let _ = cfg_tx.send(new.clone());
+                        let _ = handle.send(scheduler::Msg::Reload(new));
+                    }
+                    Ok(Err(e)) => error!("configuration not reloaded, keeping the old one: {e}"),
+                    Err(e) => error!("configuration not reloaded: {e}"),
+                }
+                systemd::ready("configuration reloaded");
+            }
         }
     }
-    info!("stopping; running jobs keep running under their supervisors");
+    systemd::stopping();
+    let stopping_for_good = systemd::under_systemd()
+        && tokio::task::spawn_blocking(systemd::unit_is_stopping)
+            .await
+            .unwrap_or(false);
+    if stopping_for_good {
+        let grace = cfg_tx.borrow().kill_grace + std::time::Duration::from_secs(15);
+        match tokio::time::timeout(grace, handle.ask(scheduler::Msg::Shutdown)).await {
+            Ok(_) => info!("stopping: every job has ended"),
+            Err(_) => warn!("stopping: jobs still running after {grace:?}"),
+        }
+    } else {
+        info!("stopping; running jobs keep running under their supervisors");
+    }
     sched_task.abort();
-    let _ = std::fs::remove_file(&cfg.paths.socket);
+    if bound {
+        let _ = std::fs::remove_file(&cfg.paths.socket);
+    }
     Ok(())
 }

@@ -21,6 +21,10 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace); overrides the config.
     #[arg(long)]
     log_level: Option<String>,
+    /// Where to log: journald, stderr, or auto (journald under systemd or when its socket
+    /// exists and stderr is not a terminal).
+    #[arg(long, value_enum, default_value = "auto")]
+    log_target: cybd::logging::Target,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -91,12 +95,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let level = cli.log_level.unwrap_or_else(|| cfg.log_level.clone());
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("cybd={level},warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    cybd::logging::init(&level, cli.log_target);
+    let source = cybd::ConfigSource {
+        path: cli.config.clone(),
+        user_mode: cli.user,
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -104,7 +107,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(async { cybd::run(cfg).await.context("cybd failed") }) {
+    match rt.block_on(async { cybd::run(cfg, source).await.context("cybd failed") }) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cybd: {e:#}");

@@ -244,7 +244,7 @@ pub fn start(rec: &JobRecord, launch: &Launch) -> Result<Running, String> {
         && let Err(e) = stdin.write_all(&payload)
     {
         // The supervisor died already; its exit record (or its absence) tells the rest.
-        tracing::warn!(job = rec.id, "cannot hand the job to its supervisor: {e}");
+        tracing::warn!(job_id = rec.id, "cannot hand the job to its supervisor: {e}");
     }
     // The Child is dropped without waiting: the monitor reaps it through waitpid.
     drop(child);

@@ -118,6 +118,10 @@ pub enum Msg {
         id: JobId,
     },
     Kick,
+    /// A new configuration (SIGHUP); paths keep their old values.
+    Reload(Arc<Config>),
+    /// Cancel every running job, stop starting new ones, answer when none runs.
+    Shutdown(Reply<()>),
 }
 
 /// Handle for sending messages to the scheduler.
@@ -160,6 +164,8 @@ pub struct Scheduler {
     waiters: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
     /// Ended jobs whose result.json is being written, with the `wait`s to answer after it.
     writing_results: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
+    /// Answered when no job runs any more (shutdown).
+    on_idle: Vec<Reply<()>>,
     next_id: JobId,
     paused: bool,
     started_at: Timestamp,
@@ -186,6 +192,7 @@ impl Scheduler {
             dependents: HashMap::new(),
             waiters: HashMap::new(),
             writing_results: HashMap::new(),
+            on_idle: Vec::new(),
             next_id: loaded.max_id + 1,
             paused,
             started_at: Timestamp::now(),
@@ -238,7 +245,7 @@ impl Scheduler {
                     .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
             match found {
                 Adopted::Alive(run) => {
-                    info!(job = id, pid = run.sup.pid, "re-adopted running job");
+                    info!(job_id = id, pid = run.sup.pid, "re-adopted running job");
                     s.watch(id, attempt, run);
                 }
                 Adopted::Ended(exit) => {
@@ -257,7 +264,7 @@ impl Scheduler {
                 }
                 Adopted::NeverLaunched => {
                     info!(
-                        job = id,
+                        job_id = id,
                         "job was being started when cybd stopped; queueing it again"
                     );
                     let _ = tx.send(Msg::Exited {
@@ -278,7 +285,7 @@ impl Scheduler {
                 if !std::path::Path::new(&rec.run_dir).join("result.json").exists()
                     && let Err(e) = runner::write_result(&rec)
                 {
-                    warn!(job = rec.id, "cannot write result.json: {e}");
+                    warn!(job_id = rec.id, "cannot write result.json: {e}");
                 }
             }
         });
@@ -286,16 +293,93 @@ impl Scheduler {
         (s, handle, rx)
     }
 
-    /// The scheduler loop; returns when every sender is gone.
+    /// The scheduler loop; returns when every sender is gone. Under systemd it also sends
+    /// the watchdog pings, from this loop itself, so a stuck loop gets the daemon restarted,
+    /// and keeps the unit's STATUS= line current.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        let watchdog = crate::systemd::watchdog_interval();
+        let mut ping = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+        let mut status_tick = tokio::time::interval(Duration::from_secs(1));
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = String::new();
         self.schedule();
-        while let Some(m) = rx.recv().await {
-            self.handle(m);
-            // Drain whatever else is waiting before scheduling once.
-            while let Ok(m) = rx.try_recv() {
-                self.handle(m);
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    self.handle(m);
+                    // Drain whatever else is waiting before scheduling once.
+                    while let Ok(m) = rx.try_recv() {
+                        self.handle(m);
+                    }
+                    self.schedule();
+                    self.check_idle();
+                }
+                _ = ping.tick() => {
+                    if watchdog.is_some() {
+                        crate::systemd::watchdog();
+                    }
+                }
+                _ = status_tick.tick() => {
+                    let line = self.status_line();
+                    if line != last_status {
+                        crate::systemd::status(&line);
+                        last_status = line;
+                    }
+                }
             }
-            self.schedule();
+        }
+    }
+
+    /// The one-line summary for systemd's STATUS= (`systemctl status cybd`).
+    pub fn status_line(&self) -> String {
+        let (mut queued, mut held, mut waiting) = (0, 0, 0);
+        for r in self.jobs.values() {
+            match r.state {
+                JobState::Queued { .. } => queued += 1,
+                JobState::Held { .. } => held += 1,
+                JobState::Waiting { .. } => waiting += 1,
+                _ => {}
+            }
+        }
+        let mut line = format!("{} running, {queued} queued", self.running.len());
+        if held > 0 {
+            line.push_str(&format!(", {held} held"));
+        }
+        if waiting > 0 {
+            line.push_str(&format!(", {waiting} waiting to retry"));
+        }
+        if self.paused {
+            line.push_str(", paused");
+        }
+        line
+    }
+
+    /// Cancels every running job (the unit is being stopped for good) and answers once they
+    /// have all ended.
+    fn shutdown(&mut self, reply: Reply<()>) {
+        let ids: Vec<JobId> = self.running.keys().copied().collect();
+        info!("stopping: cancelling {} running job(s)", ids.len());
+        for id in ids {
+            let peer = Peer {
+                uid: 0,
+                pid: None,
+                name: "cybd (service stopped)".into(),
+                admin: true,
+            };
+            let _ = self.try_act(id, Action::Cancel, &peer);
+        }
+        self.paused = true;
+        self.on_idle.push(reply);
+        self.check_idle();
+    }
+
+    fn check_idle(&mut self) {
+        if self.running.is_empty() && !self.on_idle.is_empty() {
+            for r in self.on_idle.drain(..) {
+                let _ = r.send(());
+            }
         }
     }
 
@@ -395,6 +479,11 @@ impl Scheduler {
                 }
             }
             Msg::Kick => {}
+            Msg::Reload(cfg) => {
+                info!("configuration reloaded");
+                self.cfg = cfg;
+            }
+            Msg::Shutdown(reply) => self.shutdown(reply),
         }
     }
 
@@ -508,8 +597,8 @@ impl Scheduler {
         let ack = self.store.put(&rec);
         info!(
             event = "submitted",
-            job = id,
-            user = %rec.owner.user,
+            job_id = id,
+            job_user = %rec.owner.user,
             class = %rec.spec.class(),
             tenant = rec.spec.tenant.as_deref().unwrap_or(""),
             "job {id} submitted by {}", rec.owner.user
@@ -527,7 +616,7 @@ impl Scheduler {
                         Ok(Err(e)) => e.to_string(),
                         _ => "the store writer stopped".into(),
                     };
-                    error!(job = id, "cannot record job: {why}");
+                    error!(job_id = id, "cannot record job: {why}");
                     let _ = reply.send(Err(RpcError::Unavailable(format!(
                         "cannot record the job: {why}"
                     ))));
@@ -668,13 +757,13 @@ impl Scheduler {
                     && let JobState::Running { supervisor, .. } = &mut rec.state
                 {
                     *supervisor = Some(run.proc_ref());
-                    info!(event = "started", job = id, pid = run.sup.pid, attempt, user = %rec.owner.user, "job {id} started");
+                    info!(event = "started", job_id = id, pid = run.sup.pid, attempt, job_user = %rec.owner.user, "job {id} started");
                 }
                 self.watch(id, attempt, run);
             }
             Err(why) if why.starts_with("store:") => {
                 // Not recorded as running, so nothing ran: put it back and try again later.
-                error!(job = id, "cannot record job start ({why}); retrying in 5s");
+                error!(job_id = id, "cannot record job start ({why}); retrying in 5s");
                 self.release_slot(id);
                 if let Some(rec) = self.jobs.get_mut(&id) {
                     rec.attempts = rec.attempts.saturating_sub(1);
@@ -712,7 +801,7 @@ impl Scheduler {
             if slot.cancel_by.is_some()
                 && let Err(e) = runner::cancel(&run.pidfd)
             {
-                warn!(job = id, "cannot signal supervisor: {e}");
+                warn!(job_id = id, "cannot signal supervisor: {e}");
             }
         }
         let tx = self.tx.clone();
@@ -832,7 +921,7 @@ impl Scheduler {
                 .unwrap_or_else(|| outcome(Reason::Lost, String::new()));
             info!(
                 event = "retried",
-                job = id,
+                job_id = id,
                 attempt = next_attempt,
                 "job {id} failed ({}); attempt {next_attempt} in {}",
                 last.message,
@@ -866,7 +955,7 @@ impl Scheduler {
             _ => "failed",
         };
         if let Some(o) = state.outcome() {
-            info!(event, job = id, user = %rec.owner.user, reason = %o.reason, "job {id} {name}: {}", o.message);
+            info!(event, job_id = id, job_user = %rec.owner.user, reason = %o.reason, "job {id} {name}: {}", o.message);
         }
         rec.state = state;
         let ack = self.store.put(rec);
@@ -878,12 +967,12 @@ impl Scheduler {
         tokio::spawn(async move {
             let durable = matches!(ack.await, Ok(Ok(())));
             if !durable {
-                error!(job = id, "cannot record the end of job {id}");
+                error!(job_id = id, "cannot record the end of job {id}");
             }
             let r2 = rec.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Err(e) = runner::write_result(&r2) {
-                    warn!(job = r2.id, "cannot write result.json in {}: {e}", r2.run_dir);
+                    warn!(job_id = r2.id, "cannot write result.json in {}: {e}", r2.run_dir);
                 }
             })
             .await;
@@ -959,7 +1048,7 @@ impl Scheduler {
                     if let Some(fd) = &slot.pidfd
                         && let Err(e) = runner::cancel(fd)
                     {
-                        warn!(job = id, "cannot signal supervisor: {e}");
+                        warn!(job_id = id, "cannot signal supervisor: {e}");
                     }
                     Ok(None)
                 }
@@ -995,7 +1084,7 @@ impl Scheduler {
                 let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
                 rec.state = JobState::Queued { since: now };
                 let ack = self.store.put(rec);
-                info!(event = "retried", job = id, by = %peer.name, "job {id} queued again by {}", peer.name);
+                info!(event = "retried", job_id = id, by = %peer.name, "job {id} queued again by {}", peer.name);
                 self.enqueue(id);
                 Ok(Some(ack))
             }

@@ -168,12 +168,12 @@ impl Cyb for Conn {
 }
 
 /// Accepts connections until the listener fails for good.
-pub async fn serve(listener: UnixListener, cfg: Arc<Config>, sched: Handle) {
+pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Handle) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                warn!("accept on {} failed: {e}", cfg.paths.socket.display());
+                warn!("accept on {} failed: {e}", live.borrow().paths.socket.display());
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -185,7 +185,7 @@ pub async fn serve(listener: UnixListener, cfg: Arc<Config>, sched: Handle) {
                 continue;
             }
         };
-        let cfg = cfg.clone();
+        let cfg: Arc<Config> = live.borrow().clone();
         let sched = sched.clone();
         tokio::spawn(async move {
             let uid = cred.uid();

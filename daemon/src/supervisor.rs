@@ -278,6 +278,10 @@ fn run(
             Ok(())
         });
     }
+    if let Err(e) = ensure_artifacts_dir(dir, run_dir, l, as_root) {
+        exit.error = Some(e);
+        return;
+    }
     exit.started_at = Some(Timestamp::now());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
@@ -348,8 +352,28 @@ fn run(
         }
     }
     if !l.artifacts.is_empty() {
-        exit.artifacts_error = collect_artifacts(dir, run_dir, l, as_root).err();
+        exit.artifacts_error = collect_artifacts(run_dir, l, as_root).err();
     }
+}
+
+/// Creates `artifacts/` (CYB_ARTIFACTS_DIR) for the job's user: the job may write there,
+/// and the artifact globs are copied there when it ends.
+fn ensure_artifacts_dir(dir: &OwnedFd, run_dir: &Path, l: &Launch, as_root: bool) -> Result<(), String> {
+    let dest = run_dir.join(ARTIFACTS_DIR);
+    match nix::sys::stat::mkdirat(dir, ARTIFACTS_DIR, Mode::from_bits_truncate(0o750)) {
+        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dest.display())),
+    }
+    let adir = fsutil::open_dir(&dest).map_err(|e| e.to_string())?;
+    if as_root {
+        fchown(
+            adir.as_fd(),
+            Some(Uid::from_raw(l.uid)),
+            Some(Gid::from_raw(l.gid)),
+        )
+        .map_err(|e| format!("cannot give {} to uid {}: {e}", dest.display(), l.uid))?;
+    }
+    Ok(())
 }
 
 /// Opens a log file in the run directory: a new file for the first attempt, appended to
@@ -409,21 +433,8 @@ fn copy_capped(mut r: impl Read, mut f: File, cap: u64) {
 
 /// Copies the files matched by the artifact globs under `cwd` into `artifacts/`, running a
 /// helper process as the job's user, so nothing is read that the user could not read.
-fn collect_artifacts(dir: &OwnedFd, run_dir: &Path, l: &Launch, as_root: bool) -> Result<(), String> {
+fn collect_artifacts(run_dir: &Path, l: &Launch, as_root: bool) -> Result<(), String> {
     let dest = run_dir.join(ARTIFACTS_DIR);
-    match nix::sys::stat::mkdirat(dir, ARTIFACTS_DIR, Mode::from_bits_truncate(0o750)) {
-        Ok(()) | Err(nix::Error::EEXIST) => {}
-        Err(e) => return Err(format!("cannot create {}: {e}", dest.display())),
-    }
-    let adir = fsutil::open_dir(&dest).map_err(|e| e.to_string())?;
-    if as_root {
-        fchown(
-            adir.as_fd(),
-            Some(Uid::from_raw(l.uid)),
-            Some(Gid::from_raw(l.gid)),
-        )
-        .map_err(|e| format!("cannot give {} to uid {}: {e}", dest.display(), l.uid))?;
-    }
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("collect-artifacts")
         .arg("--cwd")

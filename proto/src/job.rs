@@ -290,15 +290,17 @@ impl JobRecord {
             JobState::Succeeded { .. } => 0,
             JobState::Failed { outcome }
             | JobState::TimedOut { outcome }
-            | JobState::Cancelled { outcome, .. } => match (outcome.reason, outcome.exit_code, outcome.signal) {
-                // Like timeout(1), and like a shell whose job was interrupted: the signal
-                // cybd itself sent says nothing about the job.
-                (Reason::Timeout, ..) => 124,
-                (Reason::Cancelled, ..) => 130,
-                (_, Some(c), _) if c != 0 => c,
-                (_, _, Some(s)) => 128 + s,
-                _ => 1,
-            },
+            | JobState::Cancelled { outcome, .. } => {
+                match (outcome.reason, outcome.exit_code, outcome.signal) {
+                    // Like timeout(1), and like a shell whose job was interrupted: the signal
+                    // cybd itself sent says nothing about the job.
+                    (Reason::Timeout, ..) => 124,
+                    (Reason::Cancelled, ..) => 130,
+                    (_, Some(c), _) if c != 0 => c,
+                    (_, _, Some(s)) => 128 + s,
+                    _ => 1,
+                }
+            }
             _ => 1,
         }
     }

@@ -76,15 +76,30 @@ pub fn test_user() -> (u32, u32) {
     (u.uid.as_raw(), u.gid.as_raw())
 }
 
+thread_local! {
+    /// `--log-target` for daemons this thread starts (see [`Daemon::logging_to`]).
+    static LOG_TARGET: std::cell::Cell<&'static str> = const { std::cell::Cell::new("stderr") };
+}
+
 /// A cybd process with its own spool, logs and socket under a temporary directory.
 pub struct Daemon {
     pub root: tempfile::TempDir,
     pub config: PathBuf,
+    /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
+    pub log_target: &'static str,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts a daemon whose jobs may run as root (tests run as root), plus `extra` TOML.
+    /// Runs `start` with daemons logging to `target` (journald, stderr, auto).
+    pub fn logging_to(target: &'static str, start: impl FnOnce() -> Daemon) -> Daemon {
+        let old = LOG_TARGET.with(|t| t.replace(target));
+        let d = start();
+        LOG_TARGET.with(|t| t.set(old));
+        d
+    }
+
     pub fn start() -> Daemon {
         Self::start_with("")
     }
@@ -113,11 +128,7 @@ impl Daemon {
             r.join("run").display(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut d = Daemon {
-            root,
-            config,
-            child: None,
-        };
+        let mut d = Daemon { root, config, log_target: LOG_TARGET.with(|t| t.get()), child: None };
         d.spawn();
         d
     }
@@ -164,6 +175,8 @@ impl Daemon {
             .arg(&self.config)
             .arg("--log-level")
             .arg("debug")
+            .arg("--log-target")
+            .arg(self.log_target)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
