@@ -11,7 +11,8 @@ const LONG_ABOUT: &str = "\
 cybctl: the command-line client of cybd, the job daemon.
 
 The socket is --socket PATH, else $CYB_SOCKET, else for a non-root user
-$XDG_RUNTIME_DIR/cyb/cybd.sock (the `cybd --user` daemon), else /run/cyb/cybd.sock.
+$XDG_RUNTIME_DIR/cyb/cybd.sock if it exists (your `cybd --user` daemon), else
+/run/cyb/cybd.sock (the system daemon).
 
 Exit codes:
     0    success

@@ -58,6 +58,7 @@ pub fn discover(
     env_socket: Option<&OsStr>,
     euid: u32,
     xdg_runtime_dir: Option<&OsStr>,
+    exists: impl Fn(&Path) -> bool,
 ) -> Socket {
     if let Some(p) = flag.filter(|p| !p.as_os_str().is_empty()) {
         return Socket {
@@ -76,10 +77,11 @@ pub fn discover(
             .map(Path::new)
             .filter(|p| p.is_absolute())
             .map_or_else(|| PathBuf::from(format!("/run/user/{euid}")), Path::to_path_buf);
-        return Socket {
-            path: runtime.join(USER_SOCKET),
-            origin: Origin::User,
-        };
+        let user = runtime.join(USER_SOCKET);
+        // A user-mode daemon of yours wins; otherwise the system daemon serves you too.
+        if exists(&user) || !exists(Path::new(SYSTEM_SOCKET)) {
+            return Socket { path: user, origin: Origin::User };
+        }
     }
     Socket {
         path: PathBuf::from(SYSTEM_SOCKET),
@@ -96,6 +98,7 @@ pub fn discover_from_env(flag: Option<&Path>) -> Socket {
         env_socket.as_deref(),
         nix::unistd::geteuid().as_raw(),
         xdg.as_deref(),
+        |p| p.exists(),
     )
 }
 
@@ -260,18 +263,17 @@ impl Conn {
 mod tests {
     use super::*;
 
+    fn none(_: &Path) -> bool {
+        false
+    }
+
     fn os(s: &str) -> &OsStr {
         OsStr::new(s)
     }
 
     #[test]
     fn flag_wins_over_everything() {
-        let s = discover(
-            Some(Path::new("/tmp/a.sock")),
-            Some(os("/tmp/b.sock")),
-            1000,
-            Some(os("/run/user/1000")),
-        );
+        let s = discover(Some(Path::new("/tmp/a.sock")), Some(os("/tmp/b.sock")), 1000, Some(os("/run/user/1000")), none);
         assert_eq!(
             s,
             Socket {
@@ -283,7 +285,7 @@ mod tests {
 
     #[test]
     fn env_wins_over_defaults() {
-        let s = discover(None, Some(os("/tmp/b.sock")), 1000, Some(os("/run/user/1000")));
+        let s = discover(None, Some(os("/tmp/b.sock")), 1000, Some(os("/run/user/1000")), none);
         assert_eq!(
             s,
             Socket {
@@ -291,13 +293,13 @@ mod tests {
                 origin: Origin::Env
             }
         );
-        let s = discover(None, Some(os("/tmp/b.sock")), 0, None);
+        let s = discover(None, Some(os("/tmp/b.sock")), 0, None, none);
         assert_eq!(s.origin, Origin::Env);
     }
 
     #[test]
     fn user_uses_runtime_dir() {
-        let s = discover(None, None, 1000, Some(os("/xdg")));
+        let s = discover(None, None, 1000, Some(os("/xdg")), none);
         assert_eq!(
             s,
             Socket {
@@ -310,7 +312,7 @@ mod tests {
     #[test]
     fn user_without_runtime_dir_uses_run_user() {
         for xdg in [None, Some(os("")), Some(os("relative/dir"))] {
-            let s = discover(None, None, 1000, xdg);
+            let s = discover(None, None, 1000, xdg, none);
             assert_eq!(
                 s,
                 Socket {
@@ -322,8 +324,18 @@ mod tests {
     }
 
     #[test]
+    fn user_without_own_daemon_uses_the_system_socket() {
+        let only_system = |p: &Path| p == Path::new(SYSTEM_SOCKET);
+        let s = discover(None, None, 1000, Some(os("/xdg")), only_system);
+        assert_eq!(s, Socket { path: SYSTEM_SOCKET.into(), origin: Origin::System });
+        let both = |_: &Path| true;
+        let s = discover(None, None, 1000, Some(os("/xdg")), both);
+        assert_eq!(s.path, PathBuf::from("/xdg/cyb/cybd.sock"));
+    }
+
+    #[test]
     fn root_uses_system_socket() {
-        let s = discover(None, None, 0, Some(os("/run/user/0")));
+        let s = discover(None, None, 0, Some(os("/run/user/0")), none);
         assert_eq!(
             s,
             Socket {
@@ -335,18 +347,18 @@ mod tests {
 
     #[test]
     fn empty_values_count_as_unset() {
-        let s = discover(Some(Path::new("")), Some(os("")), 0, None);
+        let s = discover(Some(Path::new("")), Some(os("")), 0, None, none);
         assert_eq!(s.origin, Origin::System);
     }
 
     #[test]
     fn hints_name_the_right_daemon() {
         assert!(
-            discover(None, None, 0, None)
+            discover(None, None, 0, None, none)
                 .hint()
                 .contains("systemctl status cybd")
         );
-        assert!(discover(None, None, 1000, None).hint().contains("cybd --user"));
+        assert!(discover(None, None, 1000, None, none).hint().contains("cybd --user"));
     }
 
     #[tokio::test]

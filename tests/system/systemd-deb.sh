@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# System test under real systemd: boots systemd as PID 1 in a container
+# (../shared/scripts/nspawn-boot.sh), installs the cybd .deb, and checks what a sysadmin
+# relies on: start returns after READY, a user's job file runs as that user, the journal has
+# the job's events, restart and upgrade keep running jobs, a broken config on reload is
+# refused, the watchdog restarts a stuck daemon, stop ends jobs, remove and purge clean up.
+#
+# Usage: tests/system/systemd-deb.sh            (root; builds the .deb unless CYB_DEB is set)
+# Env:   CYB_DEB=path.deb  CYB_ROOTFS=/var/tmp/cyb-rootfs  CYB_SHARED_SCRIPTS=../shared/scripts
+set -euo pipefail
+TOP=$(cd "$(dirname "$0")/../.." && pwd)
+SCRIPTS=${CYB_SHARED_SCRIPTS:-$TOP/../shared/scripts}
+export ROOTFS=${CYB_ROOTFS:-/var/tmp/cyb-rootfs} NAME=cybsys V1_RW=1
+BOOT="bash $SCRIPTS/nspawn-boot.sh"
+
+step() { printf '\n== %s\n' "$*"; }
+fail() { printf 'FAIL: %s\n' "$*"; in_ct journalctl -u cybd --no-pager -n 60 2>/dev/null || true; exit 1; }
+in_ct() { $BOOT exec "$@"; }
+sh_ct() { $BOOT exec sh -c "$1"; }
+# wait_for SECONDS CMD...: poll every 0.1 s
+wait_for() { local t=$1 i; shift; for ((i = 0; i < t * 10; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
+result_field() { sh_ct "jq -r .$2 /logs/run_$1/result.json"; }
+# cybctl as the ordinary user alice (root jobs are refused by default); prints its stdout.
+as_alice() { sh_ct "runuser -u alice -- $1"; }
+submit() { as_alice "cybctl --json submit -- $1" | jq .id; }
+
+[ "$(id -u)" = 0 ] || { echo "must run as root"; exit 2; }
+[ -x "$ROOTFS/lib/systemd/systemd" ] || $BOOT build
+# What the tests use inside the container.
+if [ ! -x "$ROOTFS/usr/bin/jq" ]; then
+  cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
+  chroot "$ROOTFS" sh -c 'apt-get update -q && apt-get install -y -q --no-install-recommends jq' >/dev/null
+fi
+if [ -z "${CYB_DEB:-}" ]; then
+  bash "$TOP/packaging/build.sh" >/dev/null
+  CYB_DEB=$(ls -t "$TOP"/target/debian/cybd_*.deb | head -1)
+fi
+cp "$CYB_DEB" "$ROOTFS/tmp/cybd.deb"
+$BOOT stop >/dev/null 2>&1 || true
+trap '$BOOT stop >/dev/null 2>&1 || true' EXIT
+$BOOT start
+
+step "install the .deb: the service is enabled and started by the package"
+in_ct dpkg -i /tmp/cybd.deb
+sh_ct 'systemctl is-enabled cybd.service && systemctl is-enabled cybd.socket' || fail "not enabled"
+wait_for 20 in_ct systemctl is-active cybd.service || fail "cybd not active after install"
+
+sh_ct 'id alice >/dev/null 2>&1 || useradd -m alice'
+
+step "every unit file passes systemd-analyze verify with no output"
+out=$(in_ct systemd-analyze verify --man=no /lib/systemd/system/cybd.service /lib/systemd/system/cybd.socket 2>&1) || fail "verify failed: $out"
+[ -z "$out" ] || fail "systemd-analyze verify printed: $out"
+
+step "systemctl start returns only after READY (the socket answers at once)"
+in_ct systemctl stop cybd.service
+in_ct systemctl start cybd.service
+[ "$(in_ct systemctl show -p ActiveState --value cybd.service)" = active ] || fail "not active right after start"
+sh_ct 'cybctl stats >/dev/null' || fail "cybctl stats failed right after start"
+status=$(in_ct systemctl show -p StatusText --value cybd.service)
+case "$status" in *running*queued*|ready*) ;; *) fail "no STATUS= line: '$status'";; esac
+echo "STATUS: $status"
+
+step "a job file dropped by an ordinary user runs as that user"
+sh_ct 'id alice >/dev/null 2>&1 || useradd -m alice'
+sh_ct "runuser -u alice -- sh -c 'echo \"{\\\"shell\\\": \\\"id -un; echo hi\\\"}\" > /var/spool/cyb/incoming/.a.tmp && mv /var/spool/cyb/incoming/.a.tmp /var/spool/cyb/incoming/a.json'"
+wait_for 20 sh_ct 'test -e /logs/run_1/result.json' || fail "no result for the spool job"
+[ "$(result_field 1 user)" = alice ] || fail "job ran as $(result_field 1 user)"
+[ "$(result_field 1 state)" = succeeded ] || fail "job 1 $(result_field 1 state)"
+[ "$(sh_ct 'head -1 /logs/run_1/stdout.log')" = alice ] || fail "stdout: $(sh_ct 'cat /logs/run_1/stdout.log')"
+sh_ct 'runuser -u alice -- cat /logs/run_1/stdout.log >/dev/null' || fail "alice cannot read her run directory"
+
+step "journalctl JOB_ID=1 shows the job's life"
+wait_for 10 sh_ct 'journalctl --no-pager -o cat JOB_ID=1 | grep -q "job 1 succeeded"' || fail "journal lacks job 1"
+events=$(sh_ct 'journalctl --no-pager -o json JOB_ID=1 | jq -r .EVENT' | tr '\n' ' ')
+[ "$events" = "submitted started finished " ] || fail "events of job 1: $events"
+sh_ct 'journalctl --no-pager -o json JOB_ID=1 | jq -e "select(.JOB_USER == \"alice\")" >/dev/null' || fail "no JOB_USER"
+
+step "systemctl restart while a job runs: the job keeps running and its result is recorded"
+id=$(submit "sh -c 'sleep 4; exit 7'")
+wait_for 10 sh_ct "cybctl --json show $id | jq -e '.state == \"running\"'" || fail "job $id not running"
+job_pid=$(sh_ct "jq .pid /logs/run_$id/supervisor.json")
+in_ct systemctl restart cybd.service
+sh_ct "kill -0 $job_pid" || fail "restart killed the job's supervisor"
+wait_for 20 sh_ct "test -e /logs/run_$id/result.json" || fail "no result after restart"
+[ "$(result_field "$id" exit_code)" = 7 ] || fail "exit code after restart: $(result_field "$id" exit_code)"
+
+step "reload with a broken config keeps the service on the old one"
+sh_ct 'cp /etc/cyb/cybd.toml /tmp/good.toml && echo "this is = = not toml" >> /etc/cyb/cybd.toml'
+in_ct systemctl reload cybd.service || true
+sleep 1
+[ "$(in_ct systemctl is-active cybd.service)" = active ] || fail "service died on a bad reload"
+sh_ct 'journalctl --no-pager -u cybd -o cat | grep -q "configuration not reloaded"' || fail "no reload error logged"
+as_alice 'cybctl submit --wait -- true' >/dev/null || fail "daemon does not work after a bad reload"
+sh_ct 'cp /tmp/good.toml /etc/cyb/cybd.toml'
+in_ct systemctl reload cybd.service
+sleep 1
+sh_ct 'journalctl --no-pager -u cybd -o cat | grep -q "configuration reloaded"' || fail "good reload not logged"
+
+step "a package upgrade keeps the config, the queue and running jobs"
+sh_ct 'echo "# local edit" >> /etc/cyb/cybd.toml'
+id=$(submit "sh -c 'sleep 4; exit 5'")
+wait_for 10 sh_ct "cybctl --json show $id | jq -e '.state == \"running\"'" || fail "job $id not running"
+before=$(sh_ct 'ls /var/spool/cyb/jobs | wc -l')
+sh_ct 'dpkg -i /tmp/cybd.deb >/dev/null' || fail "upgrade failed"
+sh_ct 'tail -1 /etc/cyb/cybd.toml | grep -q "local edit"' || fail "upgrade replaced the config"
+[ "$(sh_ct 'ls /var/spool/cyb/jobs | wc -l')" -ge "$before" ] || fail "upgrade lost job records"
+wait_for 20 sh_ct "test -e /logs/run_$id/result.json" || fail "no result after upgrade"
+[ "$(result_field "$id" exit_code)" = 5 ] || fail "exit code after upgrade: $(result_field "$id" exit_code)"
+
+step "the watchdog restarts a daemon whose loop is stopped"
+sh_ct 'mkdir -p /etc/systemd/system/cybd.service.d && printf "[Service]\nWatchdogSec=3s\n" > /etc/systemd/system/cybd.service.d/wd.conf'
+in_ct systemctl daemon-reload
+in_ct systemctl restart cybd.service
+pid=$(in_ct systemctl show -p MainPID --value cybd.service)
+restarts=$(in_ct systemctl show -p NRestarts --value cybd.service)
+in_ct kill -STOP "$pid"
+wait_for 30 sh_ct "p=\$(systemctl show -p MainPID --value cybd.service); [ \"\$p\" != $pid ] && [ \"\$p\" != 0 ] && systemctl is-active cybd.service" \
+  || fail "watchdog did not restart the stopped daemon"
+[ "$(in_ct systemctl show -p NRestarts --value cybd.service)" -gt "$restarts" ] || fail "NRestarts did not grow"
+sh_ct 'journalctl --no-pager -u cybd -o cat | grep -qi watchdog' || echo "(note: journal does not mention the watchdog)"
+sh_ct 'rm -r /etc/systemd/system/cybd.service.d' && in_ct systemctl daemon-reload && in_ct systemctl restart cybd.service
+
+step "systemctl stop ends running jobs and stops cleanly"
+id=$(submit "sleep 300")
+wait_for 10 sh_ct "cybctl --json show $id | jq -e '.state == \"running\"'" || fail "job $id not running"
+in_ct systemctl stop cybd.service
+[ "$(in_ct systemctl show -p Result --value cybd.service)" = success ] || fail "stop result: $(in_ct systemctl show -p Result --value cybd.service)"
+[ "$(result_field "$id" state)" = cancelled ] || fail "job after stop: $(result_field "$id" state)"
+! sh_ct 'pgrep -x "sleep"' >/dev/null || fail "a job process survived stop"
+
+step "remove stops the service; purge removes the queue"
+in_ct systemctl start cybd.service
+sh_ct 'dpkg -r cybd >/dev/null'
+! in_ct systemctl is-active cybd.service >/dev/null 2>&1 || fail "service still active after remove"
+sh_ct 'test -e /etc/cyb/cybd.toml' || fail "remove deleted the config (only purge may)"
+sh_ct 'dpkg -P cybd >/dev/null'
+! sh_ct 'test -e /var/spool/cyb' || fail "purge left /var/spool/cyb"
+
+printf '\nsystemd system test: all checks passed\n'
