@@ -39,8 +39,14 @@ fn bind_socket(cfg: &Config) -> anyhow::Result<UnixListener> {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
     if std::fs::symlink_metadata(path).is_ok() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another cybd is already listening on {}", path.display());
+        // A daemon killed a moment ago can leave its socket accepting for a few ms after it
+        // is gone; only one that keeps accepting for a second is a live daemon.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("another cybd is already listening on {}", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;

@@ -376,7 +376,8 @@ impl Scheduler {
     }
 
     fn check_idle(&mut self) {
-        if self.running.is_empty() && !self.on_idle.is_empty() {
+        // Idle: no job runs and every ended job's result.json is written.
+        if self.running.is_empty() && self.writing_results.is_empty() && !self.on_idle.is_empty() {
             for r in self.on_idle.drain(..) {
                 let _ = r.send(());
             }

@@ -128,7 +128,12 @@ impl Daemon {
             r.join("run").display(),
         );
         std::fs::write(&config, text).unwrap();
-        let mut d = Daemon { root, config, log_target: LOG_TARGET.with(|t| t.get()), child: None };
+        let mut d = Daemon {
+            root,
+            config,
+            log_target: LOG_TARGET.with(|t| t.get()),
+            child: None,
+        };
         d.spawn();
         d
     }
@@ -184,8 +189,18 @@ impl Daemon {
             .expect("spawn cybd");
         self.child = Some(child);
         let sock = self.socket();
+        // Ready means answering a call, not merely accepting: a socket of a daemon killed a
+        // moment ago can accept for a few ms.
         let ok = wait_until(Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
+                && Command::new(bin("cybctl"))
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg("stats")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
         });
         assert!(
             ok,

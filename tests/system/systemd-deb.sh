@@ -35,13 +35,13 @@ if [ -z "${CYB_DEB:-}" ]; then
   bash "$TOP/packaging/build.sh" >/dev/null
   CYB_DEB=$(ls -t "$TOP"/target/debian/cybd_*.deb | head -1)
 fi
-cp "$CYB_DEB" "$ROOTFS/tmp/cybd.deb"
+cp "$CYB_DEB" "$ROOTFS/var/tmp/cybd.deb"
 $BOOT stop >/dev/null 2>&1 || true
 trap '$BOOT stop >/dev/null 2>&1 || true' EXIT
 $BOOT start
 
 step "install the .deb: the service is enabled and started by the package"
-in_ct dpkg -i /tmp/cybd.deb
+in_ct dpkg -i /var/tmp/cybd.deb
 sh_ct 'systemctl is-enabled cybd.service && systemctl is-enabled cybd.socket' || fail "not enabled"
 wait_for 20 in_ct systemctl is-active cybd.service || fail "cybd not active after install"
 
@@ -69,11 +69,12 @@ wait_for 20 sh_ct 'test -e /logs/run_1/result.json' || fail "no result for the s
 [ "$(sh_ct 'head -1 /logs/run_1/stdout.log')" = alice ] || fail "stdout: $(sh_ct 'cat /logs/run_1/stdout.log')"
 sh_ct 'runuser -u alice -- cat /logs/run_1/stdout.log >/dev/null' || fail "alice cannot read her run directory"
 
-step "journalctl JOB_ID=1 shows the job's life"
-wait_for 10 sh_ct 'journalctl --no-pager -o cat JOB_ID=1 | grep -q "job 1 succeeded"' || fail "journal lacks job 1"
-events=$(sh_ct 'journalctl --no-pager -o json JOB_ID=1 | jq -r .EVENT' | tr '\n' ' ')
+step "journalctl -u cybd JOB_ID=1 shows the job's life"
+wait_for 10 sh_ct 'journalctl --no-pager -o cat -u cybd JOB_ID=1 | grep -q "job 1 succeeded"' || fail "journal lacks job 1"
+events=$(sh_ct 'journalctl --no-pager -o json -u cybd JOB_ID=1 | jq -r "select(.EVENT) | .EVENT"' | tr '\n' ' ')
 [ "$events" = "submitted started finished " ] || fail "events of job 1: $events"
-sh_ct 'journalctl --no-pager -o json JOB_ID=1 | jq -e "select(.JOB_USER == \"alice\")" >/dev/null' || fail "no JOB_USER"
+sh_ct 'journalctl --no-pager -o json -u cybd JOB_ID=1 | jq -s -e "map(select(.JOB_USER == \"alice\" and .CLASS == \"cpu_short\")) | length > 0"' >/dev/null \
+  || fail "no JOB_USER/CLASS fields: $(sh_ct 'journalctl --no-pager -o json -u cybd JOB_ID=1')"
 
 step "systemctl restart while a job runs: the job keeps running and its result is recorded"
 id=$(submit "sh -c 'sleep 4; exit 7'")
@@ -101,7 +102,7 @@ sh_ct 'echo "# local edit" >> /etc/cyb/cybd.toml'
 id=$(submit "sh -c 'sleep 4; exit 5'")
 wait_for 10 sh_ct "cybctl --json show $id | jq -e '.state == \"running\"'" || fail "job $id not running"
 before=$(sh_ct 'ls /var/spool/cyb/jobs | wc -l')
-sh_ct 'dpkg -i /tmp/cybd.deb >/dev/null' || fail "upgrade failed"
+sh_ct 'dpkg -i /var/tmp/cybd.deb >/dev/null' || fail "upgrade failed"
 sh_ct 'tail -1 /etc/cyb/cybd.toml | grep -q "local edit"' || fail "upgrade replaced the config"
 [ "$(sh_ct 'ls /var/spool/cyb/jobs | wc -l')" -ge "$before" ] || fail "upgrade lost job records"
 wait_for 20 sh_ct "test -e /logs/run_$id/result.json" || fail "no result after upgrade"
