@@ -214,6 +214,21 @@ pub fn unique_path(dir: &Path, name: &str) -> PathBuf {
         .unwrap_or(first)
 }
 
+/// fsyncs the staged files on up to [`SYNC_THREADS`] threads at once.
+fn parallel_sync(staged: &[(JobId, fsutil::Staged)]) -> Vec<io::Result<()>> {
+    std::thread::scope(|sc| {
+        let chunk = staged.len().div_ceil(SYNC_THREADS).max(1);
+        let handles: Vec<_> = staged
+            .chunks(chunk)
+            .map(|part| sc.spawn(move || part.iter().map(|(_, s)| s.file.sync_data()).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))]))
+            .collect()
+    })
+}
+
 /// The writer thread: takes every request waiting, writes each record to a temp file and
 /// fsyncs it, renames them all, fsyncs the directory once, then acknowledges the group.
 fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
@@ -254,22 +269,11 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
         }
         // fsync in parallel: the file system folds concurrent fsyncs into one journal
         // commit (measured here: 0.07 ms a file in parallel against 0.28-2.5 ms one by one).
-        let synced: Vec<io::Result<()>> = std::thread::scope(|sc| {
-            let chunk = staged.len().div_ceil(SYNC_THREADS).max(1);
-            let handles: Vec<_> = staged
-                .chunks(chunk)
-                .map(|part| {
-                    sc.spawn(move || part.iter().map(|(_, s)| s.file.sync_data()).collect::<Vec<_>>())
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))])
-                })
-                .collect()
-        });
+        let synced: Vec<io::Result<()>> = if staged.len() <= 1 {
+            staged.iter().map(|(_, s)| s.file.sync_data()).collect()
+        } else {
+            parallel_sync(&staged)
+        };
         for ((id, s), r) in staged.into_iter().zip(synced) {
             let res = match r {
                 Ok(()) => s.commit(&fd),
