@@ -48,6 +48,8 @@ wait_for 20 in_ct systemctl is-active cybd.service || fail "cybd not active afte
 sh_ct 'id alice >/dev/null 2>&1 || useradd -m alice'
 
 step "every unit file passes systemd-analyze verify with no output"
+# On the host against the container's root (../shared/scripts/unit-lint.sh), and inside it.
+out=$(sh "$SCRIPTS/unit-lint.sh" --root="$ROOTFS" cybd.service cybd.socket 2>&1) || fail "unit-lint.sh: $out"
 out=$(in_ct systemd-analyze verify --man=no /lib/systemd/system/cybd.service /lib/systemd/system/cybd.socket 2>&1) || fail "verify failed: $out"
 [ -z "$out" ] || fail "systemd-analyze verify printed: $out"
 
