@@ -80,7 +80,10 @@ pub fn discover(
         let user = runtime.join(USER_SOCKET);
         // A user-mode daemon of yours wins; otherwise the system daemon serves you too.
         if exists(&user) || !exists(Path::new(SYSTEM_SOCKET)) {
-            return Socket { path: user, origin: Origin::User };
+            return Socket {
+                path: user,
+                origin: Origin::User,
+            };
         }
     }
     Socket {
@@ -273,7 +276,13 @@ mod tests {
 
     #[test]
     fn flag_wins_over_everything() {
-        let s = discover(Some(Path::new("/tmp/a.sock")), Some(os("/tmp/b.sock")), 1000, Some(os("/run/user/1000")), none);
+        let s = discover(
+            Some(Path::new("/tmp/a.sock")),
+            Some(os("/tmp/b.sock")),
+            1000,
+            Some(os("/run/user/1000")),
+            none,
+        );
         assert_eq!(
             s,
             Socket {
@@ -285,7 +294,13 @@ mod tests {
 
     #[test]
     fn env_wins_over_defaults() {
-        let s = discover(None, Some(os("/tmp/b.sock")), 1000, Some(os("/run/user/1000")), none);
+        let s = discover(
+            None,
+            Some(os("/tmp/b.sock")),
+            1000,
+            Some(os("/run/user/1000")),
+            none,
+        );
         assert_eq!(
             s,
             Socket {
@@ -327,7 +342,13 @@ mod tests {
     fn user_without_own_daemon_uses_the_system_socket() {
         let only_system = |p: &Path| p == Path::new(SYSTEM_SOCKET);
         let s = discover(None, None, 1000, Some(os("/xdg")), only_system);
-        assert_eq!(s, Socket { path: SYSTEM_SOCKET.into(), origin: Origin::System });
+        assert_eq!(
+            s,
+            Socket {
+                path: SYSTEM_SOCKET.into(),
+                origin: Origin::System
+            }
+        );
         let both = |_: &Path| true;
         let s = discover(None, None, 1000, Some(os("/xdg")), both);
         assert_eq!(s.path, PathBuf::from("/xdg/cyb/cybd.sock"));
@@ -358,7 +379,11 @@ mod tests {
                 .hint()
                 .contains("systemctl status cybd")
         );
-        assert!(discover(None, None, 1000, None, none).hint().contains("cybd --user"));
+        assert!(
+            discover(None, None, 1000, None, none)
+                .hint()
+                .contains("cybd --user")
+        );
     }
 
     #[tokio::test]

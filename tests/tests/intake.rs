@@ -441,7 +441,11 @@ fn a_file_name_that_is_not_utf8_is_refused_not_ignored() {
     let err = d.wait_rejected("bad\u{fffd}.json", Duration::from_secs(20));
     assert!(message(&err).contains("not valid UTF-8"), "{err}");
     assert!(d.rejected().join("bad\u{fffd}.json").exists());
-    assert!(names_in(&d.incoming()).is_empty(), "{:?}", names_in(&d.incoming()));
+    assert!(
+        names_in(&d.incoming()).is_empty(),
+        "{:?}",
+        names_in(&d.incoming())
+    );
     assert!(d.records().is_empty());
 }
 
