@@ -224,7 +224,10 @@ fn parallel_sync(staged: &[(JobId, fsutil::Staged)]) -> Vec<io::Result<()>> {
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))]))
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))])
+            })
             .collect()
     })
 }
