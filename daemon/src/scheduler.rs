@@ -146,6 +146,37 @@ impl Handle {
     }
 }
 
+/// Resolves once a record write is durable (or says why it failed).
+type Durable = oneshot::Receiver<Result<(), String>>;
+
+/// Writes deferred to the end of the scheduler's loop iteration: a job that is accepted and
+/// started in the same iteration is written once, in its running state, which is as durable
+/// a statement of its acceptance as the queued one would have been.
+#[derive(Default)]
+struct Pending {
+    dirty: HashMap<JobId, Vec<oneshot::Sender<Result<(), String>>>>,
+    barriers: Vec<oneshot::Sender<()>>,
+}
+
+impl Pending {
+    fn persist(&mut self, id: JobId) -> Durable {
+        let (tx, rx) = oneshot::channel();
+        self.dirty.entry(id).or_default().push(tx);
+        rx
+    }
+
+    fn persist_detached(&mut self, id: JobId) {
+        self.dirty.entry(id).or_default();
+    }
+
+    /// Resolves once every write marked before it is durable.
+    fn barrier(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.barriers.push(tx);
+        rx
+    }
+}
+
 struct Slot {
     pidfd: Option<Arc<OwnedFd>>,
     cancel_by: Option<String>,
@@ -166,6 +197,8 @@ pub struct Scheduler {
     writing_results: HashMap<JobId, Vec<Reply<Result<JobRecord, RpcError>>>>,
     /// Answered when no job runs any more (shutdown).
     on_idle: Vec<Reply<()>>,
+    /// Record writes and read barriers of this loop iteration, sent to the store at its end.
+    pending: Pending,
     next_id: JobId,
     paused: bool,
     started_at: Timestamp,
@@ -193,6 +226,7 @@ impl Scheduler {
             waiters: HashMap::new(),
             writing_results: HashMap::new(),
             on_idle: Vec::new(),
+            pending: Pending::default(),
             next_id: loaded.max_id + 1,
             paused,
             started_at: Timestamp::now(),
@@ -315,6 +349,7 @@ impl Scheduler {
                     }
                     self.schedule();
                     self.check_idle();
+                    self.flush();
                 }
                 _ = ping.tick() => {
                     if watchdog.is_some() {
@@ -329,6 +364,38 @@ impl Scheduler {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends this iteration's record writes to the store (one per job, its latest state),
+    /// then its read barriers, and passes each write's acknowledgement on to who waits.
+    fn flush(&mut self) {
+        for (id, waiting) in self.pending.dirty.drain() {
+            let Some(rec) = self.jobs.get(&id) else { continue };
+            let ack = self.store.put(rec);
+            if waiting.is_empty() {
+                continue;
+            }
+            tokio::spawn(async move {
+                let res = match ack.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("the store writer stopped".to_string()),
+                };
+                for w in waiting {
+                    let _ = w.send(res.clone());
+                }
+            });
+        }
+        if !self.pending.barriers.is_empty() {
+            let barriers = std::mem::take(&mut self.pending.barriers);
+            let ack = self.store.barrier();
+            tokio::spawn(async move {
+                let _ = ack.await;
+                for b in barriers {
+                    let _ = b.send(());
+                }
+            });
         }
     }
 
@@ -469,7 +536,7 @@ impl Scheduler {
                     r.state = JobState::Queued {
                         since: Timestamp::now(),
                     };
-                    self.store.put_detached(r);
+                    self.pending.persist_detached(id);
                     self.enqueue(id);
                 }
             }
@@ -490,8 +557,8 @@ impl Scheduler {
 
     /// Answers a read once everything written before it is on disk, so nobody is shown a
     /// state that a crash could still take back.
-    fn reply_synced<T: Send + 'static>(&self, reply: Reply<T>, value: T) {
-        let synced = self.store.barrier();
+    fn reply_synced<T: Send + 'static>(&mut self, reply: Reply<T>, value: T) {
+        let synced = self.pending.barrier();
         tokio::spawn(async move {
             let _ = synced.await;
             let _ = reply.send(value);
@@ -595,7 +662,7 @@ impl Scheduler {
             run_dir: self.cfg.paths.run_dir(id).to_string_lossy().into_owned(),
             state: JobState::Queued { since: now },
         };
-        let ack = self.store.put(&rec);
+        let ack = self.pending.persist(id);
         info!(
             event = "submitted",
             job_id = id,
@@ -731,7 +798,7 @@ impl Scheduler {
                 cancel_by: None,
             },
         );
-        let ack = self.store.put(rec);
+        let ack = self.pending.persist(id);
         let rec = rec.clone();
         let cfg = self.cfg.clone();
         let tx = self.tx.clone();
@@ -848,7 +915,7 @@ impl Scheduler {
                 rec.state = JobState::Queued {
                     since: Timestamp::now(),
                 };
-                self.store.put_detached(rec);
+                self.pending.persist_detached(id);
             }
             self.enqueue(id);
             return;
@@ -935,7 +1002,7 @@ impl Scheduler {
                     next_attempt,
                     last,
                 };
-                self.store.put_detached(rec);
+                self.pending.persist_detached(id);
             }
             self.wake_after(id, delay);
             return;
@@ -959,7 +1026,7 @@ impl Scheduler {
             info!(event, job_id = id, job_user = %rec.owner.user, reason = %o.reason, "job {id} {name}: {}", o.message);
         }
         rec.state = state;
-        let ack = self.store.put(rec);
+        let ack = self.pending.persist(id);
         let rec = rec.clone();
         // `wait` answers only once result.json is there too.
         let waiters = self.waiters.remove(&id).unwrap_or_default();
@@ -1023,12 +1090,7 @@ impl Scheduler {
     }
 
     /// Applies an action; returns the store ack when a record was written.
-    fn try_act(
-        &mut self,
-        id: JobId,
-        action: Action,
-        peer: &Peer,
-    ) -> Result<Option<crate::store::Ack>, RpcError> {
+    fn try_act(&mut self, id: JobId, action: Action, peer: &Peer) -> Result<Option<Durable>, RpcError> {
         let rec = self.jobs.get(&id).ok_or(RpcError::NotFound(id))?;
         if !peer.may_manage(&rec.owner) {
             return Err(RpcError::PermissionDenied(format!(
@@ -1072,8 +1134,8 @@ impl Scheduler {
                             by: peer.name.clone(),
                         },
                     );
-                    // finish() wrote the record; acknowledge after a no-op write of the same.
-                    Ok(Some(self.store.put(&self.jobs[&id])))
+                    // finish() marked the record for writing; this waits for that same write.
+                    Ok(Some(self.pending.persist(id)))
                 }
             },
             Action::Retry => {
@@ -1084,7 +1146,7 @@ impl Scheduler {
                 }
                 let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
                 rec.state = JobState::Queued { since: now };
-                let ack = self.store.put(rec);
+                let ack = self.pending.persist(id);
                 info!(event = "retried", job_id = id, by = %peer.name, "job {id} queued again by {}", peer.name);
                 self.enqueue(id);
                 Ok(Some(ack))
@@ -1097,7 +1159,7 @@ impl Scheduler {
                         since: now,
                         by: peer.name.clone(),
                     };
-                    Ok(Some(self.store.put(rec)))
+                    Ok(Some(self.pending.persist(id)))
                 }
                 StateName::Held => Ok(None),
                 s => Err(RpcError::InvalidState(format!(
@@ -1108,7 +1170,7 @@ impl Scheduler {
                 StateName::Held => {
                     let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
                     rec.state = JobState::Queued { since: now };
-                    let ack = self.store.put(rec);
+                    let ack = self.pending.persist(id);
                     self.enqueue(id);
                     Ok(Some(ack))
                 }
@@ -1122,7 +1184,7 @@ impl Scheduler {
                 self.dequeue(id);
                 let rec = self.jobs.get_mut(&id).ok_or(RpcError::NotFound(id))?;
                 rec.priority = p;
-                let ack = self.store.put(rec);
+                let ack = self.pending.persist(id);
                 if was_ready {
                     let class = rec.spec.class();
                     self.ready.entry(class).or_default().insert((Reverse(p), id));
