@@ -1,14 +1,8 @@
 //! `cybctl cancel`: cancels a job; a running one is stopped (its whole cgroup is killed).
 
-use cyb_proto::JobId;
-
 use super::Ctx;
 
-#[derive(Debug, clap::Args)]
-pub struct Args {
-    /// The job's id
-    pub id: JobId,
-}
+pub use super::JobArg as Args;
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let conn = ctx.connect().await?;

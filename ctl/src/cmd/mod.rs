@@ -71,6 +71,13 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
     }
 }
 
+/// The argument of the commands that act on one job.
+#[derive(Debug, clap::Args)]
+pub struct JobArg {
+    /// The job's id
+    pub id: cyb_proto::JobId,
+}
+
 /// Ends a command that changed a job: the new record as JSON, or `line` for people.
 fn confirm(ctx: &Ctx, after: &cyb_proto::JobRecord, line: &str) -> anyhow::Result<i32> {
     if ctx.json {
