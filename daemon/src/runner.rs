@@ -179,9 +179,19 @@ pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -
     })
 }
 
-/// Starts a supervisor for `launch` (blocking). The supervisor's identity is on disk before
-/// it is handed the job, so a daemon that dies at any point can tell what happened.
-pub fn start(rec: &JobRecord, launch: &Launch) -> Result<Running, String> {
+/// A supervisor that is started and recorded in `supervisor.json`, but not yet handed its
+/// job: it waits on stdin. Starting it while the job's `running` record is being made
+/// durable hides the supervisor's start-up behind the fsync.
+pub struct Spawned {
+    child: std::process::Child,
+    running: Running,
+    job_id: u64,
+}
+
+/// Starts a supervisor for `launch` and records its identity (blocking). The job itself
+/// starts only at [`hand_over`]: a daemon that dies before then leaves a supervisor that
+/// writes "never launched" and exits, so the job is queued again, not run twice.
+pub fn spawn_supervisor(rec: &JobRecord, launch: &Launch) -> Result<Spawned, String> {
     let dir = prepare_run_dir(rec).map_err(|e| e.to_string())?;
     if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
         write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
@@ -236,24 +246,42 @@ pub fn start(rec: &JobRecord, launch: &Launch) -> Result<Running, String> {
             format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir),
         ));
     }
-    let payload = match serde_json::to_vec(launch) {
-        Ok(p) => p,
-        Err(e) => return Err(fail(&mut child, format!("cannot encode launch: {e}"))),
-    };
-    if let Some(mut stdin) = child.stdin.take()
-        && let Err(e) = stdin.write_all(&payload)
-    {
-        // The supervisor died already; its exit record (or its absence) tells the rest.
-        tracing::warn!(job_id = rec.id, "cannot hand the job to its supervisor: {e}");
-    }
-    // The Child is dropped without waiting: the monitor reaps it through waitpid.
-    drop(child);
-    Ok(Running {
+    let running = Running {
         sup,
         pidfd: Arc::new(pidfd),
         own_child: true,
         run_dir: PathBuf::from(&rec.run_dir),
+    };
+    Ok(Spawned {
+        child,
+        running,
+        job_id: rec.id,
     })
+}
+
+/// Hands the job to its waiting supervisor (blocking); from here on the job runs.
+pub fn hand_over(mut s: Spawned, launch: &Launch) -> Running {
+    match serde_json::to_vec(launch) {
+        Ok(payload) => {
+            if let Some(mut stdin) = s.child.stdin.take()
+                && let Err(e) = stdin.write_all(&payload)
+            {
+                // The supervisor died already; its exit record (or its absence) tells the rest.
+                tracing::warn!(job_id = s.job_id, "cannot hand the job to its supervisor: {e}");
+            }
+        }
+        // Closing stdin unanswered makes the supervisor record "never launched".
+        Err(e) => tracing::error!(job_id = s.job_id, "cannot encode the launch description: {e}"),
+    }
+    // The Child is dropped without waiting: the monitor reaps it through waitpid.
+    s.running
+}
+
+/// Sends a waiting supervisor away without a job (blocking): it records "never launched"
+/// and exits, and is reaped here.
+pub fn abandon(mut s: Spawned) {
+    drop(s.child.stdin.take());
+    let _ = s.child.wait();
 }
 
 /// Looks for the supervisor of attempt `attempt` of a job recorded as running (blocking).
@@ -280,7 +308,7 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
             run_dir: run_dir.to_path_buf(),
         });
     }
-    match read_exit(run_dir, attempt) {
+    match read_exit(run_dir, attempt, sup.pid) {
         Some(e) if e.not_launched => Adopted::NeverLaunched,
         Some(e) => Adopted::Ended(e),
         None => Adopted::Lost(format!(
@@ -290,12 +318,14 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
     }
 }
 
-fn read_exit(run_dir: &Path, attempt: u32) -> Option<ExitRecord> {
+/// The exit record of attempt `attempt` as written by the supervisor with pid `pid`
+/// (a record left by another supervisor of the same attempt number does not count).
+fn read_exit(run_dir: &Path, attempt: u32, pid: i32) -> Option<ExitRecord> {
     let dir = fsutil::open_dir(run_dir).ok()?;
     let bytes = fsutil::read_at(&dir, EXIT_FILE, 1024 * 1024).ok()?;
     serde_json::from_slice::<ExitRecord>(&bytes)
         .ok()
-        .filter(|e| e.attempt == attempt)
+        .filter(|e| e.attempt == attempt && e.pid == pid)
 }
 
 /// How a watched supervisor ended.
@@ -330,7 +360,7 @@ pub async fn wait(run: &Running) -> Ended {
         if own {
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         }
-        read_exit(&run_dir, attempt)
+        read_exit(&run_dir, attempt, pid)
     })
     .await;
     match res {

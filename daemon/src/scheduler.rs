@@ -802,17 +802,35 @@ impl Scheduler {
         let rec = rec.clone();
         let cfg = self.cfg.clone();
         let tx = self.tx.clone();
+        // The supervisor starts while the running record is made durable; it is handed the
+        // job only once that record is on disk.
+        let spawned = tokio::task::spawn_blocking(move || {
+            let acct = users::account_cached(rec.owner.uid).map_err(|e| e.to_string())?;
+            let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
+            runner::spawn_supervisor(&rec, &launch).map(|s| (s, launch))
+        });
         tokio::spawn(async move {
-            let res = match ack.await {
-                Ok(Ok(())) => tokio::task::spawn_blocking(move || {
-                    let acct = users::account_cached(rec.owner.uid).map_err(|e| e.to_string())?;
-                    let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
-                    runner::start(&rec, &launch)
-                })
-                .await
-                .unwrap_or_else(|e| Err(format!("start task failed: {e}"))),
+            let durable = match ack.await {
+                Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(format!("store: {e}")),
-                Err(_) => Err("store: writer stopped".into()),
+                Err(_) => Err("store: writer stopped".to_string()),
+            };
+            let spawned = spawned
+                .await
+                .unwrap_or_else(|e| Err(format!("start task failed: {e}")));
+            let res = match (durable, spawned) {
+                (Ok(()), Ok((s, launch))) => {
+                    tokio::task::spawn_blocking(move || runner::hand_over(s, &launch))
+                        .await
+                        .map_err(|e| format!("start task failed: {e}"))
+                }
+                (Ok(()), Err(e)) => Err(e),
+                (Err(e), spawned) => {
+                    if let Ok((s, _)) = spawned {
+                        let _ = tokio::task::spawn_blocking(move || runner::abandon(s)).await;
+                    }
+                    Err(e)
+                }
             };
             let _ = tx.send(Msg::Launched { id, attempt, res });
         });

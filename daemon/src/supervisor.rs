@@ -69,6 +69,10 @@ pub struct SupervisorRef {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     pub attempt: u32,
+    /// The supervisor that wrote it (another supervisor of the same attempt number, one that
+    /// was never handed its job, may have left a record behind).
+    #[serde(default)]
+    pub pid: i32,
     /// False when the job's process never started (see `error`).
     pub started: bool,
     /// True when no launch description arrived: the job never began and may be queued again.
@@ -128,6 +132,7 @@ pub fn main(run_dir: &Path, attempt: u32) -> i32 {
     }
     let mut exit = ExitRecord {
         attempt,
+        pid: std::process::id() as i32,
         ..Default::default()
     };
     let mut input = Vec::new();
