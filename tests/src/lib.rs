@@ -29,6 +29,31 @@ pub fn require(ok: bool, what: &str) -> bool {
     false
 }
 
+/// Whether `cmd` is on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs a test script, prints its output, and asserts it succeeded and said `done_marker`.
+pub fn run_script(cmd: &mut Command, what: &str, done_marker: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{what} failed:\n{text}");
+    assert!(
+        text.contains(done_marker),
+        "{what} did not say {done_marker:?}:\n{text}"
+    );
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }

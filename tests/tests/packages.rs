@@ -7,18 +7,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use cyb_tests::{is_root, require};
+use cyb_tests::{have, is_root, require, run_script};
 
 #[test]
 fn packages_pass_lintian_and_hold_every_file() {
     let top = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let have = |c: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {c}"))
-            .status()
-            .is_ok_and(|s| s.success())
-    };
     // check.sh installs lintian and rpm itself, as root.
     if !require(
         is_root() || (have("lintian") && have("rpm")),
@@ -41,17 +34,11 @@ fn packages_pass_lintian_and_hold_every_file() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new("bash")
-        .arg(top.join("packaging/check.sh"))
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("run check.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_script(
+        Command::new("bash")
+            .arg(top.join("packaging/check.sh"))
+            .env("CARGO_TARGET_DIR", &target),
+        "check.sh",
+        "check.sh: OK",
     );
-    println!("{text}");
-    assert!(out.status.success(), "check.sh failed:\n{text}");
-    assert!(text.contains("check.sh: OK"), "{text}");
 }

@@ -4,18 +4,10 @@
 //! purge. Needs root, systemd-nspawn and debootstrap; CI installs them and builds the .deb
 //! first (CYB_DEB); otherwise the script builds it in a target directory of its own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-use cyb_tests::{is_root, require};
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {cmd}"))
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use cyb_tests::{have, is_root, require, run_script};
 
 #[test]
 fn deb_under_real_systemd() {
@@ -38,14 +30,5 @@ fn deb_under_real_systemd() {
         // A nested cargo build must not wait on the lock of the build running this test.
         cmd.env("CARGO_TARGET_DIR", top.join("target/system-test"));
     }
-    let out = cmd.output().expect("run systemd-deb.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{text}");
-    assert!(out.status.success(), "system test failed:\n{text}");
-    assert!(text.contains("all checks passed"), "{text}");
-    let _ = Path::new("");
+    run_script(&mut cmd, "the systemd system test", "all checks passed");
 }
