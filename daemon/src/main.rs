@@ -100,7 +100,10 @@ fn main() -> std::process::ExitCode {
         path: cli.config.clone(),
         user_mode: cli.user,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One runtime thread: the daemon's work is many small hand-offs between tasks, and on a
+    // small host each wake-up of another worker thread costs more than the work itself
+    // (perf: context switches dominated the RPC path). Blocking work goes to spawn_blocking.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cybd: cannot start the runtime: {e}");
