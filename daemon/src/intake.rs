@@ -91,7 +91,11 @@ impl Intake {
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel::<()>(1);
         let incoming = self.cfg().paths.incoming();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Only changes matter: a scan opens incoming/ itself, and reacting to that open
+            // (an Access event) would make the intake wake itself forever.
+            if let Ok(ev) = res
+                && !matches!(ev.kind, notify::EventKind::Access(_))
+            {
                 let _ = ev_tx.try_send(());
             }
         })

@@ -677,3 +677,24 @@ fn burst_of_10000_files_is_taken_in_full() {
         "paused, yet some job left the queue"
     );
 }
+
+/// CPU ticks (user + system) used so far by process `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 1..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_daemon_stays_idle() {
+    let d = Daemon::start();
+    // Let start-up and a first scan pass, then watch it do nothing for three seconds.
+    assert_still_accepting(&d);
+    let pid = d.pid().unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    // 300 ticks would be a whole core; rescans every second cost a few at most.
+    assert!(used < 30, "idle cybd used {used} CPU ticks in 3 s");
+}

@@ -276,7 +276,21 @@ fn version_of(prog: &Path, arg: &str) -> String {
         .unwrap_or_default()
 }
 
-/// `git describe --always --dirty` of the workspace this benchmark was built from, if any.
+/// When `path` was last modified (UTC, to the minute): when a binary was built.
+fn built_at(path: &Path) -> String {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| {
+            time::OffsetDateTime::from(t)
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or_else(|| "unknown".into(), |s| format!("{}Z", &s[..16.min(s.len())]))
+}
+
+/// `git describe --always --dirty` of the workspace this benchmark was built from, now (the
+/// binaries measured may be older: see [`built_at`]).
 fn source_revision() -> String {
     let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     Command::new("git")
@@ -1381,7 +1395,8 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         "tmpdir_fs": fs_of(&tmp),
         "cybd": BUILT_IN.get().map_or_else(bin_dir, Clone::clone).join("cybd").display().to_string(),
         "cybd_version": version_of(&cybd, "--version"),
-        "source": source_revision(),
+        "workspace_revision_now": source_revision(),
+        "cybd_built": built_at(&BUILT_IN.get().map_or_else(bin_dir, Clone::clone).join("cybd")),
         "jobs": o.jobs,
         "slots": o.slots,
     });
@@ -1674,9 +1689,10 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     }
     let h = &out["host"];
     println!(
-        "\ncyb-bench: {} ({}) | {} CPUs, kernel {} | temp roots {} ({}) | {} jobs, {} slots",
+        "\ncyb-bench: {} built {} (workspace now at {}) | {} CPUs, kernel {} | temp roots {} ({}) | {} jobs, {} slots",
         h["cybd_version"].as_str().unwrap_or("cybd"),
-        h["source"].as_str().unwrap_or(""),
+        h["cybd_built"].as_str().unwrap_or(""),
+        h["workspace_revision_now"].as_str().unwrap_or(""),
         h["cpus"],
         h["kernel"].as_str().unwrap_or(""),
         h["tmpdir"].as_str().unwrap_or(""),
