@@ -631,15 +631,22 @@ async fn cybd_spool(o: &Opts) -> anyhow::Result<Throughput> {
     let t0 = t0.ok_or_else(|| anyhow!("--jobs must be at least 1"))?;
     let enqueue = t0.elapsed();
     let done = wait_all_done(&c, &client, o.jobs).await?;
-    Ok(Throughput {
-        n: o.jobs,
-        enqueue,
-        total: done - t0,
-        peak_rss_mib: proc_mem_mib(c.pid(), "VmHWM:").ok(),
-        cpu_ms: proc_cpu_ms(c.pid()).ok(),
-        other_load: None,
-        runs: Vec::new(),
-    })
+    Ok(Throughput::of_cybd(&c, o.jobs, enqueue, done - t0))
+}
+
+impl Throughput {
+    /// One run of cybd `c`: its figures plus the daemon's peak RSS and CPU time.
+    fn of_cybd(c: &Cybd, n: usize, enqueue: Duration, total: Duration) -> Throughput {
+        Throughput {
+            n,
+            enqueue,
+            total,
+            peak_rss_mib: proc_mem_mib(c.pid(), "VmHWM:").ok(),
+            cpu_ms: proc_cpu_ms(c.pid()).ok(),
+            other_load: None,
+            runs: Vec::new(),
+        }
+    }
 }
 
 /// (1b) N submits over one tarpc connection, `rpc_concurrency` in flight.
@@ -650,15 +657,7 @@ async fn cybd_rpc(o: &Opts) -> anyhow::Result<Throughput> {
     submit_many(&client, o.jobs, o.rpc_concurrency).await?;
     let enqueue = t0.elapsed();
     let done = wait_all_done(&c, &client, o.jobs).await?;
-    Ok(Throughput {
-        n: o.jobs,
-        enqueue,
-        total: done - t0,
-        peak_rss_mib: proc_mem_mib(c.pid(), "VmHWM:").ok(),
-        cpu_ms: proc_cpu_ms(c.pid()).ok(),
-        other_load: None,
-        runs: Vec::new(),
-    })
+    Ok(Throughput::of_cybd(&c, o.jobs, enqueue, done - t0))
 }
 
 async fn submit_many(client: &CybClient, n: usize, concurrency: usize) -> anyhow::Result<()> {
@@ -701,15 +700,7 @@ async fn cybd_ctl(o: &Opts) -> anyhow::Result<Throughput> {
     }
     let enqueue = t0.elapsed();
     let done = wait_all_done(&c, &client, o.jobs).await?;
-    Ok(Throughput {
-        n: o.jobs,
-        enqueue,
-        total: done - t0,
-        peak_rss_mib: proc_mem_mib(c.pid(), "VmHWM:").ok(),
-        cpu_ms: proc_cpu_ms(c.pid()).ok(),
-        other_load: None,
-        runs: Vec::new(),
-    })
+    Ok(Throughput::of_cybd(&c, o.jobs, enqueue, done - t0))
 }
 
 /// Runs a throughput measurement `--repeat` times (each after waiting for a quiet machine)
