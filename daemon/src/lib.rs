@@ -9,8 +9,10 @@
 //!
 //! so tests can start a daemon in-process, while `main.rs` is only argument parsing.
 
+pub mod cgroup;
 pub mod config;
 pub mod fsutil;
+pub mod gpu;
 pub mod intake;
 pub mod logging;
 pub mod runner;

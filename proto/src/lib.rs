@@ -2,6 +2,7 @@
 //! service, and errors. No I/O happens here.
 
 pub mod error;
+pub mod gpu;
 pub mod job;
 pub mod rpc;
 pub mod spec;
