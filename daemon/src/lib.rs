@@ -12,6 +12,7 @@
 pub mod config;
 pub mod fsutil;
 pub mod intake;
+pub mod launcher;
 pub mod logging;
 pub mod runner;
 pub mod scheduler;
