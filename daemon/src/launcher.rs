@@ -245,7 +245,12 @@ pub fn main() -> i32 {
         }
         let (msg, mut fds) = match receive(sock.as_fd()) {
             Ok((Some(m), fds)) => (m, fds),
-            Ok((None, _)) => return 0,
+            Ok((None, _)) => {
+                // The daemon is gone; supervisors that already exited are reaped now, the
+                // others go on without us.
+                reap_exited();
+                return 0;
+            }
             Err(e) => {
                 eprintln!("cybd launcher: cannot read a request: {e}");
                 return 1;

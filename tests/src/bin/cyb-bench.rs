@@ -508,7 +508,17 @@ impl Cybd {
     fn pid(&self) -> u32 {
         self.d.pid().expect("cybd pid")
     }
+}
 
+impl Drop for Cybd {
+    /// Stops the daemon with SIGTERM and waits for it, so its launcher, supervisors and jobs
+    /// are reaped up the tree and their CPU time counts as the daemon's, not as other load.
+    fn drop(&mut self) {
+        self.d.stop();
+    }
+}
+
+impl Cybd {
     fn log_tail(&self) -> String {
         let log = self.d.log();
         let lines: Vec<&str> = log.lines().collect();
