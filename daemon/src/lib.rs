@@ -14,6 +14,7 @@ pub mod config;
 pub mod fsutil;
 pub mod gpu;
 pub mod intake;
+pub mod launcher;
 pub mod logging;
 pub mod runner;
 pub mod scheduler;

@@ -31,14 +31,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Mode {
-    /// (internal) Supervise one job; started by the daemon.
+    /// (internal) Fork a supervisor per job on the daemon's request; started by the daemon.
     #[command(hide = true)]
-    Supervise {
-        #[arg(long)]
-        run_dir: PathBuf,
-        #[arg(long)]
-        attempt: u32,
-    },
+    Launcher,
     /// (packaging) Write the man page and shell completions into OUT.
     #[command(hide = true)]
     GenerateDocs {
@@ -60,8 +55,8 @@ enum Mode {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.mode {
-        Some(Mode::Supervise { run_dir, attempt }) => {
-            return exit_code(cybd::supervisor::main(&run_dir, attempt));
+        Some(Mode::Launcher) => {
+            return exit_code(cybd::launcher::main());
         }
         Some(Mode::CollectArtifacts { cwd, dest, globs }) => {
             return exit_code(cybd::supervisor::collect_main(&cwd, &dest, &globs));

@@ -1,14 +1,12 @@
 //! Runner: turns a job into a running thing. For native jobs (the only backend on this host
-//! so far) it prepares the run directory, starts a supervisor (`cybd supervise`), records
+//! so far) it prepares the run directory, starts a supervisor (forked by the launcher), records
 //! the supervisor's identity before handing it the job, watches it through a pidfd, and
 //! adopts supervisors left running by an earlier daemon. It also writes `job.json` and
 //! `result.json`.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use cyb_proto::job::ProcRef;
@@ -19,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::config::Config;
 use crate::fsutil::{self, WriteOpts};
+use crate::launcher::Launcher;
 use crate::supervisor::{EXIT_FILE, ExitRecord, Launch, SUPERVISOR_FILE, SupervisorRef};
 use crate::sys;
 use crate::users::Account;
@@ -27,8 +26,6 @@ use crate::users::Account;
 pub struct Running {
     pub sup: SupervisorRef,
     pub pidfd: Arc<OwnedFd>,
-    /// Our own child (must be reaped) rather than one adopted from an earlier daemon.
-    pub own_child: bool,
     pub run_dir: PathBuf,
 }
 
@@ -180,18 +177,19 @@ pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -
 }
 
 /// A supervisor that is started and recorded in `supervisor.json`, but not yet handed its
-/// job: it waits on stdin. Starting it while the job's `running` record is being made
-/// durable hides the supervisor's start-up behind the fsync.
+/// job: it waits on its stdin pipe. Starting it while the job's `running` record is being
+/// made durable hides the supervisor's start-up behind the fsync.
 pub struct Spawned {
-    child: std::process::Child,
+    stdin: std::fs::File,
     running: Running,
     job_id: u64,
 }
 
-/// Starts a supervisor for `launch` and records its identity (blocking). The job itself
-/// starts only at [`hand_over`]: a daemon that dies before then leaves a supervisor that
-/// writes "never launched" and exits, so the job is queued again, not run twice.
-pub fn spawn_supervisor(rec: &JobRecord, launch: &Launch) -> Result<Spawned, String> {
+/// Starts a supervisor for `launch` through the launcher and records its identity
+/// (blocking). The job itself starts only at [`hand_over`]: a daemon that dies before then
+/// leaves a supervisor that writes "never launched" and exits, so the job is queued again,
+/// not run twice.
+pub fn spawn_supervisor(launcher: &Launcher, rec: &JobRecord, launch: &Launch) -> Result<Spawned, String> {
     let dir = prepare_run_dir(rec).map_err(|e| e.to_string())?;
     if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
         write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
@@ -199,61 +197,34 @@ pub fn spawn_supervisor(rec: &JobRecord, launch: &Launch) -> Result<Spawned, Str
     for stale in [EXIT_FILE, SUPERVISOR_FILE] {
         let _ = nix::unistd::unlinkat(&dir, stale, nix::unistd::UnlinkatFlags::NoRemoveDir);
     }
-    let mut child = Command::new("/proc/self/exe")
-        .arg("supervise")
-        .arg("--run-dir")
-        .arg(&rec.run_dir)
-        .arg("--attempt")
-        .arg(launch.attempt.to_string())
-        .env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        // Its own process group: a signal to the daemon's group (Ctrl-C) does not reach jobs.
-        .process_group(0)
-        .spawn()
+    let (read_end, write_end) =
+        std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
+    let read_end = OwnedFd::from(read_end);
+    let started = launcher
+        .start(Path::new(&rec.run_dir), launch.attempt, &read_end)
         .map_err(|e| format!("cannot start the supervisor of job {}: {e}", rec.id))?;
-    let pid = child.id() as i32;
-    let fail = |child: &mut std::process::Child, msg: String| {
-        let _ = child.kill();
-        let _ = child.wait();
-        msg
-    };
-    let pidfd = match sys::pidfd_open(pid) {
-        Ok(fd) => fd,
-        Err(e) => return Err(fail(&mut child, format!("pidfd_open({pid}): {e}"))),
-    };
-    let start_ticks = match sys::proc_start_ticks(pid) {
-        Ok(t) => t,
-        Err(e) => {
-            return Err(fail(
-                &mut child,
-                format!("cannot read the supervisor's start time: {e}"),
-            ));
-        }
-    };
+    drop(read_end);
+    let pid = started.pid;
+    // From here on, dropping `write_end` unanswered makes the supervisor record "never
+    // launched" and exit.
+    let start_ticks =
+        sys::proc_start_ticks(pid).map_err(|e| format!("cannot read the supervisor's start time: {e}"))?;
     let sup = SupervisorRef {
         attempt: launch.attempt,
         pid,
         start_ticks,
     };
-    let write = serde_json::to_vec(&sup)
+    serde_json::to_vec(&sup)
         .map_err(std::io::Error::other)
-        .and_then(|b| fsutil::write_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)));
-    if let Err(e) = write {
-        return Err(fail(
-            &mut child,
-            format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir),
-        ));
-    }
+        .and_then(|b| fsutil::write_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)))
+        .map_err(|e| format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir))?;
     let running = Running {
         sup,
-        pidfd: Arc::new(pidfd),
-        own_child: true,
+        pidfd: Arc::new(started.pidfd),
         run_dir: PathBuf::from(&rec.run_dir),
     };
     Ok(Spawned {
-        child,
+        stdin: std::fs::File::from(OwnedFd::from(write_end)),
         running,
         job_id: rec.id,
     })
@@ -263,9 +234,7 @@ pub fn spawn_supervisor(rec: &JobRecord, launch: &Launch) -> Result<Spawned, Str
 pub fn hand_over(mut s: Spawned, launch: &Launch) -> Running {
     match serde_json::to_vec(launch) {
         Ok(payload) => {
-            if let Some(mut stdin) = s.child.stdin.take()
-                && let Err(e) = stdin.write_all(&payload)
-            {
+            if let Err(e) = s.stdin.write_all(&payload) {
                 // The supervisor died already; its exit record (or its absence) tells the rest.
                 tracing::warn!(job_id = s.job_id, "cannot hand the job to its supervisor: {e}");
             }
@@ -273,15 +242,13 @@ pub fn hand_over(mut s: Spawned, launch: &Launch) -> Running {
         // Closing stdin unanswered makes the supervisor record "never launched".
         Err(e) => tracing::error!(job_id = s.job_id, "cannot encode the launch description: {e}"),
     }
-    // The Child is dropped without waiting: the monitor reaps it through waitpid.
     s.running
 }
 
-/// Sends a waiting supervisor away without a job (blocking): it records "never launched"
-/// and exits, and is reaped here.
-pub fn abandon(mut s: Spawned) {
-    drop(s.child.stdin.take());
-    let _ = s.child.wait();
+/// Sends a waiting supervisor away without a job: closing its stdin makes it record "never
+/// launched" and exit.
+pub fn abandon(s: Spawned) {
+    drop(s);
 }
 
 /// Looks for the supervisor of attempt `attempt` of a job recorded as running (blocking).
@@ -304,7 +271,6 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
         return Adopted::Alive(Running {
             sup,
             pidfd: Arc::new(fd),
-            own_child: false,
             run_dir: run_dir.to_path_buf(),
         });
     }
@@ -353,16 +319,9 @@ pub async fn wait(run: &Running) -> Ended {
         }
     }
     let pid = run.sup.pid;
-    let own = run.own_child;
     let run_dir = run.run_dir.clone();
     let attempt = run.sup.attempt;
-    let res = tokio::task::spawn_blocking(move || {
-        if own {
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-        }
-        read_exit(&run_dir, attempt, pid)
-    })
-    .await;
+    let res = tokio::task::spawn_blocking(move || read_exit(&run_dir, attempt, pid)).await;
     match res {
         Ok(Some(e)) => Ended::Exit(e),
         Ok(None) => Ended::Lost(format!(

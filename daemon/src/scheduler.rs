@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::launcher::Launcher;
 use crate::runner::{self, Adopted, Ended, Running};
 use crate::store::{Loaded, Store};
 use crate::supervisor::ExitRecord;
@@ -203,6 +204,8 @@ pub struct Scheduler {
     paused: bool,
     started_at: Timestamp,
     quarantined: Vec<String>,
+    /// Forks the supervisors.
+    launcher: Arc<Launcher>,
 }
 
 impl Scheduler {
@@ -235,6 +238,7 @@ impl Scheduler {
                 .iter()
                 .map(|(p, why)| format!("{}: {why}", p.display()))
                 .collect(),
+            launcher: Arc::new(Launcher::new()),
         };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
@@ -802,12 +806,13 @@ impl Scheduler {
         let rec = rec.clone();
         let cfg = self.cfg.clone();
         let tx = self.tx.clone();
+        let launcher = self.launcher.clone();
         // The supervisor starts while the running record is made durable; it is handed the
         // job only once that record is on disk.
         let spawned = tokio::task::spawn_blocking(move || {
             let acct = users::account_cached(rec.owner.uid).map_err(|e| e.to_string())?;
             let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
-            runner::spawn_supervisor(&rec, &launch).map(|s| (s, launch))
+            runner::spawn_supervisor(&launcher, &rec, &launch).map(|s| (s, launch))
         });
         tokio::spawn(async move {
             let durable = match ack.await {

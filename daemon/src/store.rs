@@ -10,6 +10,7 @@
 //! `jobs/quarantine/` and reported, never overwritten or dropped silently.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -76,9 +77,10 @@ impl Store {
         let fd = fsutil::open_dir(dir).map_err(dir_err)?;
         let (tx, rx) = std_mpsc::channel::<WriteReq>();
         let wdir = dir.to_path_buf();
+        let pool = SyncPool::start().map_err(dir_err)?;
         std::thread::Builder::new()
             .name("cybd-store".into())
-            .spawn(move || writer(wdir, fd, rx))
+            .spawn(move || writer(wdir, fd, rx, pool))
             .map_err(dir_err)?;
         Ok(Store {
             dir: dir.to_path_buf(),
@@ -214,27 +216,77 @@ pub fn unique_path(dir: &Path, name: &str) -> PathBuf {
         .unwrap_or(first)
 }
 
-/// fsyncs the staged files on up to [`SYNC_THREADS`] threads at once.
-fn parallel_sync(staged: &[(JobId, fsutil::Staged)]) -> Vec<io::Result<()>> {
-    std::thread::scope(|sc| {
+/// A fixed set of threads that fsync files, so a group's files are synced at once without
+/// starting threads for every group (thread start-up was a visible cost per job).
+struct SyncPool {
+    work: std_mpsc::Sender<SyncWork>,
+}
+
+/// Files to fsync, where to send the results, and which part of the group they are.
+type SyncWork = (Vec<File>, std_mpsc::Sender<(usize, Vec<io::Result<()>>)>, usize);
+
+impl SyncPool {
+    fn start() -> io::Result<SyncPool> {
+        let (tx, rx) = std_mpsc::channel::<SyncWork>();
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..SYNC_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("cybd-fsync-{i}"))
+                .spawn(move || {
+                    loop {
+                        let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok((files, reply, part)) = next else { return };
+                        let _ = reply.send((part, files.iter().map(File::sync_data).collect()));
+                    }
+                })?;
+        }
+        Ok(SyncPool { work: tx })
+    }
+
+    /// fsyncs the staged files on up to [`SYNC_THREADS`] threads at once; one result per
+    /// file, in order.
+    fn sync(&self, staged: &[(JobId, fsutil::Staged)]) -> Vec<io::Result<()>> {
         let chunk = staged.len().div_ceil(SYNC_THREADS).max(1);
-        let handles: Vec<_> = staged
+        let (reply_tx, reply_rx) = std_mpsc::channel();
+        let mut parts: Vec<Option<Vec<io::Result<()>>>> = Vec::new();
+        for (part, files) in staged.chunks(chunk).enumerate() {
+            parts.push(None);
+            // A duplicate descriptor refers to the same open file, so syncing it syncs ours.
+            let dup: io::Result<Vec<File>> = files.iter().map(|(_, s)| s.file.try_clone()).collect();
+            let sent = match dup {
+                Ok(dup) => self.work.send((dup, reply_tx.clone(), part)).is_ok(),
+                Err(_) => false,
+            };
+            if !sent {
+                // No pool (or no descriptor to spare): sync this part here.
+                parts[part] = Some(files.iter().map(|(_, s)| s.file.sync_data()).collect());
+            }
+        }
+        drop(reply_tx);
+        while let Ok((part, res)) = reply_rx.recv() {
+            if let Some(slot) = parts.get_mut(part) {
+                *slot = Some(res);
+            }
+        }
+        staged
             .chunks(chunk)
-            .map(|part| sc.spawn(move || part.iter().map(|(_, s)| s.file.sync_data()).collect::<Vec<_>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec![Err(io::Error::other("fsync thread panicked"))])
+            .zip(parts)
+            .flat_map(|(files, res)| {
+                res.unwrap_or_else(|| {
+                    files
+                        .iter()
+                        .map(|_| Err(io::Error::other("fsync thread stopped")))
+                        .collect()
+                })
             })
             .collect()
-    })
+    }
 }
 
 /// The writer thread: takes every request waiting, writes each record to a temp file and
 /// fsyncs it, renames them all, fsyncs the directory once, then acknowledges the group.
-fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
+fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>, pool: SyncPool) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -275,7 +327,7 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>) {
         let synced: Vec<io::Result<()>> = if staged.len() <= 1 {
             staged.iter().map(|(_, s)| s.file.sync_data()).collect()
         } else {
-            parallel_sync(&staged)
+            pool.sync(&staged)
         };
         for ((id, s), r) in staged.into_iter().zip(synced) {
             let res = match r {

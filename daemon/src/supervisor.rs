@@ -1,7 +1,10 @@
-//! Supervisor: the small per-job process (`cybd supervise`) between the daemon and a native
-//! job, in the manner of containerd-shim and conmon.
+//! Supervisor: the small per-job process between the daemon and a native job, in the manner
+//! of containerd-shim and conmon.
 //!
-//! The daemon starts it, records its pid, then hands it the launch description on stdin. It
+//! The launcher forks it for the daemon, which records its pid, then hands it the launch
+//! description on stdin. It is a single thread: one poll loop copies the job's output,
+//! watches the time limit, reads cancel signals from a signalfd and notices the job's exit
+//! through a pidfd. It
 //! drops to the job's user, starts the command in a session of its own with a clean
 //! environment, copies stdout/stderr into the run directory (capped, the cut marked),
 //! enforces the time limit (TERM, grace, KILL of the whole process group), obeys SIGTERM as
@@ -20,12 +23,12 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cyb_proto::Timestamp;
 use nix::fcntl::{OFlag, openat};
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{SigSet, Signal, killpg};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Pid, Uid, fchown};
 use serde::{Deserialize, Serialize};
@@ -96,40 +99,33 @@ pub struct ExitRecord {
     pub finished_at: Option<Timestamp>,
 }
 
-enum Control {
-    Cancel,
-    Exited,
-}
-
-/// Entry point of `cybd supervise`: returns the process exit code.
+/// Runs one supervisor (in a process forked by the launcher, stdin the launch pipe) and
+/// returns its exit code.
 pub fn main(run_dir: &Path, attempt: u32) -> i32 {
     let dir = match fsutil::open_dir(run_dir) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("cybd supervise: {e}");
+            eprintln!("cybd supervisor: {e}");
             return 1;
         }
     };
-    // Signals first, so a cancel that arrives while we start is not lost.
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ]);
-    match signals {
-        Ok(mut sigs) => {
-            let tx = ctl_tx.clone();
-            std::thread::spawn(move || {
-                for s in sigs.forever() {
-                    if s != signal_hook::consts::SIGHUP {
-                        let _ = tx.send(Control::Cancel);
-                    }
-                }
-            });
-        }
-        Err(e) => eprintln!("cybd supervise: cannot install signal handlers: {e}"),
+    // Signals first, so a cancel that arrives while we start is not lost: TERM, INT and HUP
+    // are blocked and read from a signalfd by the loop in `run`.
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        mask.add(sig);
     }
+    if let Err(e) = mask.thread_block() {
+        eprintln!("cybd supervisor: cannot block signals: {e}");
+        return 1;
+    }
+    let signals = match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("cybd supervisor: cannot create a signalfd: {e}");
+            return 1;
+        }
+    };
     let mut exit = ExitRecord {
         attempt,
         pid: std::process::id() as i32,
@@ -158,7 +154,7 @@ pub fn main(run_dir: &Path, attempt: u32) -> i32 {
         exit.finished_at = Some(Timestamp::now());
         return finish(&dir, &exit, 0);
     };
-    run(&dir, run_dir, &launch, &mut exit, ctl_tx, ctl_rx);
+    run(&dir, run_dir, &launch, &mut exit, &signals);
     exit.finished_at = Some(Timestamp::now());
     finish(&dir, &exit, launch.log_gid)
 }
@@ -167,7 +163,7 @@ fn finish(dir: &OwnedFd, exit: &ExitRecord, gid: u32) -> i32 {
     let bytes = match serde_json::to_vec_pretty(exit) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("cybd supervise: cannot encode exit record: {e}");
+            eprintln!("cybd supervisor: cannot encode exit record: {e}");
             return 1;
         }
     };
@@ -188,20 +184,13 @@ fn finish(dir: &OwnedFd, exit: &ExitRecord, gid: u32) -> i32 {
     ) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("cybd supervise: cannot write {EXIT_FILE}: {e}");
+            eprintln!("cybd supervisor: cannot write {EXIT_FILE}: {e}");
             1
         }
     }
 }
 
-fn run(
-    dir: &OwnedFd,
-    run_dir: &Path,
-    l: &Launch,
-    exit: &mut ExitRecord,
-    ctl_tx: mpsc::Sender<Control>,
-    ctl_rx: mpsc::Receiver<Control>,
-) {
+fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals: &SignalFd) {
     let as_root = nix::unistd::geteuid().is_root();
     if !as_root && l.uid != nix::unistd::geteuid().as_raw() {
         exit.error = Some(format!(
@@ -260,8 +249,7 @@ fn run(
     let gids: Vec<Gid> = l.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
     // (setsid, setgroups, setgid, setuid, chdir, signal) on memory prepared before the fork;
-    // it allocates nothing, and this process has no other threads that could hold locks
-    // besides the signal thread, which takes none the child needs.
+    // it allocates nothing, and this process has no other threads that could hold locks.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(io::Error::from)?;
@@ -300,43 +288,20 @@ fn run(
     };
     drop(cmd); // closes our copies of the pipes' write ends
     exit.started = true;
-    let pgid = Pid::from_raw(child.id() as i32);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let readers = [(out_r, out_file), (err_r, err_file)].map(|(r, f)| {
-        let tx = done_tx.clone();
-        let cap = l.max_log_bytes;
-        std::thread::spawn(move || {
-            copy_capped(r, f, cap);
-            let _ = tx.send(());
-        })
-    });
-    drop(done_tx);
-    // The control thread: time limit and cancel, each TERM, grace, then KILL of the group.
-    let deadline = Instant::now() + Duration::from_millis(l.timeout_ms);
-    let grace = Duration::from_millis(l.grace_ms);
-    let control = std::thread::spawn(move || {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let why = match ctl_rx.recv_timeout(left) {
-            Ok(Control::Exited) | Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            Ok(Control::Cancel) => Some(Control::Cancel),
-            // `Exited` stands for "timed out" from here on.
-            Err(mpsc::RecvTimeoutError::Timeout) => Some(Control::Exited),
-        };
-        let _ = killpg(pgid, Signal::SIGTERM);
-        if let Ok(Control::Exited) = ctl_rx.recv_timeout(grace) {
-            return why;
-        }
-        let _ = killpg(pgid, Signal::SIGKILL);
-        why
-    });
-    let status = child.wait();
-    let _ = ctl_tx.send(Control::Exited);
-    // The job is over: nothing it left in its process group may outlive it.
-    let _ = killpg(pgid, Signal::SIGKILL);
-    match control.join() {
-        Ok(Some(Control::Cancel)) => exit.cancelled = true,
-        Ok(Some(Control::Exited)) => exit.timed_out = true,
-        _ => {}
+    let watch = Watch {
+        pgid: Pid::from_raw(child.id() as i32),
+        deadline: Instant::now() + Duration::from_millis(l.timeout_ms),
+        grace: Duration::from_millis(l.grace_ms),
+    };
+    let outs = [
+        LogSink::new(OwnedFd::from(out_r), out_file, l.max_log_bytes),
+        LogSink::new(OwnedFd::from(err_r), err_file, l.max_log_bytes),
+    ];
+    let (status, ended_by) = watch.run(&mut child, outs, signals);
+    match ended_by {
+        Some(EndedBy::Cancel) => exit.cancelled = true,
+        Some(EndedBy::Timeout) => exit.timed_out = true,
+        None => {}
     }
     match status {
         Ok(s) => {
@@ -345,19 +310,206 @@ fn run(
         }
         Err(e) => exit.error = Some(format!("cannot wait for the job: {e}")),
     }
-    // Output still buffered in the pipes is copied; a process that escaped the group and
-    // holds a pipe open does not keep us here for more than a moment.
-    let until = Instant::now() + Duration::from_secs(2);
-    for _ in 0..readers.len() {
-        if done_rx
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
-            break;
-        }
-    }
     if !l.artifacts.is_empty() {
         exit.artifacts_error = collect_artifacts(run_dir, l, as_root).err();
+    }
+}
+
+/// Why the supervisor ended a job early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EndedBy {
+    Cancel,
+    Timeout,
+}
+
+/// One output stream of the job: a pipe copied into a log file, capped, the cut marked.
+struct LogSink {
+    pipe: Option<OwnedFd>,
+    file: File,
+    cap: u64,
+    written: u64,
+    cut: bool,
+}
+
+impl LogSink {
+    fn new(pipe: OwnedFd, file: File, cap: u64) -> LogSink {
+        // Non-blocking, so a spurious wake-up never stalls the loop.
+        let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+        LogSink {
+            pipe: Some(pipe),
+            file,
+            cap,
+            written: 0,
+            cut: false,
+        }
+    }
+
+    /// Copies what the pipe holds now; closes it at end-of-file.
+    fn pump(&mut self, buf: &mut [u8]) {
+        loop {
+            let Some(pipe) = &self.pipe else { return };
+            match nix::unistd::read(pipe, buf) {
+                Ok(0) => {
+                    self.pipe = None;
+                    return;
+                }
+                Ok(n) => {
+                    let n = n.min(buf.len());
+                    self.keep(&buf[..n]);
+                }
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => return,
+                Err(_) => {
+                    self.pipe = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn keep(&mut self, data: &[u8]) {
+        if self.cut {
+            return; // keep draining so the job never blocks on a full pipe
+        }
+        let room = self.cap.saturating_sub(self.written);
+        let take = (data.len() as u64).min(room) as usize;
+        if take > 0 && self.file.write_all(&data[..take]).is_err() {
+            self.cut = true;
+            return;
+        }
+        self.written += take as u64;
+        if take < data.len() {
+            self.cut = true;
+            let _ = writeln!(self.file, "\n[cybd: output truncated at {} bytes]", self.cap);
+        }
+    }
+}
+
+/// The time limit and cancel of a running job: each sends TERM to its process group, then
+/// KILL after the grace period.
+struct Watch {
+    pgid: Pid,
+    deadline: Instant,
+    grace: Duration,
+}
+
+impl Watch {
+    /// Runs until the job has exited and its output is copied, in one thread: a poll over
+    /// the two output pipes, the signalfd (cancel) and the job's pidfd, with the next
+    /// deadline as the timeout.
+    fn run(
+        &self,
+        child: &mut std::process::Child,
+        mut outs: [LogSink; 2],
+        signals: &SignalFd,
+    ) -> (io::Result<std::process::ExitStatus>, Option<EndedBy>) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let pidfd = crate::sys::pidfd_open(self.pgid.as_raw()).ok();
+        let mut buf = [0u8; 16 * 1024];
+        let mut ended_by = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut status = None;
+        // Output still buffered in the pipes is copied after the job exits; a process that
+        // escaped the group and holds a pipe open keeps us for at most a moment.
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            if status.is_none() {
+                match child.try_wait() {
+                    Ok(Some(s)) => status = Some(Ok(s)),
+                    Ok(None) => {}
+                    Err(e) => status = Some(Err(e)),
+                }
+                if status.is_some() {
+                    // The job is over: nothing it left in its process group may outlive it.
+                    let _ = killpg(self.pgid, Signal::SIGKILL);
+                    drain_until = Some(Instant::now() + Duration::from_secs(2));
+                }
+            }
+            if let Some(s) = status.as_ref()
+                && (outs.iter().all(|o| o.pipe.is_none()) || drain_until.is_some_and(|t| Instant::now() >= t))
+            {
+                let s = match s {
+                    Ok(s) => Ok(*s),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                };
+                return (s, ended_by);
+            }
+            let now = Instant::now();
+            if status.is_none() {
+                if ended_by.is_none() && now >= self.deadline {
+                    ended_by = Some(EndedBy::Timeout);
+                    let _ = killpg(self.pgid, Signal::SIGTERM);
+                    kill_at = Some(now + self.grace);
+                }
+                if kill_at.is_some_and(|t| now >= t) {
+                    let _ = killpg(self.pgid, Signal::SIGKILL);
+                    kill_at = None;
+                }
+            }
+            let next = [
+                (status.is_none() && ended_by.is_none()).then_some(self.deadline),
+                kill_at,
+                drain_until,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let timeout = match next {
+                Some(t) => {
+                    // Rounded up, so the loop never wakes a moment before a deadline.
+                    let ms = t
+                        .saturating_duration_since(now)
+                        .as_micros()
+                        .div_ceil(1000)
+                        .min(60_000);
+                    PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = Vec::with_capacity(4);
+            let mut which = Vec::with_capacity(4);
+            for (i, o) in outs.iter().enumerate() {
+                if let Some(p) = &o.pipe {
+                    fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+                    which.push(i);
+                }
+            }
+            fds.push(PollFd::new(signals.as_fd(), PollFlags::POLLIN));
+            let wait_pidfd = status.is_none() && pidfd.is_some();
+            if let (true, Some(p)) = (wait_pidfd, &pidfd) {
+                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+            }
+            // Without a pidfd (very old kernel), poll /proc through try_wait every 50 ms.
+            let timeout = if status.is_none() && pidfd.is_none() {
+                PollTimeout::from(50u8)
+            } else {
+                timeout
+            };
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            drop(fds);
+            for (k, i) in which.iter().enumerate() {
+                if ready[k] {
+                    outs[*i].pump(&mut buf);
+                }
+            }
+            if ready[which.len()] {
+                while let Ok(Some(sig)) = signals.read_signal() {
+                    let cancel = sig.ssi_signo != Signal::SIGHUP as u32;
+                    if cancel && status.is_none() && ended_by.is_none() {
+                        ended_by = Some(EndedBy::Cancel);
+                        let _ = killpg(self.pgid, Signal::SIGTERM);
+                        kill_at = Some(Instant::now() + self.grace);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -407,35 +559,6 @@ fn open_log(dir: &OwnedFd, name: &str, l: &Launch, as_root: bool) -> io::Result<
     Ok(f)
 }
 
-/// Copies `r` into `f` until EOF, keeping at most `cap` bytes and marking the cut.
-fn copy_capped(mut r: impl Read, mut f: File, cap: u64) {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut written = 0u64;
-    let mut cut = false;
-    loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        if cut {
-            continue; // keep draining so the job never blocks on a full pipe
-        }
-        let room = cap.saturating_sub(written);
-        let take = (n as u64).min(room) as usize;
-        if take > 0 && f.write_all(&buf[..take]).is_err() {
-            cut = true;
-            continue;
-        }
-        written += take as u64;
-        if take < n {
-            cut = true;
-            let _ = writeln!(f, "\n[cybd: output truncated at {cap} bytes]");
-        }
-    }
-}
-
 /// Copies the files matched by the artifact globs under `cwd` into `artifacts/`, running a
 /// helper process as the job's user, so nothing is read that the user could not read.
 fn collect_artifacts(run_dir: &Path, l: &Launch, as_root: bool) -> Result<(), String> {
@@ -457,6 +580,11 @@ fn collect_artifacts(run_dir: &Path, l: &Launch, as_root: bool) -> Result<(), St
     // SAFETY: as for the job: only system calls on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            let _ = nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&nix::sys::signal::SigSet::empty()),
+                None,
+            );
             if as_root {
                 nix::unistd::setgroups(&gids).map_err(io::Error::from)?;
                 nix::unistd::setgid(Gid::from_raw(gid)).map_err(io::Error::from)?;

@@ -1,0 +1,319 @@
+//! Launcher: starts supervisors quickly. The daemon starts one `cybd launcher` process (the
+//! same binary, re-executed once) and asks it, over a `SOCK_SEQPACKET` socket pair, to fork
+//! a supervisor for each job. The launcher is single-threaded, so a forked child is a whole
+//! process that can run the supervisor's code at once; this spares every job the exec and
+//! start-up of a fresh `cybd supervise` (about a millisecond of CPU each, which capped the
+//! daemon's throughput on small hosts).
+//!
+//! Each request carries the run directory and attempt, plus the read end of the pipe on
+//! which the daemon will hand over the launch description (`SCM_RIGHTS`). The reply carries
+//! the supervisor's pid and a pidfd for it. Supervisors are not the daemon's children: the
+//! daemon watches them through their pidfds, and the launcher reaps them (at least once a
+//! second, so a zombie never lingers, and never before its pidfd exists). When the daemon goes away the launcher sees end-of-file and exits;
+//! supervisors, in process groups of their own, keep running and are adopted by the next
+//! daemon as before.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg,
+    socketpair,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// Largest request or reply; a run directory path is far shorter.
+const MAX_MESSAGE: usize = 16 * 1024;
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    run_dir: PathBuf,
+    attempt: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Reply {
+    Started { pid: i32 },
+    Failed { error: String },
+}
+
+/// A supervisor the launcher forked: it waits on the pipe it was given.
+pub struct Started {
+    pub pid: i32,
+    pub pidfd: OwnedFd,
+}
+
+struct Conn {
+    sock: OwnedFd,
+    child: std::process::Child,
+}
+
+/// The daemon's handle on its launcher process, started on first use and again if it died.
+pub struct Launcher {
+    conn: Mutex<Option<Conn>>,
+}
+
+impl Default for Launcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Launcher {
+    pub fn new() -> Self {
+        Launcher {
+            conn: Mutex::new(None),
+        }
+    }
+
+    fn start_process() -> io::Result<Conn> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| io::Error::other(format!("cannot create the launcher's socket pair: {e}")))?;
+        let child = Command::new("/proc/self/exe")
+            .arg("launcher")
+            .env_clear()
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            // Its own process group, like the supervisors it starts: a Ctrl-C meant for the
+            // daemon in a terminal does not reach it or them.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| io::Error::other(format!("cannot start the launcher: {e}")))?;
+        Ok(Conn { sock: ours, child })
+    }
+
+    /// Forks a supervisor for `run_dir`/`attempt` that reads its launch description from
+    /// `stdin` (blocking). Starts the launcher first if it is not running.
+    pub fn start(&self, run_dir: &Path, attempt: u32, stdin: &OwnedFd) -> io::Result<Started> {
+        let req = serde_json::to_vec(&Request {
+            run_dir: run_dir.to_path_buf(),
+            attempt,
+        })
+        .map_err(io::Error::other)?;
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        // One retry: a launcher that died (or was killed) since the last job is replaced.
+        for round in 0..2 {
+            if guard.is_none() {
+                *guard = Some(Self::start_process()?);
+            }
+            let Some(conn) = guard.as_mut() else { continue };
+            match exchange(&conn.sock, &req, stdin) {
+                Ok(started) => return Ok(started),
+                Err(Exchange::Refused(e)) => return Err(e),
+                Err(Exchange::Broken(e)) => {
+                    let _ = conn.child.kill();
+                    let _ = conn.child.wait();
+                    *guard = None;
+                    if round == 1 {
+                        return Err(io::Error::other(format!("the launcher is not answering: {e}")));
+                    }
+                    tracing::warn!("the launcher went away ({e}); starting a new one");
+                }
+            }
+        }
+        Err(io::Error::other("the launcher is not answering"))
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut conn) = conn {
+            // Closing the socket makes it exit; reap it so no zombie is left.
+            drop(conn.sock);
+            let _ = conn.child.wait();
+        }
+    }
+}
+
+enum Exchange {
+    /// The launcher answered that it could not start a supervisor.
+    Refused(io::Error),
+    /// The launcher is gone or answered nonsense.
+    Broken(io::Error),
+}
+
+fn exchange(sock: &OwnedFd, req: &[u8], stdin: &OwnedFd) -> Result<Started, Exchange> {
+    let fds = [stdin.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(req)],
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| Exchange::Broken(io::Error::from(e)))?;
+    let (reply, mut fds) = receive(sock.as_fd()).map_err(Exchange::Broken)?;
+    let Some(reply) = reply else {
+        return Err(Exchange::Broken(io::Error::other(
+            "the launcher closed its socket",
+        )));
+    };
+    match serde_json::from_slice::<Reply>(&reply) {
+        Ok(Reply::Started { pid }) => match fds.pop() {
+            Some(pidfd) => Ok(Started { pid, pidfd }),
+            None => Err(Exchange::Broken(io::Error::other(
+                "the launcher sent no pidfd with its answer",
+            ))),
+        },
+        Ok(Reply::Failed { error }) => Err(Exchange::Refused(io::Error::other(error))),
+        Err(e) => Err(Exchange::Broken(io::Error::other(format!(
+            "bad answer from the launcher: {e}"
+        )))),
+    }
+}
+
+/// Receives one message and the descriptors sent with it; `None` at end-of-file.
+fn receive(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<(Option<Vec<u8>>, Vec<OwnedFd>)> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: SCM_RIGHTS installed these descriptors in this process for us;
+                    // nothing else owns them.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC) || msg.flags.contains(MsgFlags::MSG_CTRUNC);
+        let n = msg.bytes;
+        if truncated {
+            return Err(io::Error::other("message from the other end was truncated"));
+        }
+        if n == 0 && fds.is_empty() {
+            return Ok((None, fds));
+        }
+        return Ok((Some(buf[..n].to_vec()), fds));
+    }
+}
+
+fn send_reply(sock: RawFd, reply: &Reply, fd: Option<&OwnedFd>) -> io::Result<()> {
+    let bytes = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    let raw: Vec<RawFd> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg: Vec<ControlMessage<'_>> = if raw.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    sendmsg::<()>(sock, &[IoSlice::new(&bytes)], &cmsg, MsgFlags::MSG_NOSIGNAL, None)
+        .map(|_| ())
+        .map_err(io::Error::from)
+}
+
+/// Entry point of `cybd launcher`: serves requests on stdin (a `SOCK_SEQPACKET` socket)
+/// until the daemon closes it. Must be called before any other thread exists.
+pub fn main() -> i32 {
+    // SAFETY: fd 0 is the socket the daemon gave us; this function owns it from here on.
+    let sock = unsafe { OwnedFd::from_raw_fd(0) };
+    loop {
+        reap_exited();
+        let mut pfd = [nix::poll::PollFd::new(sock.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(1000u16)) {
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("cybd launcher: cannot wait for requests: {e}");
+                return 1;
+            }
+        }
+        let (msg, mut fds) = match receive(sock.as_fd()) {
+            Ok((Some(m), fds)) => (m, fds),
+            Ok((None, _)) => {
+                // The daemon is gone; supervisors that already exited are reaped now, the
+                // others go on without us.
+                reap_exited();
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("cybd launcher: cannot read a request: {e}");
+                return 1;
+            }
+        };
+        let reply = match (serde_json::from_slice::<Request>(&msg), fds.pop()) {
+            (Ok(req), Some(stdin)) => {
+                drop(fds);
+                fork_supervisor(&req, stdin)
+            }
+            (Err(e), _) => Err(format!("bad request: {e}")),
+            (Ok(_), None) => Err("request without the supervisor's stdin".to_string()),
+        };
+        let sent = match reply {
+            Ok((pid, pidfd)) => send_reply(sock.as_raw_fd(), &Reply::Started { pid }, Some(&pidfd)),
+            Err(error) => send_reply(sock.as_raw_fd(), &Reply::Failed { error }, None),
+        };
+        if let Err(e) = sent {
+            eprintln!("cybd launcher: cannot answer the daemon: {e}");
+            return 1;
+        }
+    }
+}
+
+/// Reaps every supervisor that has exited (their exit records are in their run directories).
+fn reap_exited() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+fn fork_supervisor(req: &Request, stdin: OwnedFd) -> Result<(i32, OwnedFd), String> {
+    // SAFETY: the launcher has a single thread, so the child inherits no lock held by
+    // another thread and may run ordinary code (it never returns into this loop).
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let code = supervisor_child(stdin, &req.run_dir, req.attempt);
+            std::process::exit(code);
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(stdin);
+            // The child is not reaped before the next loop iteration, so even one that
+            // exited at once is still there (a zombie) for pidfd_open.
+            sys::pidfd_open(child.as_raw())
+                .map(|fd| (child.as_raw(), fd))
+                .map_err(|e| format!("cannot open a pidfd for supervisor {child}: {e}"))
+        }
+        Err(e) => Err(format!("cannot fork a supervisor: {e}")),
+    }
+}
+
+/// The forked child: becomes the supervisor of one job.
+fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32) -> i32 {
+    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
+    // The launcher's socket is fd 0: the pipe takes its place as stdin, which also closes
+    // the socket in this process.
+    if let Err(e) = nix::unistd::dup2_stdin(stdin.as_fd()) {
+        eprintln!("cybd supervise: cannot take the launch pipe as stdin: {e}");
+        return 1;
+    }
+    drop(stdin);
+    crate::supervisor::main(run_dir, attempt)
+}
