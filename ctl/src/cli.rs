@@ -65,6 +65,10 @@ pub enum Command {
     Wait(cmd::wait::Args),
     /// Show the daemon's counters
     Stats,
+    /// Show what is enforced on this host (cgroups, device control, GPUs)
+    Health,
+    /// Show the GPUs, their use and who holds each
+    Gpus,
     /// Stop starting new jobs; running jobs go on (admins only)
     Pause,
     /// Start jobs again after `pause` (admins only)

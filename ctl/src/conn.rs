@@ -260,6 +260,16 @@ impl Conn {
         let r = self.client.stats(Self::context(CALL_TIMEOUT)).await;
         self.answer("stats", CALL_TIMEOUT, r.map(Ok))
     }
+
+    pub async fn health(&self) -> anyhow::Result<cyb_proto::rpc::Health> {
+        let r = self.client.health(Self::context(CALL_TIMEOUT)).await;
+        self.answer("health", CALL_TIMEOUT, r.map(Ok))
+    }
+
+    pub async fn gpus(&self) -> anyhow::Result<cyb_proto::gpu::GpuReport> {
+        let r = self.client.gpus(Self::context(CALL_TIMEOUT)).await;
+        self.answer("gpus", CALL_TIMEOUT, r.map(Ok))
+    }
 }
 
 #[cfg(test)]

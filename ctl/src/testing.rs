@@ -64,6 +64,7 @@ pub fn running_job(run_dir: &Path) -> JobRecord {
             started_at: Timestamp::now(),
             attempt: 1,
             supervisor: None,
+            gpus: Vec::new(),
         },
     }
 }
@@ -77,6 +78,8 @@ fn succeed(job: &mut JobRecord) {
             signal: None,
             started_at: None,
             finished_at: Timestamp::now(),
+            peak_memory_bytes: None,
+            cpu_usage_ms: None,
         },
     };
 }
@@ -144,6 +147,18 @@ impl Cyb for Fake {
 
     async fn resume(self, _: Context) -> Result<(), RpcError> {
         Ok(())
+    }
+
+    async fn health(self, _: Context) -> cyb_proto::rpc::Health {
+        cyb_proto::rpc::Health::default()
+    }
+
+    async fn gpus(self, _: Context) -> cyb_proto::gpu::GpuReport {
+        cyb_proto::gpu::GpuReport {
+            source: "none".into(),
+            health: "test".into(),
+            gpus: Vec::new(),
+        }
     }
 
     async fn stats(self, _: Context) -> Stats {

@@ -192,7 +192,7 @@ pub struct Stats {
 }
 
 /// v2 controllers enabled for the children of a cgroup.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 struct V2Controllers {
     memory: bool,
     cpu: bool,
@@ -200,7 +200,7 @@ struct V2Controllers {
 }
 
 /// One cgroup (a base, a job or a probe) as directories in each hierarchy the driver uses.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 struct Dirs {
     unified: Option<PathBuf>,
     /// Controllers the unified directory's parent gives it (for jobs) or gives its children
@@ -1221,8 +1221,9 @@ fn attach_filter(dir: &Path, rules: &[DeviceRule]) -> Result<()> {
 }
 
 /// One job's cgroup, in every hierarchy the driver uses. A handle of paths: cheap to
-/// clone, and valid across daemon restarts ([`Cgroups::open_existing`]).
-#[derive(Debug, Clone)]
+/// clone, and valid across daemon restarts ([`Cgroups::open_existing`]). Serializable, so
+/// the daemon can hand it to the job's supervisor.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct JobCgroup {
     id: u64,
     dirs: Dirs,

@@ -44,8 +44,22 @@ struct RawConfig {
     allow_root_jobs: Option<bool>,
     admin_group: Option<String>,
     rescan_interval: Option<Dur>,
+    require_limits: Option<bool>,
+    #[serde(default)]
+    cgroups: RawCgroups,
     #[serde(default)]
     classes: BTreeMap<String, RawClass>,
+    #[serde(default)]
+    gpus: crate::gpu::config::GpusSection,
+    #[serde(default)]
+    gpu: Vec<crate::gpu::config::StaticGpu>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCgroups {
+    enabled: Option<bool>,
+    name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -63,6 +77,9 @@ struct RawClass {
     slots: Option<i64>,
     timeout: Option<Dur>,
     max_timeout: Option<Dur>,
+    memory: Option<Size>,
+    cpus: Option<f64>,
+    pids: Option<i64>,
 }
 
 /// Per-class settings.
@@ -74,6 +91,10 @@ pub struct ClassConfig {
     pub timeout: Duration,
     /// The longest `timeout` a job may ask for.
     pub max_timeout: Duration,
+    /// Defaults for jobs of the class that do not set `resources.memory`/`cpus`/`pids`.
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
 }
 
 /// Paths the daemon uses.
@@ -117,6 +138,14 @@ pub struct Config {
     pub admin_group: Option<String>,
     pub rescan_interval: Duration,
     pub classes: BTreeMap<Class, ClassConfig>,
+    /// Refuse jobs that cannot be confined (no usable cgroups) instead of running them
+    /// unconfined.
+    pub require_limits: bool,
+    /// Put jobs in cgroups at all (`[cgroups] enabled`).
+    pub cgroups_enabled: bool,
+    /// Name of cybd's subtree inside its own cgroup (`[cgroups] name`).
+    pub cgroup_name: String,
+    pub gpus: crate::gpu::config::GpuConfig,
 }
 
 impl Config {
@@ -235,6 +264,20 @@ impl Config {
         if rescan_interval.is_zero() {
             return Err(key_err("rescan_interval", "must be longer than 0s".into()));
         }
+        let cgroup_name = raw.cgroups.name.unwrap_or_else(|| "cyb".into());
+        if cgroup_name.is_empty()
+            || cgroup_name.starts_with('.')
+            || !cgroup_name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(key_err(
+                "cgroups.name",
+                format!("`{cgroup_name}` is not a plain directory name (letters, digits, - _ .)"),
+            ));
+        }
+        let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
+            .map_err(|e| key_err(&e.key(), e.message()))?;
         let mut classes = BTreeMap::new();
         for c in Class::ALL {
             let (slots, timeout) = match c {
@@ -249,6 +292,9 @@ impl Config {
                     slots,
                     timeout,
                     max_timeout: timeout,
+                    memory: None,
+                    cpus: None,
+                    pids: None,
                 },
             );
         }
@@ -258,7 +304,37 @@ impl Config {
                 slots: 1,
                 timeout: Duration::from_secs(60),
                 max_timeout: Duration::from_secs(60),
+                memory: None,
+                cpus: None,
+                pids: None,
             });
+            if let Some(m) = rc.memory {
+                if m.0 == 0 {
+                    return Err(key_err(
+                        &format!("classes.{name}.memory"),
+                        "must be more than 0".into(),
+                    ));
+                }
+                entry.memory = Some(m.0);
+            }
+            if let Some(c) = rc.cpus {
+                if !(c.is_finite() && c > 0.0 && c <= 4096.0) {
+                    return Err(key_err(
+                        &format!("classes.{name}.cpus"),
+                        format!("must be a number of CPUs above 0 (got {c})"),
+                    ));
+                }
+                entry.cpus = Some(c);
+            }
+            if let Some(p) = rc.pids {
+                if p < 1 {
+                    return Err(key_err(
+                        &format!("classes.{name}.pids"),
+                        format!("must be at least 1 (got {p})"),
+                    ));
+                }
+                entry.pids = Some(p as u64);
+            }
             if let Some(s) = rc.slots {
                 if !(1..=4096).contains(&s) {
                     return Err(key_err(
@@ -299,6 +375,10 @@ impl Config {
             admin_group: Some(raw.admin_group.unwrap_or_else(|| "cybadm".into())).filter(|g| !g.is_empty()),
             rescan_interval,
             classes,
+            require_limits: raw.require_limits.unwrap_or(false),
+            cgroups_enabled: raw.cgroups.enabled.unwrap_or(true),
+            cgroup_name,
+            gpus,
         })
     }
 }

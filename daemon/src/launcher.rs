@@ -14,7 +14,7 @@
 //! daemon as before.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -31,10 +31,17 @@ use crate::sys;
 /// Largest request or reply; a run directory path is far shorter.
 const MAX_MESSAGE: usize = 16 * 1024;
 
+/// Most descriptors one request carries: the stdin pipe and one lockfile per GPU.
+const MAX_FDS: usize = 65;
+
 #[derive(Serialize, Deserialize)]
 struct Request {
     run_dir: PathBuf,
     attempt: u32,
+    /// Descriptors sent after the stdin pipe that the supervisor keeps open for its whole
+    /// life (the job's GPU lockfiles, whose flock locks they hold).
+    #[serde(default)]
+    held: usize,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,10 +103,17 @@ impl Launcher {
 
     /// Forks a supervisor for `run_dir`/`attempt` that reads its launch description from
     /// `stdin` (blocking). Starts the launcher first if it is not running.
-    pub fn start(&self, run_dir: &Path, attempt: u32, stdin: &OwnedFd) -> io::Result<Started> {
+    pub fn start(
+        &self,
+        run_dir: &Path,
+        attempt: u32,
+        stdin: &OwnedFd,
+        held: &[BorrowedFd<'_>],
+    ) -> io::Result<Started> {
         let req = serde_json::to_vec(&Request {
             run_dir: run_dir.to_path_buf(),
             attempt,
+            held: held.len(),
         })
         .map_err(io::Error::other)?;
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -109,7 +123,7 @@ impl Launcher {
                 *guard = Some(Self::start_process()?);
             }
             let Some(conn) = guard.as_mut() else { continue };
-            match exchange(&conn.sock, &req, stdin) {
+            match exchange(&conn.sock, &req, stdin, held) {
                 Ok(started) => return Ok(started),
                 Err(Exchange::Refused(e)) => return Err(e),
                 Err(Exchange::Broken(e)) => {
@@ -145,8 +159,14 @@ enum Exchange {
     Broken(io::Error),
 }
 
-fn exchange(sock: &OwnedFd, req: &[u8], stdin: &OwnedFd) -> Result<Started, Exchange> {
-    let fds = [stdin.as_raw_fd()];
+fn exchange(
+    sock: &OwnedFd,
+    req: &[u8],
+    stdin: &OwnedFd,
+    held: &[BorrowedFd<'_>],
+) -> Result<Started, Exchange> {
+    let mut fds = vec![stdin.as_raw_fd()];
+    fds.extend(held.iter().map(|f| f.as_raw_fd()));
     let cmsg = [ControlMessage::ScmRights(&fds)];
     sendmsg::<()>(
         sock.as_raw_fd(),
@@ -179,7 +199,7 @@ fn exchange(sock: &OwnedFd, req: &[u8], stdin: &OwnedFd) -> Result<Started, Exch
 /// Receives one message and the descriptors sent with it; `None` at end-of-file.
 fn receive(sock: std::os::fd::BorrowedFd<'_>) -> io::Result<(Option<Vec<u8>>, Vec<OwnedFd>)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
     loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = match recvmsg::<()>(
@@ -256,13 +276,17 @@ pub fn main() -> i32 {
                 return 1;
             }
         };
-        let reply = match (serde_json::from_slice::<Request>(&msg), fds.pop()) {
-            (Ok(req), Some(stdin)) => {
-                drop(fds);
-                fork_supervisor(&req, stdin)
+        let reply = match serde_json::from_slice::<Request>(&msg) {
+            Ok(req) if fds.len() == req.held + 1 => {
+                let stdin = fds.remove(0);
+                fork_supervisor(&req, stdin, fds)
             }
-            (Err(e), _) => Err(format!("bad request: {e}")),
-            (Ok(_), None) => Err("request without the supervisor's stdin".to_string()),
+            Ok(req) => Err(format!(
+                "request with {} descriptors, expected {}",
+                fds.len(),
+                req.held + 1
+            )),
+            Err(e) => Err(format!("bad request: {e}")),
         };
         let sent = match reply {
             Ok((pid, pidfd)) => send_reply(sock.as_raw_fd(), &Reply::Started { pid }, Some(&pidfd)),
@@ -285,16 +309,17 @@ fn reap_exited() {
     }
 }
 
-fn fork_supervisor(req: &Request, stdin: OwnedFd) -> Result<(i32, OwnedFd), String> {
+fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<(i32, OwnedFd), String> {
     // SAFETY: the launcher has a single thread, so the child inherits no lock held by
     // another thread and may run ordinary code (it never returns into this loop).
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
-            let code = supervisor_child(stdin, &req.run_dir, req.attempt);
+            let code = supervisor_child(stdin, &req.run_dir, req.attempt, held);
             std::process::exit(code);
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(stdin);
+            drop(held);
             // The child is not reaped before the next loop iteration, so even one that
             // exited at once is still there (a zombie) for pidfd_open.
             sys::pidfd_open(child.as_raw())
@@ -306,7 +331,7 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd) -> Result<(i32, OwnedFd), Stri
 }
 
 /// The forked child: becomes the supervisor of one job.
-fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32) -> i32 {
+fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     // The launcher's socket is fd 0: the pipe takes its place as stdin, which also closes
     // the socket in this process.
@@ -315,5 +340,5 @@ fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32) -> i32 {
         return 1;
     }
     drop(stdin);
-    crate::supervisor::main(run_dir, attempt)
+    crate::supervisor::main(run_dir, attempt, held)
 }

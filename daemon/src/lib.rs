@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod config;
 pub mod fsutil;
 pub mod gpu;
+pub mod host;
 pub mod intake;
 pub mod launcher;
 pub mod logging;
@@ -93,7 +94,13 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         warn!(path = %path.display(), "job record moved aside: {why}");
     }
     let n = loaded.records.len();
-    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, loaded).await;
+    let host_cfg = cfg.clone();
+    let host = Arc::new(
+        tokio::task::spawn_blocking(move || host::Host::init(&host_cfg))
+            .await
+            .context("cannot inspect this host's cgroups and GPUs")?,
+    );
+    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, loaded, host.clone()).await;
     let sched_task = tokio::spawn(sched.run(rx));
     let known = handle
         .ask(|reply| scheduler::Msg::SpoolOrigins { reply })
@@ -108,7 +115,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
             ),
             None => (bind_socket(&cfg)?, true),
         };
-    tokio::spawn(server::serve(listener, live.clone(), handle.clone()));
+    tokio::spawn(server::serve(listener, live.clone(), handle.clone(), host));
     tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
     info!(
         records = n,

@@ -137,7 +137,15 @@ pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
 }
 
 /// Builds the launch description of attempt `attempt`.
-pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -> Result<Launch, String> {
+/// `gpu_env` is what [`crate::host::Host::gpu_env`] gives for the job's GPUs.
+pub fn launch_for(
+    cfg: &Config,
+    rec: &JobRecord,
+    acct: &Account,
+    attempt: u32,
+    gpus: &[u32],
+    gpu_env: Vec<(String, String)>,
+) -> Result<Launch, String> {
     let argv = rec
         .spec
         .argv()
@@ -157,6 +165,7 @@ pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -
     env.push(("CYB_RUN_DIR".into(), run_dir.clone()));
     env.push(("CYB_ARTIFACTS_DIR".into(), format!("{run_dir}/artifacts")));
     env.push(("CYB_ATTEMPT".into(), attempt.to_string()));
+    env.extend(gpu_env);
     let class = cfg.class(rec.spec.class());
     let timeout = rec.spec.timeout.map_or(class.timeout, |t| t.0);
     Ok(Launch {
@@ -173,6 +182,8 @@ pub fn launch_for(cfg: &Config, rec: &JobRecord, acct: &Account, attempt: u32) -
         grace_ms: u64::try_from(cfg.kill_grace.as_millis()).unwrap_or(u64::MAX),
         max_log_bytes: cfg.max_log_bytes,
         artifacts: rec.spec.artifacts.clone(),
+        cgroup: None,
+        gpus: gpus.to_vec(),
     })
 }
 
@@ -189,7 +200,13 @@ pub struct Spawned {
 /// (blocking). The job itself starts only at [`hand_over`]: a daemon that dies before then
 /// leaves a supervisor that writes "never launched" and exits, so the job is queued again,
 /// not run twice.
-pub fn spawn_supervisor(launcher: &Launcher, rec: &JobRecord, launch: &Launch) -> Result<Spawned, String> {
+/// `held` are descriptors the supervisor keeps for its whole life (GPU lockfiles).
+pub fn spawn_supervisor(
+    launcher: &Launcher,
+    rec: &JobRecord,
+    launch: &Launch,
+    held: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<Spawned, String> {
     let dir = prepare_run_dir(rec).map_err(|e| e.to_string())?;
     if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
         write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
@@ -201,7 +218,7 @@ pub fn spawn_supervisor(launcher: &Launcher, rec: &JobRecord, launch: &Launch) -
         std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
     let read_end = OwnedFd::from(read_end);
     let started = launcher
-        .start(Path::new(&rec.run_dir), launch.attempt, &read_end)
+        .start(Path::new(&rec.run_dir), launch.attempt, &read_end, held)
         .map_err(|e| format!("cannot start the supervisor of job {}: {e}", rec.id))?;
     drop(read_end);
     let pid = started.pid;
@@ -228,6 +245,13 @@ pub fn spawn_supervisor(launcher: &Launcher, rec: &JobRecord, launch: &Launch) -
         running,
         job_id: rec.id,
     })
+}
+
+impl Spawned {
+    /// The supervisor's pid.
+    pub fn pid(&self) -> i32 {
+        self.running.sup.pid
+    }
 }
 
 /// Hands the job to its waiting supervisor (blocking); from here on the job runs.

@@ -10,7 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::host::{Host, PrepareError};
 use crate::launcher::Launcher;
 use crate::runner::{self, Adopted, Ended, Running};
 use crate::store::{Loaded, Store};
@@ -104,8 +105,10 @@ pub enum Msg {
     Launched {
         id: JobId,
         attempt: u32,
-        res: Result<Running, String>,
+        res: Result<Running, StartError>,
     },
+    /// Usable GPUs that something outside cybd holds now (periodic probe).
+    GpusOutside(BTreeSet<u32>),
     Exited {
         id: JobId,
         attempt: u32,
@@ -181,6 +184,18 @@ impl Pending {
 struct Slot {
     pidfd: Option<Arc<OwnedFd>>,
     cancel_by: Option<String>,
+    /// GPUs the attempt holds.
+    gpus: Vec<u32>,
+}
+
+/// Why a job could not be started.
+pub enum StartError {
+    /// Its running record could not be made durable: nothing ran, try again later.
+    Store(String),
+    /// A GPU chosen for it turned out to be held by something else: nothing ran.
+    GpuBusy(u32),
+    /// It cannot start as asked.
+    Failed(String),
 }
 
 pub struct Scheduler {
@@ -206,6 +221,14 @@ pub struct Scheduler {
     quarantined: Vec<String>,
     /// Forks the supervisors.
     launcher: Arc<Launcher>,
+    /// Cgroups, device control, GPUs.
+    host: Arc<Host>,
+    /// GPUs jobs can be given, those cybd jobs hold, and those held outside cybd.
+    gpu_usable: BTreeSet<u32>,
+    gpu_busy: HashMap<u32, JobId>,
+    gpu_outside: BTreeSet<u32>,
+    /// A GPU probe is under way.
+    gpu_probing: bool,
 }
 
 impl Scheduler {
@@ -214,6 +237,7 @@ impl Scheduler {
         cfg: Arc<Config>,
         store: Store,
         loaded: Loaded,
+        host: Arc<Host>,
     ) -> (Scheduler, Handle, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
@@ -239,6 +263,11 @@ impl Scheduler {
                 .map(|(p, why)| format!("{}: {why}", p.display()))
                 .collect(),
             launcher: Arc::new(Launcher::new()),
+            gpu_usable: host.usable_gpus(),
+            host,
+            gpu_busy: HashMap::new(),
+            gpu_outside: BTreeSet::new(),
+            gpu_probing: false,
         };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
@@ -247,7 +276,9 @@ impl Scheduler {
         for rec in loaded.records {
             let id = rec.id;
             match &rec.state {
-                JobState::Running { attempt, .. } => to_adopt.push((id, *attempt, rec.run_dir.clone())),
+                JobState::Running { attempt, gpus, .. } => {
+                    to_adopt.push((id, *attempt, rec.run_dir.clone(), gpus.clone()))
+                }
                 JobState::Waiting { until, .. } => {
                     let wait = Duration::from_millis(Timestamp::now().ms_until(*until));
                     s.wake_after(id, wait);
@@ -267,14 +298,19 @@ impl Scheduler {
         for id in queued {
             s.enqueue(id);
         }
-        for (id, attempt, run_dir) in to_adopt {
+        let mut alive = BTreeSet::new();
+        for (id, attempt, run_dir, gpus) in to_adopt {
             let class = s.jobs[&id].spec.class();
             *s.running_per_class.entry(class).or_default() += 1;
+            for g in &gpus {
+                s.gpu_busy.insert(*g, id);
+            }
             s.running.insert(
                 id,
                 Slot {
                     pidfd: None,
                     cancel_by: None,
+                    gpus,
                 },
             );
             let found =
@@ -283,6 +319,7 @@ impl Scheduler {
                     .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
             match found {
                 Adopted::Alive(run) => {
+                    alive.insert(id);
                     info!(job_id = id, pid = run.sup.pid, "re-adopted running job");
                     s.watch(id, attempt, run);
                 }
@@ -317,6 +354,10 @@ impl Scheduler {
                 }
             }
         }
+        // Cgroups of jobs that are not running any more (their supervisor is gone, or cybd
+        // was killed between creating a cgroup and starting the job): killed and removed.
+        let host = s.host.clone();
+        let _ = tokio::task::spawn_blocking(move || host.sweep(&alive)).await;
         // A crash between a job's end and its result.json: write the missing ones.
         tokio::task::spawn_blocking(move || {
             for rec in missing_results {
@@ -341,6 +382,8 @@ impl Scheduler {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = String::new();
+        let mut gpu_tick = tokio::time::interval(self.cfg.rescan_interval.max(Duration::from_millis(500)));
+        gpu_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.schedule();
         loop {
             tokio::select! {
@@ -354,6 +397,15 @@ impl Scheduler {
                     self.schedule();
                     self.check_idle();
                     self.flush();
+                }
+                _ = gpu_tick.tick(), if !self.gpu_usable.is_empty() && !self.gpu_probing => {
+                    self.gpu_probing = true;
+                    let host = self.host.clone();
+                    let allow_shared = self.cfg.gpus.allow_shared;
+                    let tx = self.tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(Msg::GpusOutside(host.gpus_taken_outside(allow_shared)));
+                    });
                 }
                 _ = ping.tick() => {
                     if watchdog.is_some() {
@@ -551,6 +603,13 @@ impl Scheduler {
                 }
             }
             Msg::Kick => {}
+            Msg::GpusOutside(outside) => {
+                self.gpu_probing = false;
+                if outside != self.gpu_outside {
+                    info!("gpus held outside cybd: {outside:?}");
+                }
+                self.gpu_outside = outside;
+            }
             Msg::Reload(cfg) => {
                 info!("configuration reloaded");
                 self.cfg = cfg;
@@ -599,14 +658,20 @@ impl Scheduler {
                 )));
             }
         }
-        if spec.gpus() > 0 {
+        if spec.gpus() as usize > self.gpu_usable.len() {
             return Err(spec_err(SpecError::field(
                 "resources.gpus",
                 format!(
-                    "asks for {} GPU(s) but this host has 0 GPUs available to cybd",
-                    spec.gpus()
+                    "asks for {} GPU(s) but this host has {} GPU(s) available to cybd",
+                    spec.gpus(),
+                    self.gpu_usable.len()
                 ),
             )));
+        }
+        if self.cfg.require_limits
+            && let Err((field, why)) = self.host.check_enforceable(&self.cfg, spec)
+        {
+            return Err(spec_err(SpecError::field(field, why)));
         }
         let class = self.cfg.class(spec.class());
         if let Some(t) = spec.timeout
@@ -731,6 +796,8 @@ impl Scheduler {
                 signal: None,
                 started_at: None,
                 finished_at: Timestamp::now(),
+                peak_memory_bytes: None,
+                cpu_usage_ms: None,
             };
             self.finish(id, JobState::Failed { outcome });
             return;
@@ -774,13 +841,38 @@ impl Scheduler {
                 let Some(set) = self.ready.get_mut(&class) else {
                     break;
                 };
-                let Some((_, id)) = set.pop_first() else { break };
-                self.start(id);
+                let Some(&(_, id)) = set.first() else { break };
+                // GPUs: the head of the class waits until enough are free; jobs of other
+                // classes are never held back by it. (No backfill within the class.)
+                let need = self.jobs.get(&id).map_or(0, |r| r.spec.gpus() as usize);
+                let queued = matches!(
+                    self.jobs.get(&id).map(|r| &r.state),
+                    Some(JobState::Queued { .. })
+                );
+                let gpus: Vec<u32> = if need > 0 && queued {
+                    let free: Vec<u32> = self
+                        .gpu_usable
+                        .iter()
+                        .filter(|g| !self.gpu_busy.contains_key(g) && !self.gpu_outside.contains(g))
+                        .copied()
+                        .take(need)
+                        .collect();
+                    if free.len() < need {
+                        break;
+                    }
+                    free
+                } else {
+                    Vec::new()
+                };
+                if let Some(set) = self.ready.get_mut(&class) {
+                    set.pop_first();
+                }
+                self.start(id, gpus);
             }
         }
     }
 
-    fn start(&mut self, id: JobId) {
+    fn start(&mut self, id: JobId, gpus: Vec<u32>) {
         let Some(rec) = self.jobs.get_mut(&id) else { return };
         if !matches!(rec.state, JobState::Queued { .. }) {
             return;
@@ -793,13 +885,18 @@ impl Scheduler {
             started_at: now,
             attempt,
             supervisor: None,
+            gpus: gpus.clone(),
         };
         *self.running_per_class.entry(rec.spec.class()).or_default() += 1;
+        for g in &gpus {
+            self.gpu_busy.insert(*g, id);
+        }
         self.running.insert(
             id,
             Slot {
                 pidfd: None,
                 cancel_by: None,
+                gpus: gpus.clone(),
             },
         );
         let ack = self.pending.persist(id);
@@ -807,32 +904,59 @@ impl Scheduler {
         let cfg = self.cfg.clone();
         let tx = self.tx.clone();
         let launcher = self.launcher.clone();
+        let host = self.host.clone();
         // The supervisor starts while the running record is made durable; it is handed the
         // job only once that record is on disk.
         let spawned = tokio::task::spawn_blocking(move || {
-            let acct = users::account_cached(rec.owner.uid).map_err(|e| e.to_string())?;
-            let launch = runner::launch_for(&cfg, &rec, &acct, attempt)?;
-            runner::spawn_supervisor(&launcher, &rec, &launch).map(|s| (s, launch))
+            let acct = users::account_cached(rec.owner.uid).map_err(|e| StartError::Failed(e.to_string()))?;
+            let mut launch = runner::launch_for(&cfg, &rec, &acct, attempt, &gpus, host.gpu_env(&gpus))
+                .map_err(StartError::Failed)?;
+            let conf = host.prepare(&cfg, &rec, &gpus, attempt).map_err(|e| match e {
+                PrepareError::GpuBusy(g) => StartError::GpuBusy(g),
+                PrepareError::Failed(why) => StartError::Failed(why),
+            })?;
+            launch.cgroup = conf.cgroup;
+            let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
+            match runner::spawn_supervisor(&launcher, &rec, &launch, &held) {
+                Ok(s) => {
+                    drop(held);
+                    crate::host::hand_gpus_to(conf.gpus, s.pid());
+                    Ok((s, launch))
+                }
+                Err(e) => {
+                    drop(held);
+                    if let Some(cg) = &launch.cgroup {
+                        let _ = cg.remove();
+                    }
+                    Err(StartError::Failed(e))
+                }
+            }
         });
         tokio::spawn(async move {
             let durable = match ack.await {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("store: {e}")),
-                Err(_) => Err("store: writer stopped".to_string()),
+                Ok(Err(e)) => Err(StartError::Store(format!("store: {e}"))),
+                Err(_) => Err(StartError::Store("store: writer stopped".to_string())),
             };
             let spawned = spawned
                 .await
-                .unwrap_or_else(|e| Err(format!("start task failed: {e}")));
+                .unwrap_or_else(|e| Err(StartError::Failed(format!("start task failed: {e}"))));
             let res = match (durable, spawned) {
                 (Ok(()), Ok((s, launch))) => {
                     tokio::task::spawn_blocking(move || runner::hand_over(s, &launch))
                         .await
-                        .map_err(|e| format!("start task failed: {e}"))
+                        .map_err(|e| StartError::Failed(format!("start task failed: {e}")))
                 }
                 (Ok(()), Err(e)) => Err(e),
                 (Err(e), spawned) => {
-                    if let Ok((s, _)) = spawned {
-                        let _ = tokio::task::spawn_blocking(move || runner::abandon(s)).await;
+                    if let Ok((s, launch)) = spawned {
+                        let _ = tokio::task::spawn_blocking(move || {
+                            runner::abandon(s);
+                            if let Some(cg) = &launch.cgroup {
+                                let _ = cg.remove();
+                            }
+                        })
+                        .await;
                     }
                     Err(e)
                 }
@@ -841,7 +965,7 @@ impl Scheduler {
         });
     }
 
-    fn launched(&mut self, id: JobId, attempt: u32, res: Result<Running, String>) {
+    fn launched(&mut self, id: JobId, attempt: u32, res: Result<Running, StartError>) {
         match res {
             Ok(run) => {
                 if let Some(rec) = self.jobs.get_mut(&id)
@@ -852,7 +976,25 @@ impl Scheduler {
                 }
                 self.watch(id, attempt, run);
             }
-            Err(why) if why.starts_with("store:") => {
+            Err(StartError::GpuBusy(g)) => {
+                // Taken outside cybd since the last probe: nothing ran; the job waits for
+                // GPUs again and this one counts as taken until a probe finds it free.
+                info!(
+                    job_id = id,
+                    "gpu {g} is held outside cybd; job {id} waits for another"
+                );
+                self.gpu_outside.insert(g);
+                self.release_slot(id);
+                if let Some(rec) = self.jobs.get_mut(&id) {
+                    rec.attempts = rec.attempts.saturating_sub(1);
+                    rec.state = JobState::Queued {
+                        since: Timestamp::now(),
+                    };
+                    self.pending.persist_detached(id);
+                }
+                self.enqueue(id);
+            }
+            Err(StartError::Store(why)) => {
                 // Not recorded as running, so nothing ran: put it back and try again later.
                 error!(job_id = id, "cannot record job start ({why}); retrying in 5s");
                 self.release_slot(id);
@@ -868,12 +1010,14 @@ impl Scheduler {
                             signal: None,
                             started_at: None,
                             finished_at: Timestamp::now(),
+                            peak_memory_bytes: None,
+                            cpu_usage_ms: None,
                         },
                     };
                 }
                 self.wake_after(id, Duration::from_secs(5));
             }
-            Err(why) => {
+            Err(StartError::Failed(why)) => {
                 let exit = ExitRecord {
                     attempt,
                     started: false,
@@ -904,6 +1048,11 @@ impl Scheduler {
 
     fn release_slot(&mut self, id: JobId) -> Option<Slot> {
         let slot = self.running.remove(&id)?;
+        for g in &slot.gpus {
+            if self.gpu_busy.get(g) == Some(&id) {
+                self.gpu_busy.remove(g);
+            }
+        }
         if let Some(rec) = self.jobs.get(&id)
             && let Some(n) = self.running_per_class.get_mut(&rec.spec.class())
         {
@@ -950,6 +1099,8 @@ impl Scheduler {
             signal: exit.signal,
             started_at: exit.started_at.or(Some(started_at)),
             finished_at: exit.finished_at.unwrap_or_else(Timestamp::now),
+            peak_memory_bytes: exit.peak_memory_bytes,
+            cpu_usage_ms: exit.cpu_usage_ms,
         };
         let state = if exit.cancelled || (cancel_by.is_some() && !exit.started) {
             let by = cancel_by.unwrap_or_else(|| "unknown (cancelled while cybd restarted)".into());
@@ -976,6 +1127,22 @@ impl Scheduler {
         {
             JobState::Failed {
                 outcome: outcome(Reason::Lost, why),
+            }
+        } else if exit.oom_killed && exit.exit_code != Some(0) {
+            // The kernel's OOM killer ended a process of the job's cgroup (on v1 perhaps not
+            // the main one, which then failed for it).
+            let how = match (exit.signal, exit.exit_code) {
+                (Some(s), _) => format!("killed by signal {s}"),
+                (None, Some(c)) => format!("exited with status {c}"),
+                (None, None) => "ended".to_string(),
+            };
+            JobState::Failed {
+                outcome: outcome(
+                    Reason::OomKilled,
+                    format!(
+                        "the kernel's OOM killer ended a process of the job at its memory limit; the job {how}"
+                    ),
+                ),
             }
         } else if exit.exit_code == Some(0) {
             JobState::Succeeded {
@@ -1149,6 +1316,8 @@ impl Scheduler {
                         signal: None,
                         started_at: None,
                         finished_at: now,
+                        peak_memory_bytes: None,
+                        cpu_usage_ms: None,
                     };
                     self.finish(
                         id,

@@ -16,6 +16,7 @@ use tokio::net::UnixListener;
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::host::Host;
 use crate::scheduler::{Action, Handle, Msg, Peer};
 use crate::users;
 
@@ -26,6 +27,7 @@ struct Conn {
     gid: u32,
     cfg: Arc<Config>,
     sched: Handle,
+    host: Arc<Host>,
 }
 
 impl Conn {
@@ -165,10 +167,28 @@ impl Cyb for Conn {
             },
         }
     }
+
+    async fn health(self, _: Context) -> cyb_proto::rpc::Health {
+        let (host, cfg) = (self.host.clone(), self.cfg.clone());
+        tokio::task::spawn_blocking(move || host.health(&cfg))
+            .await
+            .unwrap_or_default()
+    }
+
+    async fn gpus(self, _: Context) -> cyb_proto::gpu::GpuReport {
+        let host = self.host.clone();
+        tokio::task::spawn_blocking(move || host.gpu_report())
+            .await
+            .unwrap_or_else(|e| cyb_proto::gpu::GpuReport {
+                source: "unknown".into(),
+                health: format!("cannot read the GPU state: {e}"),
+                gpus: Vec::new(),
+            })
+    }
 }
 
 /// Accepts connections until the listener fails for good.
-pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Handle) {
+pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Handle, host: Arc<Host>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -187,6 +207,7 @@ pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Han
         };
         let cfg: Arc<Config> = live.borrow().clone();
         let sched = sched.clone();
+        let host = host.clone();
         tokio::spawn(async move {
             let uid = cred.uid();
             let admin_group = cfg.admin_group.clone();
@@ -214,6 +235,7 @@ pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Han
                 gid,
                 cfg,
                 sched,
+                host,
             };
             let transport = cyb_proto::rpc::transport(stream);
             BaseChannel::with_defaults(transport)

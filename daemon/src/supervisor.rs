@@ -18,7 +18,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -58,6 +58,14 @@ pub struct Launch {
     pub grace_ms: u64,
     pub max_log_bytes: u64,
     pub artifacts: Vec<String>,
+    /// The job's cgroup, created by the daemon with its limits and device rules; the job
+    /// joins it before its first instruction. The supervisor stays outside, so killing
+    /// the cgroup (or the OOM killer) never takes the supervisor with it.
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::JobCgroup>,
+    /// GPUs the job holds (their lockfiles are among the supervisor's held descriptors).
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 /// Written by the daemon right after it starts a supervisor; used to adopt it later.
@@ -97,11 +105,31 @@ pub struct ExitRecord {
     pub started_at: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Timestamp>,
+    /// From the job's cgroup, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_ms: Option<u64>,
+    /// The kernel's OOM killer killed a process of the job's cgroup.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Problems with the job's cgroup (kill, removal), for the log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_error: Option<String>,
 }
 
 /// Runs one supervisor (in a process forked by the launcher, stdin the launch pipe) and
 /// returns its exit code.
-pub fn main(run_dir: &Path, attempt: u32) -> i32 {
+///
+/// `held` are descriptors kept open until the supervisor exits: the job's GPU lockfiles,
+/// whose locks last exactly as long as the job's supervisor.
+pub fn main(run_dir: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
+    let code = supervise(run_dir, attempt);
+    drop(held);
+    code
+}
+
+fn supervise(run_dir: &Path, attempt: u32) -> i32 {
     let dir = match fsutil::open_dir(run_dir) {
         Ok(d) => d,
         Err(e) => {
@@ -247,11 +275,23 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         .stderr(err_w);
     let (uid, gid) = (l.uid, l.gid);
     let gids: Vec<Gid> = l.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    // The job's cgroup.procs files, opened now so the child only has to write to them.
+    let procs = match l.cgroup.as_ref().map(|cg| cg.procs_files()).transpose() {
+        Ok(p) => p.unwrap_or_default(),
+        Err(e) => {
+            exit.error = Some(format!("cannot open the job's cgroup: {e}"));
+            return;
+        }
+    };
+    let procs_raw: Vec<std::os::fd::RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (setsid, setgroups, setgid, setuid, chdir, signal) on memory prepared before the fork;
-    // it allocates nothing, and this process has no other threads that could hold locks.
+    // (write to cgroup.procs, setsid, setgroups, setgid, setuid, chdir, signal) on memory
+    // prepared before the fork; it allocates nothing, and this process has no other
+    // threads that could hold locks.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the job's cgroup first, so everything the job ever runs is inside it.
+            crate::cgroup::join_in_child(&procs_raw)?;
             nix::unistd::setsid().map_err(io::Error::from)?;
             if as_root {
                 nix::unistd::setgroups(&gids).map_err(io::Error::from)?;
@@ -287,8 +327,10 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         }
     };
     drop(cmd); // closes our copies of the pipes' write ends
+    drop(procs);
     exit.started = true;
     let watch = Watch {
+        cgroup: l.cgroup.as_ref(),
         pgid: Pid::from_raw(child.id() as i32),
         deadline: Instant::now() + Duration::from_millis(l.timeout_ms),
         grace: Duration::from_millis(l.grace_ms),
@@ -310,8 +352,34 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         }
         Err(e) => exit.error = Some(format!("cannot wait for the job: {e}")),
     }
+    if let Some(cg) = &l.cgroup {
+        finish_cgroup(cg, exit);
+    }
     if !l.artifacts.is_empty() {
         exit.artifacts_error = collect_artifacts(run_dir, l, as_root).err();
+    }
+}
+
+/// After the job: whatever it left in its cgroup is killed, what it used is read, and the
+/// cgroup is removed.
+fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
+    let mut problems = Vec::new();
+    if let Err(e) = cg.kill() {
+        problems.push(e.to_string());
+    }
+    match cg.stats() {
+        Ok(st) => {
+            exit.peak_memory_bytes = st.peak_memory_bytes;
+            exit.cpu_usage_ms = st.cpu_usage_ms;
+            exit.oom_killed = st.oom_killed;
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    if let Err(e) = cg.remove() {
+        problems.push(e.to_string());
+    }
+    if !problems.is_empty() {
+        exit.cgroup_error = Some(problems.join("; "));
     }
 }
 
@@ -387,13 +455,24 @@ impl LogSink {
 
 /// The time limit and cancel of a running job: each sends TERM to its process group, then
 /// KILL after the grace period.
-struct Watch {
+struct Watch<'a> {
+    /// Killing the job kills its whole cgroup, when it has one.
+    cgroup: Option<&'a crate::cgroup::JobCgroup>,
     pgid: Pid,
     deadline: Instant,
     grace: Duration,
 }
 
-impl Watch {
+impl Watch<'_> {
+    /// KILL to the job's process group and, with a cgroup, to everything in it (processes
+    /// that left the group with setsid or a double fork included).
+    fn kill_all(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+        if let Some(cg) = self.cgroup {
+            let _ = cg.kill();
+        }
+    }
+
     /// Runs until the job has exited and its output is copied, in one thread: a poll over
     /// the two output pipes, the signalfd (cancel) and the job's pidfd, with the next
     /// deadline as the timeout.
@@ -420,8 +499,9 @@ impl Watch {
                     Err(e) => status = Some(Err(e)),
                 }
                 if status.is_some() {
-                    // The job is over: nothing it left in its process group may outlive it.
-                    let _ = killpg(self.pgid, Signal::SIGKILL);
+                    // The job is over: nothing it left in its process group (or cgroup) may
+                    // outlive it.
+                    self.kill_all();
                     drain_until = Some(Instant::now() + Duration::from_secs(2));
                 }
             }
@@ -442,7 +522,7 @@ impl Watch {
                     kill_at = Some(now + self.grace);
                 }
                 if kill_at.is_some_and(|t| now >= t) {
-                    let _ = killpg(self.pgid, Signal::SIGKILL);
+                    self.kill_all();
                     kill_at = None;
                 }
             }

@@ -188,6 +188,12 @@ pub struct Outcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
     pub finished_at: Timestamp,
+    /// Highest memory use of the job's cgroup, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time of every process of the job's cgroup, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_ms: Option<u64>,
 }
 
 /// The state of a job, with the data that state has.
@@ -212,6 +218,10 @@ pub enum JobState {
         attempt: u32,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         supervisor: Option<ProcRef>,
+        /// Indices of the GPUs this attempt holds (their lockfiles are held by its
+        /// supervisor).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<u32>,
     },
     Succeeded {
         outcome: Outcome,
@@ -329,6 +339,12 @@ pub struct RunResult {
     pub uid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_by: Option<String>,
+    /// Highest memory use of the job's cgroup (page cache included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_memory_bytes: Option<u64>,
+    /// CPU time of all the job's processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_usage_ms: Option<u64>,
 }
 
 impl RunResult {
@@ -366,6 +382,8 @@ impl RunResult {
                 JobState::Cancelled { by, .. } => Some(by.clone()),
                 _ => None,
             },
+            peak_memory_bytes: outcome.peak_memory_bytes,
+            cpu_usage_ms: outcome.cpu_usage_ms,
         })
     }
 }

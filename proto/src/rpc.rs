@@ -97,6 +97,48 @@ pub struct Stats {
     pub quarantined: Vec<String>,
 }
 
+/// What this host lets cybd enforce, for `cybctl health`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Health {
+    pub version: String,
+    pub user_mode: bool,
+    /// Jobs that cannot be confined are refused (`require_limits`).
+    pub require_limits: bool,
+    pub cgroups: CgroupHealth,
+    pub devices: DeviceHealth,
+    pub gpus: GpuHealth,
+    /// One line per problem a person should act on; empty when all is well.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CgroupHealth {
+    /// `v2`, `v1`, `hybrid` or `none`.
+    pub mode: String,
+    pub description: String,
+    /// Limits enforced on every job: of `memory`, `cpu`, `pids`, `devices`, `kill`.
+    pub enforced: Vec<String>,
+    /// Those that are not.
+    pub not_enforced: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DeviceHealth {
+    /// The start-up probe saw an opened device node denied in a throw-away cgroup.
+    pub enforced: bool,
+    /// The probe's result in words.
+    pub probe: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GpuHealth {
+    /// GPUs jobs can be given.
+    pub count: usize,
+    pub source: String,
+    pub health: String,
+}
+
 #[tarpc::service]
 pub trait Cyb {
     /// Queues a job that runs as the caller.
@@ -117,6 +159,10 @@ pub trait Cyb {
     async fn pause() -> Result<(), RpcError>;
     async fn resume() -> Result<(), RpcError>;
     async fn stats() -> Stats;
+    /// What is enforced on this host (cgroups, device control, GPUs).
+    async fn health() -> Health;
+    /// Every GPU with its live figures and lock holder.
+    async fn gpus() -> crate::gpu::GpuReport;
 }
 
 /// Largest RPC frame either side accepts (a job spec is at most a few MiB; `list` of a large

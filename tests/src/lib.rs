@@ -144,7 +144,7 @@ impl Daemon {
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let r = root.path();
         let config = r.join("cybd.toml");
-        let text = format!(
+        let mut text = format!(
             "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
              [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
             r.join("spool").display(),
@@ -152,6 +152,10 @@ impl Daemon {
             r.join("cybd.sock").display(),
             r.join("run").display(),
         );
+        // Daemons of concurrent tests must not share (or sweep) each other's job cgroups.
+        if !extra.contains("[cgroups]") {
+            text.push_str(&format!("[cgroups]\nname = \"{}\"\n", cgroup_name_for(r)));
+        }
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
             root,
@@ -161,6 +165,12 @@ impl Daemon {
         };
         d.spawn();
         d
+    }
+
+    /// The name of this daemon's cgroup subtree (`[cgroups] name`): job N's cgroup is a
+    /// directory `job_N` in a directory of this name, in each hierarchy.
+    pub fn cgroup_name(&self) -> String {
+        cgroup_name_for(self.root.path())
     }
 
     pub fn path(&self) -> &Path {
@@ -376,7 +386,51 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // The daemon's (now empty) cgroup subtree: removed so test runs leave nothing behind.
+        remove_cgroup_dirs(&self.cgroup_name());
     }
+}
+
+/// Removes every directory named `name` under /sys/fs/cgroup, with the `job_*` directories
+/// inside it (empty ones only: rmdir fails on a cgroup that still has processes).
+fn remove_cgroup_dirs(name: &str) {
+    fn walk(dir: &Path, depth: usize, name: &str) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if !ft.is_dir() {
+                continue;
+            }
+            let p = e.path();
+            if e.file_name() == name {
+                if let Ok(jobs) = std::fs::read_dir(&p) {
+                    for j in jobs.flatten() {
+                        if j.file_type().is_ok_and(|t| t.is_dir()) {
+                            let _ = std::fs::remove_dir(j.path());
+                        }
+                    }
+                }
+                let _ = std::fs::remove_dir(&p);
+            } else if depth > 0 {
+                walk(&p, depth - 1, name);
+            }
+        }
+    }
+    walk(Path::new("/sys/fs/cgroup"), 4, name);
+}
+
+/// A cgroup subtree name unique to the daemon rooted at `root`.
+fn cgroup_name_for(root: &Path) -> String {
+    let tail = root
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "")
+        })
+        .unwrap_or_default();
+    format!("cyb-test-{tail}")
 }
 
 /// Polls `f` every 20 ms until it is true or `timeout` passes; returns the last value.

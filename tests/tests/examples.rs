@@ -55,7 +55,7 @@ fn examples_for_absent_backends_are_refused_clearly() {
     for (n, needle) in [
         ("docker.json", "backend not available on this host"),
         ("gpu-report.json", "backend not available on this host"),
-        ("gpu-train.json", "0 GPUs"),
+        ("gpu-train.json", "this host has 0 GPU(s) available"),
     ] {
         d.drop_job(n, &example(n));
         let e = d.wait_rejected(n, Duration::from_secs(20));

@@ -2,6 +2,8 @@
 //! connection to the daemon.
 
 pub mod cancel;
+pub mod gpus;
+pub mod health;
 pub mod hold;
 pub mod logs;
 pub mod ls;
@@ -59,6 +61,8 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Priority(a) => priority::run(&ctx, a).await,
         Command::Wait(a) => wait::run(&ctx, a).await,
         Command::Stats => stats::run(&ctx).await,
+        Command::Health => health::run(&ctx).await,
+        Command::Gpus => gpus::run(&ctx).await,
         Command::Pause => pause::run(&ctx).await,
         Command::Resume => resume::run(&ctx).await,
         Command::Validate(a) => validate::run(&ctx, a).await,

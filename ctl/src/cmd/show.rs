@@ -76,12 +76,17 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
             started_at,
             attempt,
             supervisor,
+            gpus,
         } => {
             let sup = supervisor
                 .map(|s| format!(", supervisor pid {}", s.pid))
                 .unwrap_or_default();
             l.add("state", format!("running (attempt {attempt}{sup})"));
             l.add("started", at(*started_at));
+            if !gpus.is_empty() {
+                let list: Vec<String> = gpus.iter().map(u32::to_string).collect();
+                l.add("gpus", list.join(","));
+            }
         }
         JobState::Succeeded { outcome }
         | JobState::Failed { outcome }
@@ -99,6 +104,15 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
             }
             if let JobState::Cancelled { by, .. } = &rec.state {
                 l.add("cancelled by", by.clone());
+            }
+            if let Some(b) = outcome.peak_memory_bytes {
+                l.add(
+                    "peak memory",
+                    bytesize::ByteSize::b(b).display().iec().to_string(),
+                );
+            }
+            if let Some(ms) = outcome.cpu_usage_ms {
+                l.add("cpu time", format!("{:.2}s", ms as f64 / 1000.0));
             }
         }
     }
@@ -210,6 +224,8 @@ mod tests {
                     signal: None,
                     started_at: Some(ts(datetime!(2025-11-23 14:00:01 UTC))),
                     finished_at: ts(datetime!(2025-11-23 14:00:05 UTC)),
+                    peak_memory_bytes: None,
+                    cpu_usage_ms: None,
                 },
             },
         };

@@ -1,0 +1,83 @@
+//! `cybctl health`: what cybd enforces on this host: the cgroup layout and which limits
+//! hold, whether device denial works (the daemon's start-up probe), the GPU inventory, and
+//! warnings a person should act on.
+
+use cyb_proto::rpc::Health;
+
+use super::Ctx;
+use crate::exit;
+use crate::output;
+
+pub async fn run(ctx: &Ctx) -> anyhow::Result<i32> {
+    let h = ctx.connect().await?.health().await?;
+    if ctx.json {
+        output::json(&h)?;
+    } else {
+        output::print(&render(&h))?;
+    }
+    Ok(exit::OK)
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() { "none".into() } else { v.join(", ") }
+}
+
+fn render(h: &Health) -> String {
+    let mut out = format!(
+        "cybd {}{}\n",
+        h.version,
+        if h.user_mode { " (user mode)" } else { "" }
+    );
+    out.push_str(&format!("cgroups:   {}\n", h.cgroups.description));
+    out.push_str(&format!("enforced:  {}\n", list(&h.cgroups.enforced)));
+    out.push_str(&format!("not enforced: {}\n", list(&h.cgroups.not_enforced)));
+    out.push_str(&format!(
+        "devices:   {} ({})\n",
+        if h.devices.enforced {
+            "denial works"
+        } else {
+            "NOT enforced"
+        },
+        h.devices.probe
+    ));
+    out.push_str(&format!(
+        "gpus:      {} usable; {}\n",
+        h.gpus.count, h.gpus.health
+    ));
+    out.push_str(&format!(
+        "require_limits: {}\n",
+        if h.require_limits {
+            "on (jobs that cannot be confined are refused)"
+        } else {
+            "off (jobs run with what can be enforced)"
+        }
+    ));
+    for n in &h.cgroups.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    for w in &h.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn says_what_is_not_enforced() {
+        let mut h = Health::default();
+        h.cgroups.description = "cgroups not used: user mode".into();
+        h.cgroups.not_enforced = vec!["memory".into(), "cpu".into()];
+        h.warnings = vec!["not enforced on this host: memory, cpu".into()];
+        let text = render(&h);
+        assert!(text.contains("enforced:  none"), "{text}");
+        assert!(text.contains("not enforced: memory, cpu"), "{text}");
+        assert!(text.contains("devices:   NOT enforced"), "{text}");
+        assert!(
+            text.contains("warning: not enforced on this host: memory, cpu"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! Host: what this machine lets cybd enforce and hand out, found once at start-up and
+//! shared by the scheduler (which confines and places jobs) and the RPC server (which
+//! reports it): the cgroup driver and what it enforces, whether device denial really works
+//! (a probe in a throw-away cgroup), the GPU inventory and the per-GPU lockfiles.
+//!
+//! Everything here blocks (cgroupfs, /proc, NVML, flock): call it from `spawn_blocking`.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use cyb_proto::JobRecord;
+use cyb_proto::rpc::{CgroupHealth, DeviceHealth, GpuHealth, Health};
+use tracing::{info, warn};
+
+use crate::cgroup::{Cgroups, DeviceAllow, DeviceProbe, DeviceRule, JobCgroup, Limits, Mode};
+use crate::config::Config;
+use crate::gpu::{GpuLease, GpuLocks, Holder, Inventory, LockStatus};
+
+/// What confines and equips jobs on this host.
+pub struct Host {
+    pub cgroups: Cgroups,
+    pub probe: Option<DeviceProbe>,
+    inventory: Mutex<Inventory>,
+    pub locks: GpuLocks,
+    user_mode: bool,
+}
+
+/// What a job gets when it starts, kept until its supervisor holds it.
+pub struct Confinement {
+    pub cgroup: Option<JobCgroup>,
+    pub gpus: Vec<GpuLease>,
+}
+
+/// Why a job could not be confined and equipped.
+pub enum PrepareError {
+    /// A GPU's lock is held by something else: try again later, on other GPUs.
+    GpuBusy(u32),
+    /// The job cannot start as asked (cgroup creation failed with `require_limits`...).
+    Failed(String),
+}
+
+impl Host {
+    /// Detects cgroups (unless disabled), probes device denial, loads the GPU inventory.
+    pub fn init(cfg: &Config) -> Host {
+        let cgroups = if !cfg.cgroups_enabled {
+            Cgroups::none("cgroups disabled in the configuration ([cgroups] enabled = false)")
+        } else if cfg.user_mode {
+            Cgroups::none("user mode: cybd --user does not manage cgroups")
+        } else {
+            Cgroups::detect(&cfg.cgroup_name)
+        };
+        info!("cgroups: {}", cgroups.describe());
+        let probe = (cgroups.mode() != Mode::None).then(|| cgroups.probe_device_denial());
+        match &probe {
+            Some(p) if p.enforced() => info!("device control: {p}"),
+            Some(p) => warn!("device control does not work on this host: {p}"),
+            None => warn!("device control: not available without cgroups"),
+        }
+        let (inventory, health) = Inventory::load(&cfg.gpus);
+        info!("gpus: {health}");
+        let locks = GpuLocks::for_runtime(&cfg.paths.runtime);
+        let usable: Vec<u32> = inventory
+            .gpus
+            .iter()
+            .filter(|g| g.usable())
+            .map(|g| g.index)
+            .collect();
+        if let Err(e) = locks.prepare(usable) {
+            warn!("gpu lockfiles: {e}");
+        }
+        Host {
+            cgroups,
+            probe,
+            inventory: Mutex::new(inventory),
+            locks,
+            user_mode: cfg.user_mode,
+        }
+    }
+
+    fn inventory(&self) -> std::sync::MutexGuard<'_, Inventory> {
+        self.inventory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Indices of the GPUs jobs can be given.
+    pub fn usable_gpus(&self) -> BTreeSet<u32> {
+        self.inventory()
+            .gpus
+            .iter()
+            .filter(|g| g.usable())
+            .map(|g| g.index)
+            .collect()
+    }
+
+    /// Usable GPUs that something other than a cybd job holds or uses now (an outside
+    /// `flock` on the lockfile, or foreign compute processes when sharing is off).
+    pub fn gpus_taken_outside(&self, allow_shared: bool) -> BTreeSet<u32> {
+        let mut inv = self.inventory();
+        if inv.nvml_loaded() {
+            inv.refresh();
+        }
+        let mut out = BTreeSet::new();
+        for g in inv.gpus.iter().filter(|g| g.usable()) {
+            if !allow_shared && !g.compute_processes.is_empty() {
+                out.insert(g.index);
+                continue;
+            }
+            if matches!(self.locks.status(g.index), Ok(LockStatus::HeldOutside) | Err(_)) {
+                out.insert(g.index);
+            }
+        }
+        out
+    }
+
+    /// The limits a job gets: its own, else its class's defaults, plus a device allow-list
+    /// of its GPUs' nodes (every other GPU node is denied; a job without GPUs gets none).
+    pub fn limits_for(&self, cfg: &Config, rec: &JobRecord, gpus: &[u32]) -> Limits {
+        let class = cfg.class(rec.spec.class());
+        let r = rec.spec.resources.as_ref();
+        let caps = self.cgroups.capabilities();
+        let nodes = self.inventory().job_devices(gpus);
+        let rules = nodes
+            .iter()
+            .map(|n| DeviceRule::char(n.major, Some(n.minor), true, true))
+            .collect();
+        Limits {
+            memory_bytes: r.and_then(|r| r.memory.map(|m| m.0)).or(class.memory),
+            cpus: r.and_then(|r| r.cpus).or(class.cpus),
+            pids: r
+                .and_then(|r| r.pids)
+                .and_then(|p| u64::try_from(p).ok())
+                .or(class.pids),
+            devices: caps.devices.then(|| DeviceAllow::new(rules)),
+        }
+    }
+
+    /// What of `limits` this host cannot enforce, in words (empty: all of it).
+    pub fn unenforceable(&self, limits: &Limits, gpus: &[u32]) -> Vec<&'static str> {
+        let caps = self.cgroups.capabilities();
+        let mut missing = Vec::new();
+        if limits.memory_bytes.is_some() && !caps.memory {
+            missing.push("memory");
+        }
+        if limits.cpus.is_some() && !caps.cpu {
+            missing.push("cpu");
+        }
+        if limits.pids.is_some() && !caps.pids {
+            missing.push("pids");
+        }
+        if !gpus.is_empty() && !caps.devices {
+            missing.push("devices");
+        }
+        if self.cgroups.mode() == Mode::None {
+            missing.push("cgroup");
+        }
+        missing
+    }
+
+    /// Under `require_limits`: whether every limit `spec` asks for (or its class gives it)
+    /// can be enforced here; the error names the field and what is missing.
+    pub fn check_enforceable(
+        &self,
+        cfg: &Config,
+        spec: &cyb_proto::JobSpec,
+    ) -> Result<(), (&'static str, String)> {
+        let caps = self.cgroups.capabilities();
+        if self.cgroups.mode() == Mode::None {
+            return Err((
+                "resources",
+                format!(
+                    "this host cannot confine jobs ({}) and require_limits is set",
+                    self.cgroups.describe()
+                ),
+            ));
+        }
+        let class = cfg.class(spec.class());
+        let r = spec.resources.as_ref();
+        let checks = [
+            (
+                "resources.memory",
+                r.and_then(|r| r.memory).is_some() || class.memory.is_some(),
+                caps.memory,
+            ),
+            (
+                "resources.cpus",
+                r.and_then(|r| r.cpus).is_some() || class.cpus.is_some(),
+                caps.cpu,
+            ),
+            (
+                "resources.pids",
+                r.and_then(|r| r.pids).is_some() || class.pids.is_some(),
+                caps.pids,
+            ),
+            ("resources.gpus", spec.gpus() > 0, caps.devices),
+        ];
+        for (field, asked, can) in checks {
+            if asked && !can {
+                return Err((
+                    field,
+                    format!(
+                        "this host cannot enforce it ({}) and require_limits is set",
+                        self.cgroups.describe()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the job's cgroup and takes its GPUs' locks (all or nothing).
+    pub fn prepare(
+        &self,
+        cfg: &Config,
+        rec: &JobRecord,
+        gpus: &[u32],
+        attempt: u32,
+    ) -> Result<Confinement, PrepareError> {
+        let limits = self.limits_for(cfg, rec, gpus);
+        let missing = self.unenforceable(&limits, gpus);
+        if cfg.require_limits && !missing.is_empty() {
+            return Err(PrepareError::Failed(format!(
+                "require_limits is set and this host cannot enforce: {}",
+                missing.join(", ")
+            )));
+        }
+        let mut leases = Vec::new();
+        let holder = Holder::new(rec.id, rec.owner.user.clone());
+        for &i in gpus {
+            match self.locks.try_acquire(i, &holder) {
+                Ok(Some(l)) => leases.push(l),
+                Ok(None) => {
+                    release(leases);
+                    return Err(PrepareError::GpuBusy(i));
+                }
+                Err(e) => {
+                    warn!(job_id = rec.id, "gpu {i}: {e}");
+                    release(leases);
+                    return Err(PrepareError::GpuBusy(i));
+                }
+            }
+        }
+        let cgroup = if self.cgroups.mode() == Mode::None {
+            None
+        } else {
+            // Only what this host enforces is asked for; what it cannot was refused above
+            // under require_limits and is logged otherwise.
+            let caps = self.cgroups.capabilities();
+            let enforceable = Limits {
+                memory_bytes: limits.memory_bytes.filter(|_| caps.memory),
+                cpus: limits.cpus.filter(|_| caps.cpu),
+                pids: limits.pids.filter(|_| caps.pids),
+                devices: limits.devices.clone().filter(|_| caps.devices),
+            };
+            if !missing.is_empty() && attempt <= 1 {
+                warn!(
+                    job_id = rec.id,
+                    "not enforced for this job on this host: {}",
+                    missing.join(", ")
+                );
+            }
+            match self.cgroups.create(rec.id, &enforceable) {
+                Ok(cg) => Some(cg),
+                Err(e) if cfg.require_limits => {
+                    release(leases);
+                    return Err(PrepareError::Failed(format!("cannot confine the job: {e}")));
+                }
+                Err(e) => {
+                    if !gpus.is_empty() {
+                        // A GPU job without device control could open every GPU.
+                        release(leases);
+                        return Err(PrepareError::Failed(format!(
+                            "cannot create the job's cgroup, so its GPUs cannot be fenced off: {e}"
+                        )));
+                    }
+                    warn!(
+                        job_id = rec.id,
+                        "job runs unconfined: cannot create its cgroup: {e}"
+                    );
+                    None
+                }
+            }
+        };
+        Ok(Confinement { cgroup, gpus: leases })
+    }
+
+    /// Environment a GPU job gets: which GPUs it may use, in PCI bus order.
+    pub fn gpu_env(&self, gpus: &[u32]) -> Vec<(String, String)> {
+        if gpus.is_empty() {
+            return Vec::new();
+        }
+        let visible = self.inventory().visible_devices(gpus);
+        let indices: Vec<String> = gpus.iter().map(u32::to_string).collect();
+        vec![
+            ("CUDA_VISIBLE_DEVICES".into(), visible.clone()),
+            ("NVIDIA_VISIBLE_DEVICES".into(), visible),
+            ("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()),
+            ("CYB_GPUS".into(), indices.join(",")),
+        ]
+    }
+
+    /// For `cybctl health`.
+    pub fn health(&self, cfg: &Config) -> Health {
+        let caps = self.cgroups.capabilities();
+        let devices_ok = self.probe.as_ref().is_some_and(DeviceProbe::enforced);
+        let mut enforced = Vec::new();
+        let mut not_enforced = Vec::new();
+        for (name, on) in [
+            ("memory", caps.memory),
+            ("cpu", caps.cpu),
+            ("pids", caps.pids),
+            ("devices", caps.devices && devices_ok),
+            ("kill", caps.kill),
+        ] {
+            if on {
+                enforced.push(name.to_string());
+            } else {
+                not_enforced.push(name.to_string());
+            }
+        }
+        let inv = self.inventory();
+        let mut warnings = Vec::new();
+        if !not_enforced.is_empty() {
+            warnings.push(format!(
+                "not enforced on this host: {}{}",
+                not_enforced.join(", "),
+                if cfg.require_limits {
+                    " (require_limits: jobs asking for these are refused)"
+                } else {
+                    " (jobs run without these limits)"
+                }
+            ));
+        }
+        Health {
+            version: env!("CARGO_PKG_VERSION").into(),
+            user_mode: self.user_mode,
+            require_limits: cfg.require_limits,
+            cgroups: CgroupHealth {
+                mode: format!("{:?}", self.cgroups.mode()).to_lowercase(),
+                description: self.cgroups.describe(),
+                enforced,
+                not_enforced,
+                notes: self.cgroups.notes().to_vec(),
+            },
+            devices: DeviceHealth {
+                enforced: devices_ok,
+                probe: self
+                    .probe
+                    .as_ref()
+                    .map_or_else(|| "not probed: no cgroups".to_string(), |p| p.to_string()),
+            },
+            gpus: GpuHealth {
+                count: inv.gpus.iter().filter(|g| g.usable()).count(),
+                source: inv.source.as_str().to_string(),
+                health: inv.health().to_string(),
+            },
+            warnings,
+        }
+    }
+
+    /// For `cybctl gpus`.
+    pub fn gpu_report(&self) -> cyb_proto::gpu::GpuReport {
+        let mut inv = self.inventory();
+        if inv.nvml_loaded() {
+            inv.refresh();
+        }
+        crate::gpu::report(&inv, &self.locks)
+    }
+
+    /// Kills and removes the cgroups of jobs that are not running any more (after a daemon
+    /// restart, or a supervisor that died before cleaning up).
+    pub fn sweep(&self, running: &BTreeSet<u64>) {
+        if self.cgroups.mode() == Mode::None {
+            return;
+        }
+        let report = self.cgroups.sweep_stale(&|id| running.contains(&id));
+        if !report.removed.is_empty() {
+            info!("removed the cgroups of ended jobs {:?}", report.removed);
+        }
+        if !report.failed.is_empty() {
+            warn!("cannot remove job cgroups: {:?}", report.failed);
+        }
+    }
+}
+
+fn release(leases: Vec<GpuLease>) {
+    for l in leases {
+        let _ = l.release();
+    }
+}
+
+/// Records the supervisor `pid` as the holder of `leases`, whose descriptors it received;
+/// the daemon's own copies close when they are dropped, the supervisor's keep the locks.
+pub fn hand_gpus_to(leases: Vec<GpuLease>, pid: i32) {
+    for mut l in leases {
+        if let Err(e) = l.set_pid(pid.unsigned_abs()) {
+            warn!("gpu {}: cannot record holder pid {pid}: {e}", l.index());
+        }
+    }
+}
