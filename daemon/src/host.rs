@@ -31,14 +31,6 @@ pub struct Confinement {
     pub gpus: Vec<GpuLease>,
 }
 
-/// Why a job could not be confined and equipped.
-pub enum PrepareError {
-    /// A GPU's lock is held by something else: try again later, on other GPUs.
-    GpuBusy(u32),
-    /// The job cannot start as asked (cgroup creation failed with `require_limits`...).
-    Failed(String),
-}
-
 impl Host {
     /// Detects cgroups (unless disabled), probes device denial, loads the GPU inventory.
     pub fn init(cfg: &Config) -> Host {
@@ -206,37 +198,52 @@ impl Host {
         Ok(())
     }
 
-    /// Creates the job's cgroup and takes its GPUs' locks (all or nothing).
+    /// Takes the locks of `gpus` for job `id` (all or nothing); `Err` names a GPU whose
+    /// lock something else holds.
+    pub fn acquire_gpus(&self, id: u64, user: &str, gpus: &[u32]) -> Result<Vec<GpuLease>, u32> {
+        let mut leases = Vec::new();
+        let holder = Holder::new(id, user.to_string());
+        for &i in gpus {
+            match self.locks.try_acquire(i, &holder) {
+                Ok(Some(l)) => leases.push(l),
+                Ok(None) => {
+                    release_gpus(leases);
+                    return Err(i);
+                }
+                Err(e) => {
+                    warn!(job_id = id, "gpu {i}: {e}");
+                    release_gpus(leases);
+                    return Err(i);
+                }
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Creates the job's cgroup; `leases` (its GPUs' locks) are given back on failure.
     pub fn prepare(
         &self,
         cfg: &Config,
         rec: &JobRecord,
         gpus: &[u32],
+        leases: Vec<GpuLease>,
         attempt: u32,
-    ) -> Result<Confinement, PrepareError> {
+    ) -> Result<Confinement, String> {
         let limits = self.limits_for(cfg, rec, gpus);
         let missing = self.unenforceable(&limits, gpus);
         if cfg.require_limits && !missing.is_empty() {
-            return Err(PrepareError::Failed(format!(
+            release_gpus(leases);
+            return Err(format!(
                 "require_limits is set and this host cannot enforce: {}",
                 missing.join(", ")
-            )));
+            ));
         }
-        let mut leases = Vec::new();
-        let holder = Holder::new(rec.id, rec.owner.user.clone());
-        for &i in gpus {
-            match self.locks.try_acquire(i, &holder) {
-                Ok(Some(l)) => leases.push(l),
-                Ok(None) => {
-                    release(leases);
-                    return Err(PrepareError::GpuBusy(i));
-                }
-                Err(e) => {
-                    warn!(job_id = rec.id, "gpu {i}: {e}");
-                    release(leases);
-                    return Err(PrepareError::GpuBusy(i));
-                }
-            }
+        if !missing.is_empty() && attempt <= 1 {
+            warn!(
+                job_id = rec.id,
+                "not enforced for this job on this host: {}",
+                missing.join(", ")
+            );
         }
         let cgroup = if self.cgroups.mode() == Mode::None {
             None
@@ -250,26 +257,19 @@ impl Host {
                 pids: limits.pids.filter(|_| caps.pids),
                 devices: limits.devices.clone().filter(|_| caps.devices),
             };
-            if !missing.is_empty() && attempt <= 1 {
-                warn!(
-                    job_id = rec.id,
-                    "not enforced for this job on this host: {}",
-                    missing.join(", ")
-                );
-            }
             match self.cgroups.create(rec.id, &enforceable) {
                 Ok(cg) => Some(cg),
                 Err(e) if cfg.require_limits => {
-                    release(leases);
-                    return Err(PrepareError::Failed(format!("cannot confine the job: {e}")));
+                    release_gpus(leases);
+                    return Err(format!("cannot confine the job: {e}"));
                 }
                 Err(e) => {
                     if !gpus.is_empty() {
                         // A GPU job without device control could open every GPU.
-                        release(leases);
-                        return Err(PrepareError::Failed(format!(
+                        release_gpus(leases);
+                        return Err(format!(
                             "cannot create the job's cgroup, so its GPUs cannot be fenced off: {e}"
-                        )));
+                        ));
                     }
                     warn!(
                         job_id = rec.id,
@@ -365,6 +365,22 @@ impl Host {
         crate::gpu::report(&inv, &self.locks)
     }
 
+    /// Kills whatever runs in job `id`'s cgroup and removes it (a job whose supervisor
+    /// vanished).
+    pub fn remove_job_cgroup(&self, id: u64) {
+        let Some(cg) = self.cgroups.open_existing(id) else {
+            return;
+        };
+        if let Err(e) = cg.kill().and_then(|()| cg.remove()) {
+            warn!(job_id = id, "cannot remove the cgroup of lost job {id}: {e}");
+        } else {
+            info!(
+                job_id = id,
+                "killed what was left of lost job {id} and removed its cgroup"
+            );
+        }
+    }
+
     /// Kills and removes the cgroups of jobs that are not running any more (after a daemon
     /// restart, or a supervisor that died before cleaning up).
     pub fn sweep(&self, running: &BTreeSet<u64>) {
@@ -381,7 +397,8 @@ impl Host {
     }
 }
 
-fn release(leases: Vec<GpuLease>) {
+/// Gives locks back (clearing their holder text).
+pub fn release_gpus(leases: Vec<GpuLease>) {
     for l in leases {
         let _ = l.release();
     }

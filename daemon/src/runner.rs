@@ -291,6 +291,7 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
     };
     if let Ok(fd) = sys::pidfd_open(sup.pid)
         && sys::proc_start_ticks(sup.pid).ok() == Some(sup.start_ticks)
+        && !sys::is_zombie(sup.pid)
     {
         return Adopted::Alive(Running {
             sup,

@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::host::{Host, PrepareError};
+use crate::gpu::GpuLease;
+use crate::host::Host;
 use crate::launcher::Launcher;
 use crate::runner::{self, Adopted, Ended, Running};
 use crate::store::{Loaded, Store};
@@ -109,6 +110,11 @@ pub enum Msg {
     },
     /// Usable GPUs that something outside cybd holds now (periodic probe).
     GpusOutside(BTreeSet<u32>),
+    /// The locks of the GPUs chosen for a queued job are taken (or one was held outside).
+    GpusClaimed {
+        id: JobId,
+        res: Result<Vec<GpuLease>, u32>,
+    },
     Exited {
         id: JobId,
         attempt: u32,
@@ -192,8 +198,6 @@ struct Slot {
 pub enum StartError {
     /// Its running record could not be made durable: nothing ran, try again later.
     Store(String),
-    /// A GPU chosen for it turned out to be held by something else: nothing ran.
-    GpuBusy(u32),
     /// It cannot start as asked.
     Failed(String),
 }
@@ -229,6 +233,9 @@ pub struct Scheduler {
     gpu_outside: BTreeSet<u32>,
     /// A GPU probe is under way.
     gpu_probing: bool,
+    /// Queued GPU jobs whose GPUs' locks are being taken, before they start: a job is
+    /// recorded as running only once it holds its GPUs.
+    claiming: HashMap<JobId, Vec<u32>>,
 }
 
 impl Scheduler {
@@ -268,6 +275,7 @@ impl Scheduler {
             gpu_busy: HashMap::new(),
             gpu_outside: BTreeSet::new(),
             gpu_probing: false,
+            claiming: HashMap::new(),
         };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
@@ -603,6 +611,7 @@ impl Scheduler {
                 }
             }
             Msg::Kick => {}
+            Msg::GpusClaimed { id, res } => self.gpus_claimed(id, res),
             Msg::GpusOutside(outside) => {
                 self.gpu_probing = false;
                 if outside != self.gpu_outside {
@@ -867,12 +876,70 @@ impl Scheduler {
                 if let Some(set) = self.ready.get_mut(&class) {
                     set.pop_first();
                 }
-                self.start(id, gpus);
+                if gpus.is_empty() {
+                    self.start(id, Vec::new(), Vec::new());
+                } else {
+                    self.claim_gpus(id, class, gpus);
+                }
             }
         }
     }
 
-    fn start(&mut self, id: JobId, gpus: Vec<u32>) {
+    /// Takes the locks of `gpus` for queued job `id` (off the runtime); the job keeps its
+    /// class slot and the GPUs meanwhile, and starts once it holds them all.
+    fn claim_gpus(&mut self, id: JobId, class: Class, gpus: Vec<u32>) {
+        let Some(rec) = self.jobs.get(&id) else { return };
+        *self.running_per_class.entry(class).or_default() += 1;
+        for g in &gpus {
+            self.gpu_busy.insert(*g, id);
+        }
+        self.claiming.insert(id, gpus.clone());
+        let (host, user, tx) = (self.host.clone(), rec.owner.user.clone(), self.tx.clone());
+        tokio::task::spawn_blocking(move || {
+            let res = host.acquire_gpus(id, &user, &gpus);
+            let _ = tx.send(Msg::GpusClaimed { id, res });
+        });
+    }
+
+    fn gpus_claimed(&mut self, id: JobId, res: Result<Vec<GpuLease>, u32>) {
+        let Some(gpus) = self.claiming.remove(&id) else {
+            return;
+        };
+        let class = self.jobs.get(&id).map(|r| r.spec.class());
+        if let Some(n) = class.and_then(|c| self.running_per_class.get_mut(&c)) {
+            *n = n.saturating_sub(1);
+        }
+        for g in &gpus {
+            if self.gpu_busy.get(g) == Some(&id) {
+                self.gpu_busy.remove(g);
+            }
+        }
+        let queued = matches!(
+            self.jobs.get(&id).map(|r| &r.state),
+            Some(JobState::Queued { .. })
+        );
+        match res {
+            Ok(leases) if queued => self.start(id, gpus, leases),
+            Ok(leases) => {
+                // Cancelled or held meanwhile.
+                crate::host::release_gpus(leases);
+            }
+            Err(g) => {
+                // Taken outside cybd since the last probe: nothing ran; the GPU counts as
+                // taken until a probe finds it free, and the job waits for GPUs again.
+                info!(
+                    job_id = id,
+                    "gpu {g} is held outside cybd; job {id} waits for a free one"
+                );
+                self.gpu_outside.insert(g);
+                if queued {
+                    self.enqueue(id);
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, id: JobId, gpus: Vec<u32>, leases: Vec<GpuLease>) {
         let Some(rec) = self.jobs.get_mut(&id) else { return };
         if !matches!(rec.state, JobState::Queued { .. }) {
             return;
@@ -911,10 +978,9 @@ impl Scheduler {
             let acct = users::account_cached(rec.owner.uid).map_err(|e| StartError::Failed(e.to_string()))?;
             let mut launch = runner::launch_for(&cfg, &rec, &acct, attempt, &gpus, host.gpu_env(&gpus))
                 .map_err(StartError::Failed)?;
-            let conf = host.prepare(&cfg, &rec, &gpus, attempt).map_err(|e| match e {
-                PrepareError::GpuBusy(g) => StartError::GpuBusy(g),
-                PrepareError::Failed(why) => StartError::Failed(why),
-            })?;
+            let conf = host
+                .prepare(&cfg, &rec, &gpus, leases, attempt)
+                .map_err(StartError::Failed)?;
             launch.cgroup = conf.cgroup;
             let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
             match runner::spawn_supervisor(&launcher, &rec, &launch, &held) {
@@ -975,24 +1041,6 @@ impl Scheduler {
                     info!(event = "started", job_id = id, pid = run.sup.pid, attempt, job_user = %rec.owner.user, "job {id} started");
                 }
                 self.watch(id, attempt, run);
-            }
-            Err(StartError::GpuBusy(g)) => {
-                // Taken outside cybd since the last probe: nothing ran; the job waits for
-                // GPUs again and this one counts as taken until a probe finds it free.
-                info!(
-                    job_id = id,
-                    "gpu {g} is held outside cybd; job {id} waits for another"
-                );
-                self.gpu_outside.insert(g);
-                self.release_slot(id);
-                if let Some(rec) = self.jobs.get_mut(&id) {
-                    rec.attempts = rec.attempts.saturating_sub(1);
-                    rec.state = JobState::Queued {
-                        since: Timestamp::now(),
-                    };
-                    self.pending.persist_detached(id);
-                }
-                self.enqueue(id);
             }
             Err(StartError::Store(why)) => {
                 // Not recorded as running, so nothing ran: put it back and try again later.
@@ -1074,12 +1122,18 @@ impl Scheduler {
         let cancel_by = slot.and_then(|s| s.cancel_by);
         let exit = match ended {
             Ended::Exit(e) => e,
-            Ended::Lost(why) => ExitRecord {
-                attempt,
-                started: true,
-                error: Some(why),
-                ..Default::default()
-            },
+            Ended::Lost(why) => {
+                // Its supervisor did not clean up: whatever the job left runs on in its
+                // cgroup, with nobody watching. Kill it and remove the cgroup.
+                let host = self.host.clone();
+                tokio::task::spawn_blocking(move || host.remove_job_cgroup(id));
+                ExitRecord {
+                    attempt,
+                    started: true,
+                    error: Some(why),
+                    ..Default::default()
+                }
+            }
         };
         if exit.not_launched {
             if let Some(rec) = self.jobs.get_mut(&id) {

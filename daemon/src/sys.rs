@@ -47,6 +47,15 @@ pub fn proc_start_ticks(pid: i32) -> io::Result<u64> {
     })
 }
 
+/// Whether `pid` has exited and waits to be reaped (state `Z` in /proc/PID/stat): an
+/// orphaned supervisor's new parent may take its time.
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| st.rfind(')').map(|i| st[i + 1..].trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
 fn parse_start_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may contain spaces or ')'.
     let after = &stat[stat.rfind(')')? + 1..];
