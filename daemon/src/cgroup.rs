@@ -563,7 +563,17 @@ pub struct Cgroups {
     cgroup_kill: bool,
     /// What is missing and why, for [`Cgroups::describe`].
     notes: Vec<String>,
+    /// Loaded device filter programs by rule set: loading (the verifier) costs far more
+    /// than attaching, and most jobs share a handful of rule sets.
+    programs: ProgramCache,
 }
+
+/// BPF device programs already loaded, shared by clones of the driver.
+#[derive(Debug, Clone, Default)]
+struct ProgramCache(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<Vec<DeviceRule>, OwnedFd>>>);
+
+/// At most this many distinct rule sets stay loaded (one per GPU combination in use).
+const PROGRAM_CACHE: usize = 256;
 
 /// What [`Cgroups::sweep_stale`] did.
 #[derive(Debug, Default)]
@@ -643,6 +653,7 @@ impl Cgroups {
             bpf: false,
             cgroup_kill: false,
             notes: vec![reason.into()],
+            programs: ProgramCache::default(),
         }
     }
 
@@ -748,6 +759,7 @@ impl Cgroups {
             bpf,
             cgroup_kill,
             notes,
+            programs: ProgramCache::default(),
         }
     }
 
@@ -862,12 +874,13 @@ impl Cgroups {
                 });
             }
         }
-        let job = self.job(job_id);
-        let plan = plan_limits(&job.dirs, limits)?;
-        if job.exists() {
-            job.kill()?;
-            job.remove()?;
+        let all = self.job(job_id);
+        if all.exists() {
+            all.kill()?;
+            all.remove()?;
         }
+        let job = self.needed(all, limits);
+        let plan = plan_limits(&job.dirs, limits)?;
         for d in job.dirs.all() {
             if let Err(source) = fs::create_dir(d) {
                 let _ = job.remove();
@@ -882,6 +895,31 @@ impl Cgroups {
             return Err(e);
         }
         Ok(job)
+    }
+
+    /// `job` in only the hierarchies it needs: each cgroup directory costs a mkdir, its
+    /// writes and an rmdir per job, which is most of what confining a short job costs.
+    /// With a unified hierarchy, tracking, kill (`cgroup.kill` or `cgroup.freeze`), CPU
+    /// time (`cpu.stat`) and the BPF device filter are all there, so the v1 cpuacct,
+    /// freezer and devices directories are not needed; the v1 cpu and pids directories
+    /// are made only for a job with a CPU quota or a pids limit. Memory stays, for the
+    /// peak and OOM accounting.
+    fn needed(&self, mut job: JobCgroup, limits: &Limits) -> JobCgroup {
+        let d = &mut job.dirs;
+        if d.unified.is_some() {
+            d.cpuacct = None;
+            d.freezer = None;
+            if self.bpf {
+                d.devices = None;
+            }
+        }
+        if limits.cpus.is_none() && !d.v2.cpu {
+            d.cpu = None;
+        }
+        if limits.pids.is_none() && !d.v2.pids {
+            d.pids = None;
+        }
+        job
     }
 
     fn configure(&self, job: &JobCgroup, plan: &[FileWrite], limits: &Limits) -> Result<()> {
@@ -900,9 +938,30 @@ impl Cgroups {
             && self.bpf
             && let Some(u) = &job.dirs.unified
         {
-            attach_filter(u, &allow.effective())?;
+            self.attach_cached(u, &allow.effective())?;
         }
         Ok(())
+    }
+
+    /// Attaches the device filter for `rules` to `dir`, loading the program only the first
+    /// time a rule set is seen.
+    fn attach_cached(&self, dir: &Path, rules: &[DeviceRule]) -> Result<()> {
+        let mut cache = self.programs.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.contains_key(rules) {
+            if cache.len() >= PROGRAM_CACHE {
+                cache.clear();
+            }
+            let prog = load_filter(dir, rules)?;
+            cache.insert(rules.to_vec(), prog);
+        }
+        let prog = cache.get(rules).ok_or_else(|| CgroupError::BpfAttach {
+            path: dir.to_path_buf(),
+            source: io::Error::other("device program cache lost an entry"),
+        })?;
+        devices::attach_device_program(dir, prog).map_err(|source| CgroupError::BpfAttach {
+            path: dir.to_path_buf(),
+            source,
+        })
     }
 
     /// The cgroup of job `job_id` if it exists in any hierarchy (a job still running
@@ -911,7 +970,22 @@ impl Cgroups {
         if self.mode == Mode::None {
             return None;
         }
-        let job = self.job(job_id);
+        let mut job = self.job(job_id);
+        // Only the hierarchies it was made in (see `needed`).
+        let d = &mut job.dirs;
+        for dir in [
+            &mut d.unified,
+            &mut d.memory,
+            &mut d.cpu,
+            &mut d.cpuacct,
+            &mut d.pids,
+            &mut d.devices,
+            &mut d.freezer,
+        ] {
+            if dir.as_ref().is_some_and(|p| !p.exists()) {
+                *dir = None;
+            }
+        }
         job.exists().then_some(job)
     }
 
@@ -1204,7 +1278,16 @@ fn setup_unified(
 
 /// Loads the device program for `rules` and attaches it to the unified cgroup `dir`.
 fn attach_filter(dir: &Path, rules: &[DeviceRule]) -> Result<()> {
-    let prog = devices::load_device_program(rules).map_err(|e| CgroupError::BpfLoad {
+    let prog = load_filter(dir, rules)?;
+    // The cgroup holds the program from now on; our descriptor may close.
+    devices::attach_device_program(dir, &prog).map_err(|source| CgroupError::BpfAttach {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
+fn load_filter(dir: &Path, rules: &[DeviceRule]) -> Result<OwnedFd> {
+    devices::load_device_program(rules).map_err(|e| CgroupError::BpfLoad {
         path: dir.to_path_buf(),
         log: if e.log.is_empty() {
             String::new()
@@ -1212,11 +1295,6 @@ fn attach_filter(dir: &Path, rules: &[DeviceRule]) -> Result<()> {
             format!(" (verifier: {})", e.log)
         },
         source: e.source,
-    })?;
-    // The cgroup holds the program from now on; our descriptor may close.
-    devices::attach_device_program(dir, &prog).map_err(|source| CgroupError::BpfAttach {
-        path: dir.to_path_buf(),
-        source,
     })
 }
 
