@@ -1047,3 +1047,52 @@ fn orphaned_job_cgroup_is_swept_after_restart() {
     );
     assert_no_cgroup(&d, id, Duration::from_secs(10));
 }
+
+/// Class time limits are defaults a job may lower, or raise up to the class's maximum.
+#[test]
+fn class_time_limits_default_lower_and_raise() {
+    let _g = shared();
+    let t = tempdir("cyb-res-");
+    let d = Daemon::start_with("[classes.cpu_short]\ntimeout = \"1s\"\nmax_timeout = \"4s\"\n");
+    let job = |spec: Value| submit_spec(&d, t.path(), &spec);
+    // No timeout of its own: the class's 1 s.
+    let by_default = job(json!({"shell": "sleep 3", "cwd": "/"}));
+    // Lowered below the class's.
+    let lowered = job(json!({"shell": "sleep 0.8", "cwd": "/", "timeout": "500ms"}));
+    // Raised, within the maximum.
+    let raised = job(json!({"shell": "sleep 2; echo made it", "cwd": "/", "timeout": "3s"}));
+    assert_eq!(result_of(&d, by_default, LONG)["state"], "timed_out");
+    assert_eq!(result_of(&d, lowered, LONG)["state"], "timed_out");
+    let r = result_of(&d, raised, LONG);
+    assert_eq!(r["state"], "succeeded", "{r}");
+    // Beyond the maximum: refused, naming the field.
+    let path = t.path().join("too-long.json");
+    std::fs::write(&path, r#"{"shell": "true", "cwd": "/", "timeout": "10s"}"#).unwrap();
+    let out = d.ctl(&["submit", "-f", s(&path)]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("timeout") && err.contains("4s"), "{err}");
+}
+
+/// A class's default limits apply to its jobs that set none; a job's own limit wins.
+#[test]
+fn class_default_limits_apply() {
+    if !require(is_root(), "root (cgroups)") {
+        return;
+    }
+    let _g = shared();
+    let d = Daemon::start_with("[classes.cpu_short]\nmemory = \"32MiB\"\n");
+    let t = tempdir("cyb-res-");
+    let dd = ["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"];
+    let by_class = submit_spec(&d, t.path(), &json!({"command": dd, "cwd": "/"}));
+    let own = submit_spec(
+        &d,
+        t.path(),
+        &json!({"command": dd, "cwd": "/", "resources": {"memory": "512MiB"}}),
+    );
+    let r = result_of(&d, by_class, LONG);
+    assert_eq!(r["reason"], "oom_killed", "the class's 32 MiB did not apply: {r}");
+    let r = result_of(&d, own, LONG);
+    assert_eq!(r["state"], "succeeded", "the job's own 512 MiB did not win: {r}");
+    assert!(r["peak_memory_bytes"].as_u64().unwrap() > 100 << 20, "{r}");
+}
