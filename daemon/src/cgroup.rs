@@ -875,20 +875,33 @@ impl Cgroups {
             }
         }
         let all = self.job(job_id);
-        if all.exists() {
+        let job = self.needed(all.clone(), limits);
+        let plan = plan_limits(&job.dirs, limits)?;
+        // Made directly; only a directory that already exists (a crash left it) costs the
+        // clean-up and a second try.
+        for round in 0..2 {
+            let mut left_over = false;
+            for d in job.dirs.all() {
+                match fs::create_dir(d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && round == 0 => {
+                        left_over = true;
+                        break;
+                    }
+                    Err(source) => {
+                        let _ = job.remove();
+                        return Err(CgroupError::Create {
+                            path: d.to_path_buf(),
+                            source,
+                        });
+                    }
+                }
+            }
+            if !left_over {
+                break;
+            }
             all.kill()?;
             all.remove()?;
-        }
-        let job = self.needed(all, limits);
-        let plan = plan_limits(&job.dirs, limits)?;
-        for d in job.dirs.all() {
-            if let Err(source) = fs::create_dir(d) {
-                let _ = job.remove();
-                return Err(CgroupError::Create {
-                    path: d.to_path_buf(),
-                    source,
-                });
-            }
         }
         if let Err(e) = self.configure(&job, &plan, limits) {
             let _ = job.remove();
