@@ -360,13 +360,11 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
     }
 }
 
-/// After the job: whatever it left in its cgroup is killed, what it used is read, and the
+/// After the job (whose cgroup the watch loop already killed): what it used is read, and the
 /// cgroup is removed.
 fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
+    // The watch loop killed the cgroup when the job's main process ended.
     let mut problems = Vec::new();
-    if let Err(e) = cg.kill() {
-        problems.push(e.to_string());
-    }
     match cg.stats() {
         Ok(st) => {
             exit.peak_memory_bytes = st.peak_memory_bytes;
@@ -375,8 +373,11 @@ fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
         }
         Err(e) => problems.push(e.to_string()),
     }
-    if let Err(e) = cg.remove() {
-        problems.push(e.to_string());
+    if cg.remove().is_err() {
+        // Something is still in it (a kill that did not finish): once more, then remove.
+        if let Err(e) = cg.kill().and_then(|()| cg.remove()) {
+            problems.push(e.to_string());
+        }
     }
     if !problems.is_empty() {
         exit.cgroup_error = Some(problems.join("; "));
