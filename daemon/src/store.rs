@@ -20,7 +20,7 @@ use cyb_proto::{JobId, JobRecord};
 use tokio::sync::oneshot;
 use tracing::{error, warn};
 
-use crate::fsutil::{self, WriteOpts};
+use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -51,6 +51,10 @@ struct WriteReq {
     bytes: Option<Vec<u8>>,
     ack: Option<oneshot::Sender<Result<(), StoreError>>>,
 }
+
+/// Spare record files the writer keeps (see `fsutil::Spares`): enough for the records one
+/// group commit of a busy queue rewrites.
+const SPARES: usize = 1024;
 
 /// Threads that fsync one group's files at once.
 const SYNC_THREADS: usize = 8;
@@ -287,6 +291,8 @@ impl SyncPool {
 /// The writer thread: takes every request waiting, writes each record to a temp file and
 /// fsyncs it, renames them all, fsyncs the directory once, then acknowledges the group.
 fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>, pool: SyncPool) {
+    // Record updates swap a spare in rather than free the old version (see fsutil::Spares).
+    let mut spares = fsutil::Spares::new(SPARES);
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
@@ -310,12 +316,7 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>, pool: Syn
             if last_of.get(&w.id) != Some(&i) {
                 continue;
             }
-            let opts = WriteOpts {
-                mode: 0o644,
-                owner: None,
-                sync: false,
-            };
-            match fsutil::stage_at(&fd, &format!("{}.json", w.id), bytes, opts) {
+            match spares.stage(&fd, &format!("{}.json", w.id), bytes, 0o644) {
                 Ok(s) => staged.push((w.id, s)),
                 Err(e) => {
                     failed.insert(w.id, e);
@@ -331,9 +332,9 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>, pool: Syn
         };
         for ((id, s), r) in staged.into_iter().zip(synced) {
             let res = match r {
-                Ok(()) => s.commit(&fd),
+                Ok(()) => spares.commit(&fd, s),
                 Err(e) => {
-                    s.abandon(&fd);
+                    spares.abandon(&fd, s);
                     Err(e)
                 }
             };
