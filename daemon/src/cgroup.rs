@@ -454,9 +454,17 @@ fn read_pids_recursive(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
             out.push(pid);
         }
     }
+    for child in child_cgroups(dir)? {
+        read_pids_recursive(&child, out)?;
+    }
+    Ok(())
+}
+
+/// The sub-cgroups (subdirectories) of `dir`; none when `dir` is gone.
+fn child_cgroups(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => {
             return Err(CgroupError::Read {
                 path: dir.to_path_buf(),
@@ -464,12 +472,11 @@ fn read_pids_recursive(dir: &Path, out: &mut Vec<i32>) -> Result<()> {
             });
         }
     };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            read_pids_recursive(&entry.path(), out)?;
-        }
-    }
-    Ok(())
+    Ok(entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect())
 }
 
 /// Creates a directory; one that already exists is fine.
@@ -489,20 +496,8 @@ fn remove_tree(dir: &Path, deadline: Instant) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(_) => {}
     }
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(CgroupError::Read {
-                path: dir.to_path_buf(),
-                source,
-            });
-        }
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&entry.path(), deadline)?;
-        }
+    for child in child_cgroups(dir)? {
+        remove_tree(&child, deadline)?;
     }
     loop {
         match fs::remove_dir(dir) {

@@ -421,6 +421,28 @@ fn remove_cgroup_dirs(name: &str) {
     walk(Path::new("/sys/fs/cgroup"), 4, name);
 }
 
+/// A character device node `major:minor` at `path` with permission bits `mode` (exactly:
+/// the umask does not apply), for GPU-like test nodes.
+pub fn mknod_char(path: &Path, major: u64, minor: u64, mode: u32) {
+    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+    mknod(
+        path,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(mode),
+        makedev(major, minor),
+    )
+    .unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+/// Seconds since the epoch of an RFC 3339 time in a JSON value (result.json's times).
+pub fn epoch(v: &Value) -> f64 {
+    v.as_str()
+        .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok())
+        .map(|t| t.unix_timestamp_nanos() as f64 / 1e9)
+        .unwrap_or_else(|| panic!("not an RFC 3339 time: {v}"))
+}
+
 /// A cgroup subtree name unique to the daemon rooted at `root`.
 fn cgroup_name_for(root: &Path) -> String {
     let tail = root

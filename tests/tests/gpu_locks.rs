@@ -15,17 +15,6 @@ use cybd::gpu::{
     LockStatus, StaticGpu,
 };
 
-fn mknod_char(path: &Path, major: u64, minor: u64) {
-    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-    mknod(
-        path,
-        SFlag::S_IFCHR,
-        Mode::from_bits_truncate(0o600),
-        makedev(major, minor),
-    )
-    .unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
-}
-
 fn entry(index: u32, devices: Vec<PathBuf>) -> StaticGpu {
     StaticGpu {
         index,
@@ -53,9 +42,9 @@ fn static_inventory_reports_device_numbers() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    mknod_char(&d.join("nvidia0"), 195, 0);
-    mknod_char(&d.join("nvidia1"), 195, 1);
-    mknod_char(&d.join("nvidiactl"), 195, 255);
+    cyb_tests::mknod_char(&d.join("nvidia0"), 195, 0, 0o600);
+    cyb_tests::mknod_char(&d.join("nvidia1"), 195, 1, 0o600);
+    cyb_tests::mknod_char(&d.join("nvidiactl"), 195, 255, 0o600);
     let cfg = GpuConfig::resolve(
         GpusSection {
             source: GpuSource::Static,

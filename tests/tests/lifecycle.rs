@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, bin, is_root, require, test_user, wait_until};
+use cyb_tests::{Daemon, alive, bin, epoch, is_root, require, test_user, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -75,50 +75,6 @@ fn submit_file(d: &Daemon, dir: &Path, name: &str, spec: &Value) -> u64 {
     std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
     let v = d.ctl_json(&["submit", "-f", path.to_str().unwrap()]);
     v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
-}
-
-/// Seconds since the epoch of an RFC 3339 time such as `2025-11-23T14:03:07.123456Z`.
-fn epoch(v: &Value) -> f64 {
-    v.as_str()
-        .and_then(parse_rfc3339)
-        .unwrap_or_else(|| panic!("not an RFC 3339 time: {v}"))
-}
-
-fn parse_rfc3339(s: &str) -> Option<f64> {
-    let (date, rest) = s.split_once('T')?;
-    let ymd: Vec<i64> = date.split('-').map(str::parse).collect::<Result<_, _>>().ok()?;
-    let (clock, offset) = match rest.strip_suffix('Z') {
-        Some(c) => (c, 0),
-        None => {
-            let (c, o) = rest.split_at(rest.rfind(['+', '-'])?);
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            let (h, m) = o[1..].split_once(':')?;
-            (
-                c,
-                sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-            )
-        }
-    };
-    let hms: Vec<f64> = clock.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
-    if ymd.len() != 3 || hms.len() != 3 {
-        return None;
-    }
-    // Days from 1970-01-01 (H. Hinnant's days_from_civil).
-    let (y, m, d) = (ymd[0] - i64::from(ymd[1] <= 2), ymd[1], ymd[2]);
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    Some((days * 86_400 - offset) as f64 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2])
-}
-
-#[test]
-fn rfc3339_parsing() {
-    assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0.0));
-    assert_eq!(parse_rfc3339("2000-03-01T00:00:01.5Z"), Some(951_868_801.5));
-    assert_eq!(parse_rfc3339("2000-03-01T02:00:01.5+02:00"), Some(951_868_801.5));
-    assert_eq!(parse_rfc3339("2024-02-29T12:00:00Z"), Some(1_709_208_000.0));
-    assert_eq!(parse_rfc3339("soon"), None);
 }
 
 /// Whether process `pid` is gone (an exited orphan nobody reaped yet counts as gone).

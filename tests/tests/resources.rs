@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, is_root, require, wait_until};
+use cyb_tests::{Daemon, alive, epoch, is_root, require, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -110,40 +110,6 @@ fn logs(d: &Daemon, id: u64) -> String {
         file(&run, "stdout.log"),
         file(&run, "stderr.log")
     )
-}
-
-/// Seconds since the epoch of an RFC 3339 time.
-fn epoch(v: &Value) -> f64 {
-    v.as_str()
-        .and_then(parse_rfc3339)
-        .unwrap_or_else(|| panic!("not an RFC 3339 time: {v}"))
-}
-
-fn parse_rfc3339(s: &str) -> Option<f64> {
-    let (date, rest) = s.split_once('T')?;
-    let ymd: Vec<i64> = date.split('-').map(str::parse).collect::<Result<_, _>>().ok()?;
-    let (clock, offset) = match rest.strip_suffix('Z') {
-        Some(c) => (c, 0),
-        None => {
-            let (c, o) = rest.split_at(rest.rfind(['+', '-'])?);
-            let sign = if o.starts_with('-') { -1 } else { 1 };
-            let (h, m) = o[1..].split_once(':')?;
-            (
-                c,
-                sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60),
-            )
-        }
-    };
-    let hms: Vec<f64> = clock.split(':').map(str::parse).collect::<Result<_, _>>().ok()?;
-    if ymd.len() != 3 || hms.len() != 3 {
-        return None;
-    }
-    let (y, m, d) = (ymd[0] - i64::from(ymd[1] <= 2), ymd[1], ymd[2]);
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    Some((days * 86_400 - offset) as f64 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2])
 }
 
 fn now_epoch() -> f64 {
@@ -251,27 +217,13 @@ fn wait_pids(path: &Path, n: usize) -> Vec<i32> {
     pids
 }
 
-/// A character device node `major:minor` at `path`, mode 0666 (so only device control can
-/// refuse an open).
-fn mknod_char(path: &Path, major: u64, minor: u64) {
-    use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-    mknod(
-        path,
-        SFlag::S_IFCHR,
-        Mode::from_bits_truncate(0o666),
-        makedev(major, minor),
-    )
-    .unwrap_or_else(|e| panic!("mknod {}: {e}", path.display()));
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).unwrap();
-}
-
 /// A directory with `n` NVIDIA-like GPU nodes `nvidia<i>` (195:i).
 fn gpu_nodes(n: u32) -> (tempfile::TempDir, Vec<PathBuf>) {
     let dir = tempdir("cyb-gpus-");
     let nodes = (0..n)
         .map(|i| {
             let p = dir.path().join(format!("nvidia{i}"));
-            mknod_char(&p, 195, u64::from(i));
+            cyb_tests::mknod_char(&p, 195, u64::from(i), 0o666);
             p
         })
         .collect();
