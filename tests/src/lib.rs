@@ -435,6 +435,39 @@ pub fn mknod_char(path: &Path, major: u64, minor: u64, mode: u32) {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
 }
 
+/// Whether process `pid` is gone (an exited process nobody reaped yet counts as gone).
+pub fn gone(pid: i32) -> bool {
+    if !alive(pid) {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// The pids a job wrote into `path`, one a line, once there are `n` of them (30 s at most).
+pub fn wait_pids(path: &Path, n: usize) -> Vec<i32> {
+    let read = || -> Vec<i32> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let ok = wait_until(Duration::from_secs(30), || read().len() >= n);
+    let pids = read();
+    assert!(
+        ok,
+        "the job wrote {} of {n} pids to {}",
+        pids.len(),
+        path.display()
+    );
+    pids
+}
+
 /// Seconds since the epoch of an RFC 3339 time in a JSON value (result.json's times).
 pub fn epoch(v: &Value) -> f64 {
     v.as_str()

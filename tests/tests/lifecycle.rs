@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, bin, epoch, is_root, require, test_user, wait_until};
+use cyb_tests::{Daemon, bin, epoch, gone, is_root, require, test_user, wait_pids, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -75,39 +75,6 @@ fn submit_file(d: &Daemon, dir: &Path, name: &str, spec: &Value) -> u64 {
     std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
     let v = d.ctl_json(&["submit", "-f", path.to_str().unwrap()]);
     v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
-}
-
-/// Whether process `pid` is gone (an exited orphan nobody reaped yet counts as gone).
-fn gone(pid: i32) -> bool {
-    if !alive(pid) {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
-/// The pids a job wrote, one a line, once there are `n` of them.
-fn wait_pids(path: &Path, n: usize) -> Vec<i32> {
-    let read = || -> Vec<i32> {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
-    let ok = wait_until(LONG, || read().len() >= n);
-    let pids = read();
-    assert!(
-        ok,
-        "the job wrote {} of {n} pids to {}",
-        pids.len(),
-        path.display()
-    );
-    pids
 }
 
 /// Reads `r` line by line on a thread; each line arrives with the time it was read.

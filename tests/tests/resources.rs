@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, epoch, is_root, require, wait_until};
+use cyb_tests::{Daemon, epoch, gone, is_root, require, wait_pids, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -169,19 +169,6 @@ fn assert_no_cgroup(d: &Daemon, id: u64, timeout: Duration) {
     );
 }
 
-/// Whether process `pid` is gone (an unreaped zombie counts as gone).
-fn gone(pid: i32) -> bool {
-    if !alive(pid) {
-        return true;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_none_or(|(_, rest)| rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
 /// Live (non-zombie) processes whose argv is exactly `argv`.
 fn procs_with_argv(argv: &[&str]) -> Vec<i32> {
     let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
@@ -195,26 +182,6 @@ fn procs_with_argv(argv: &[&str]) -> Vec<i32> {
         }
     }
     out
-}
-
-/// The pids a job wrote into `path`, one a line, once there are `n` of them.
-fn wait_pids(path: &Path, n: usize) -> Vec<i32> {
-    let read = || -> Vec<i32> {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
-    let ok = wait_until(LONG, || read().len() >= n);
-    let pids = read();
-    assert!(
-        ok,
-        "the job wrote {} of {n} pids to {}",
-        pids.len(),
-        path.display()
-    );
-    pids
 }
 
 /// A directory with `n` NVIDIA-like GPU nodes `nvidia<i>` (195:i).
