@@ -1006,3 +1006,43 @@ fn artifacts_matching_the_globs_are_collected() {
     assert!(found, "the spool file was not accepted; log:\n{}", d.log());
     check(id.unwrap());
 }
+
+/// The launcher (the process that forks supervisors) killed between jobs: the next job
+/// starts a new one and runs; the daemon is not disturbed.
+#[test]
+fn a_killed_launcher_is_replaced() {
+    let d = Daemon::start();
+    let first = d.submit(&[], &["true"]);
+    assert_eq!(d.wait_result(first, LONG)["state"], "succeeded");
+    let daemon = d.pid().unwrap();
+    let launchers = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                ppid == Some(daemon) && cmd.ends_with(b"launcher\0") && !gone(*pid)
+            })
+            .collect()
+    };
+    let old = launchers();
+    assert_eq!(old.len(), 1, "one launcher expected, found {old:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || gone(old[0])));
+    let second = d.submit(&[], &["sh", "-c", "echo again"]);
+    let r = d.wait_result(second, LONG);
+    assert_eq!(r["state"], "succeeded", "{r}\nlog:\n{}", d.log());
+    let new = launchers();
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_ne!(new[0], old[0]);
+    assert!(d.log().contains("the launcher went away"), "log:\n{}", d.log());
+}
