@@ -127,8 +127,15 @@ pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
     let Some(result) = RunResult::of(rec) else {
         return Ok(());
     };
-    let dir = prepare_run_dir(rec)?;
-    if fsutil::open_read_at(&dir, "job.json").is_err() {
+    // A job that ran has its run directory (and job.json, written before its supervisor was
+    // handed the job); one that never ran (cancelled, dependency failed) gets them now.
+    let dir = match fsutil::open_dir(Path::new(&rec.run_dir)) {
+        Ok(d) => d,
+        Err(_) => prepare_run_dir(rec)?,
+    };
+    let has_job_json =
+        nix::sys::stat::fstatat(&dir, "job.json", nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
+    if !has_job_json {
         write_job_json(&dir, rec)?;
     }
     let mut bytes = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other)?;
