@@ -336,7 +336,7 @@ fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32, held: Vec<Owne
     // The launcher's socket is fd 0: the pipe takes its place as stdin, which also closes
     // the socket in this process.
     if let Err(e) = nix::unistd::dup2_stdin(stdin.as_fd()) {
-        eprintln!("cybd supervise: cannot take the launch pipe as stdin: {e}");
+        eprintln!("cybd supervisor: cannot take the launch pipe as stdin: {e}");
         return 1;
     }
     drop(stdin);
