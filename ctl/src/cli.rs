@@ -44,7 +44,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Queue a job: `-- CMD ARGS...`, `--shell SCRIPT` or `-f FILE`
-    Submit(cmd::submit::Args),
+    Submit(Box<cmd::submit::Args>),
     /// List jobs, newest first
     Ls(cmd::ls::Args),
     /// Show one job in detail

@@ -563,7 +563,11 @@ fn one_gpu_two_jobs_serialize() {
     let d = Daemon::start_with(&gpu_config(&nodes));
     let t = tempdir("cyb-res-");
     let a = submit_spec(&d, t.path(), &gpu_job("sleep 1.5"));
-    let b = submit_spec(&d, t.path(), &gpu_job("sleep 1.5"));
+    // The second through cybctl's own flags.
+    let b = d.submit(
+        &["--class", "gpu", "--gpus", "1", "--cwd", "/"],
+        &["sleep", "1.5"],
+    );
     wait_state(&d, a, "running", LONG);
     let mut seen = Value::Null;
     let ok = wait_until(Duration::from_secs(5), || {

@@ -50,7 +50,7 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         socket_flag: cli.socket,
     };
     match cli.command {
-        Command::Submit(a) => submit::run(&ctx, a).await,
+        Command::Submit(a) => submit::run(&ctx, *a).await,
         Command::Ls(a) => ls::run(&ctx, a).await,
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Logs(a) => logs::run(&ctx, a).await,

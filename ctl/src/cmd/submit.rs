@@ -45,6 +45,22 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", value_parser = duration_text)]
     pub timeout: Option<String>,
 
+    /// Whole GPUs the job needs (class gpu; sets `resources.gpus`)
+    #[arg(long, value_name = "N")]
+    pub gpus: Option<u32>,
+
+    /// Memory limit, RAM and swap together, e.g. 512MiB, 8GiB (sets `resources.memory`)
+    #[arg(long, value_name = "SIZE", value_parser = size_text)]
+    pub memory: Option<String>,
+
+    /// CPU time quota in CPUs, e.g. 0.5 or 4 (sets `resources.cpus`)
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
+
+    /// Most processes and threads at once (sets `resources.pids`)
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+
     /// Extra environment variable (repeatable; added to the file's `env`)
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
@@ -65,6 +81,14 @@ pub struct Args {
     /// The program and its arguments, after `--`
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// Checks a `--memory` value early, but sends it as written.
+fn size_text(s: &str) -> Result<String, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|_| s.trim().to_string())
+        .map_err(|e| format!("`{s}` is not a size ({e}); write e.g. 512MiB, 8GiB"))
 }
 
 /// Checks a `--timeout` value early, but sends it as written.
@@ -189,6 +213,22 @@ pub fn build_spec(
     if let Some(t) = &args.timeout {
         spec.insert("timeout".into(), json!(t));
     }
+    let resources = [
+        ("gpus", args.gpus.map(|n| json!(n))),
+        ("memory", args.memory.as_ref().map(|m| json!(m))),
+        ("cpus", args.cpus.map(|c| json!(c))),
+        ("pids", args.pids.map(|p| json!(p))),
+    ];
+    for (key, value) in resources {
+        let Some(value) = value else { continue };
+        let r = spec.entry("resources").or_insert_with(|| json!({}));
+        if !r.is_object() {
+            *r = json!({});
+        }
+        if let Value::Object(r) = r {
+            r.insert(key.into(), value);
+        }
+    }
     if !args.after.is_empty() {
         let deps = spec.entry("depends_on").or_insert_with(|| json!([]));
         if !deps.is_array() {
@@ -263,7 +303,7 @@ mod tests {
     fn args(argv: &[&str]) -> Args {
         let cli = Cli::try_parse_from(std::iter::once("cybctl").chain(argv.iter().copied())).unwrap();
         match cli.command {
-            Command::Submit(a) => a,
+            Command::Submit(a) => *a,
             other => panic!("parsed as {other:?}"),
         }
     }
@@ -368,6 +408,22 @@ mod tests {
     }
 
     #[test]
+    fn resource_flags_fill_resources_and_keep_the_files_others() {
+        let mut base = Map::new();
+        base.insert("resources".into(), json!({"memory": "1GiB", "pids": 10}));
+        let a = args(&[
+            "submit", "--gpus", "2", "--cpus", "1.5", "--memory", "512MiB", "--class", "gpu", "--shell", "x",
+        ]);
+        let spec = build_spec(Some(base), &a, None).unwrap();
+        assert_eq!(
+            spec["resources"],
+            json!({"gpus": 2, "cpus": 1.5, "memory": "512MiB", "pids": 10})
+        );
+        let parsed = cyb_proto::parse_job(serde_json::to_string(&spec).unwrap().as_bytes()).unwrap();
+        assert_eq!(parsed.gpus(), 2);
+    }
+
+    #[test]
     fn the_result_is_a_valid_spec() {
         let spec = build(&["submit", "--class", "gpu", "--timeout", "90s", "--", "nvidia-smi"]);
         let parsed = cyb_proto::parse_job(serde_json::to_string(&spec).unwrap().as_bytes()).unwrap();
@@ -383,6 +439,7 @@ mod tests {
         // Both a shell script and a command.
         assert!(parse(&["submit", "--shell", "true", "--", "true"]).is_err());
         assert!(parse(&["submit", "--timeout", "soon", "--", "true"]).is_err());
+        assert!(parse(&["submit", "--memory", "lots", "--", "true"]).is_err());
         assert!(parse(&["submit", "--class", "huge", "--", "true"]).is_err());
     }
 }
