@@ -424,6 +424,29 @@ mod tests {
     }
 
     #[test]
+    fn limits_cgroups_and_gpus() {
+        let text = "require_limits = true\n\
+                    [cgroups]\nname = \"cyb-a\"\n\
+                    [classes.cpu_long]\nmemory = \"8GiB\"\ncpus = 2.5\npids = 4096\n\
+                    [gpus]\nsource = \"static\"\n\
+                    [[gpu]]\nindex = 0\nuuid = \"GPU-x\"\ndevices = [\"/dev/nvidia0\"]\n";
+        let c = Config::parse(text, Path::new("t.toml"), false, &env).unwrap();
+        assert!(c.require_limits && c.cgroups_enabled);
+        assert_eq!(c.cgroup_name, "cyb-a");
+        let long = c.class(Class::CpuLong);
+        assert_eq!(
+            (long.memory, long.cpus, long.pids),
+            (Some(8 << 30), Some(2.5), Some(4096))
+        );
+        assert_eq!(c.class(Class::CpuShort).memory, None);
+        assert_eq!(c.gpus.entries.len(), 1);
+        assert_eq!(c.gpus.entries[0].uuid.as_deref(), Some("GPU-x"));
+        let d = Config::defaults(false, &env).unwrap();
+        assert!(!d.require_limits && d.cgroups_enabled);
+        assert_eq!(d.cgroup_name, "cyb");
+    }
+
+    #[test]
     fn bad_keys_are_named() {
         let cases = [
             ("slots_cpu = 3", "slots_cpu"),
@@ -433,6 +456,13 @@ mod tests {
             ("[paths]\nspool = \"rel\"", "paths.spool"),
             ("log_level = \"loud\"", "log_level"),
             ("max_job_bytes = \"1 potato\"", "max_job_bytes"),
+            ("[cgroups]\nname = \"../x\"", "cgroups.name"),
+            ("[cgroups]\nlimit = 1", "limit"),
+            ("[classes.cpu_short]\ncpus = 0.0", "classes.cpu_short.cpus"),
+            ("[classes.cpu_short]\npids = 0", "classes.cpu_short.pids"),
+            ("[classes.cpu_short]\nmemory = \"0B\"", "classes.cpu_short.memory"),
+            ("[[gpu]]\nindex = 0\ndevices = [\"nvidia0\"]", "gpu[0]"),
+            ("[[gpu]]\nindex = 0\n[[gpu]]\nindex = 0", "gpu[1].index"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text, Path::new("t.toml"), false, &env)
