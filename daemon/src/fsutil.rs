@@ -149,6 +149,9 @@ pub fn stage_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io:
 /// to delete, like any unfinished temp file.
 pub struct Spares {
     names: Vec<String>,
+    /// Old versions swapped out since the last [`Spares::settle`]: reusable only once the
+    /// directory is fsynced, since until then a crash may swap them back in as the record.
+    swapped: Vec<String>,
     cap: usize,
 }
 
@@ -157,6 +160,7 @@ impl Spares {
     pub fn new(cap: usize) -> Spares {
         Spares {
             names: Vec::new(),
+            swapped: Vec::new(),
             cap,
         }
     }
@@ -200,15 +204,27 @@ impl Spares {
             nix::fcntl::RenameFlags::RENAME_EXCHANGE,
         ) {
             Ok(()) => {
-                if self.names.len() < self.cap {
-                    self.names.push(s.tmp);
-                } else {
-                    let _ = unlinkat(dir, s.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-                }
+                self.swapped.push(s.tmp);
                 Ok(())
             }
             // No record of that name yet (ENOENT), or a file system without exchange.
             Err(_) => s.commit(dir),
+        }
+    }
+
+    /// After the directory fsync that made this round's swaps durable (`durable`), their old
+    /// versions become spares; after a failed one they are left alone (hidden `.tmp` files
+    /// the next start-up deletes), as the record might still be one of them.
+    pub fn settle(&mut self, dir: &OwnedFd, durable: bool) {
+        for name in self.swapped.drain(..) {
+            if !durable {
+                continue;
+            }
+            if self.names.len() < self.cap {
+                self.names.push(name);
+            } else {
+                let _ = unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
+            }
         }
     }
 
@@ -306,6 +322,7 @@ mod tests {
             .stage(&fd, "1.json", b"first version, long", 0o644)
             .unwrap();
         spares.commit(&fd, s).unwrap();
+        spares.settle(&fd, true);
         assert_eq!(
             std::fs::read(d.path().join("1.json")).unwrap(),
             b"first version, long"
@@ -314,6 +331,7 @@ mod tests {
         // Second: a new temp file, swapped in; the old version becomes the spare.
         let s = spares.stage(&fd, "1.json", b"second", 0o644).unwrap();
         spares.commit(&fd, s).unwrap();
+        spares.settle(&fd, true);
         assert_eq!(std::fs::read(d.path().join("1.json")).unwrap(), b"second");
         assert_eq!(files(), 2, "the record and one spare");
         let inodes: std::collections::BTreeSet<u64> = std::fs::read_dir(d.path())
@@ -325,6 +343,7 @@ mod tests {
             let body = format!("version {i}");
             let s = spares.stage(&fd, "1.json", body.as_bytes(), 0o644).unwrap();
             spares.commit(&fd, s).unwrap();
+            spares.settle(&fd, true);
             assert_eq!(std::fs::read_to_string(d.path().join("1.json")).unwrap(), body);
             assert_eq!(files(), 2);
         }
@@ -336,11 +355,13 @@ mod tests {
         // A spare feeds a new record too.
         let s = spares.stage(&fd, "2.json", b"two", 0o644).unwrap();
         spares.commit(&fd, s).unwrap();
+        spares.settle(&fd, true);
         assert_eq!(std::fs::read(d.path().join("2.json")).unwrap(), b"two");
         assert_eq!(files(), 2);
         // A spare replaced by a symlink is not written through.
         let s = spares.stage(&fd, "2.json", b"2b", 0o644).unwrap();
         spares.commit(&fd, s).unwrap();
+        spares.settle(&fd, true);
         let spare = std::fs::read_dir(d.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -350,6 +371,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", d.path().join(&spare)).unwrap();
         let s = spares.stage(&fd, "2.json", b"2c", 0o644).unwrap();
         spares.commit(&fd, s).unwrap();
+        spares.settle(&fd, true);
         assert_eq!(std::fs::read(d.path().join("2.json")).unwrap(), b"2c");
         assert!(!std::fs::read_to_string("/etc/passwd").unwrap().contains("2c"));
     }

@@ -73,6 +73,19 @@ impl Host {
         self.inventory.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a job can be kept to its own GPUs here: a cgroup device filter exists and the
+    /// start-up probe saw it deny; `Err` says why not.
+    pub fn gpu_fencing(&self) -> Result<(), String> {
+        if self.cgroups.mode() == Mode::None || !self.cgroups.capabilities().devices {
+            return Err(format!("no cgroup device control ({})", self.cgroups.describe()));
+        }
+        match &self.probe {
+            Some(p) if p.enforced() => Ok(()),
+            Some(p) => Err(format!("device denial does not work on this host ({p})")),
+            None => Err("device denial was not probed".into()),
+        }
+    }
+
     /// Indices of the GPUs jobs can be given.
     pub fn usable_gpus(&self) -> BTreeSet<u32> {
         self.inventory()
@@ -92,12 +105,17 @@ impl Host {
         }
         let mut out = BTreeSet::new();
         for g in inv.gpus.iter().filter(|g| g.usable()) {
-            if !allow_shared && !g.compute_processes.is_empty() {
-                out.insert(g.index);
-                continue;
-            }
-            if matches!(self.locks.status(g.index), Ok(LockStatus::HeldOutside) | Err(_)) {
-                out.insert(g.index);
+            match self.locks.status(g.index) {
+                // A cybd job's GPU: its processes are the job's, not foreign ones.
+                Ok(LockStatus::HeldByCyb(_)) => {}
+                Ok(LockStatus::Free) => {
+                    if !allow_shared && !g.compute_processes.is_empty() {
+                        out.insert(g.index);
+                    }
+                }
+                Ok(LockStatus::HeldOutside) | Err(_) => {
+                    out.insert(g.index);
+                }
             }
         }
         out
@@ -204,7 +222,17 @@ impl Host {
         let mut leases = Vec::new();
         let holder = Holder::new(id, user.to_string());
         for &i in gpus {
-            match self.locks.try_acquire(i, &holder) {
+            // The periodic probe holds a lock for an instant while it looks: a busy lock is
+            // tried a few times over a few milliseconds before it counts as taken.
+            let mut got = self.locks.try_acquire(i, &holder);
+            for _ in 0..3 {
+                if !matches!(got, Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                got = self.locks.try_acquire(i, &holder);
+            }
+            match got {
                 Ok(Some(l)) => leases.push(l),
                 Ok(None) => {
                     release_gpus(leases);
@@ -229,6 +257,12 @@ impl Host {
         leases: Vec<GpuLease>,
         attempt: u32,
     ) -> Result<Confinement, String> {
+        if !gpus.is_empty()
+            && let Err(why) = self.gpu_fencing()
+        {
+            release_gpus(leases);
+            return Err(format!("a GPU job is not started without device control: {why}"));
+        }
         let limits = self.limits_for(cfg, rec, gpus);
         let missing = self.unenforceable(&limits, gpus);
         if cfg.require_limits && !missing.is_empty() {
@@ -264,11 +298,12 @@ impl Host {
                     return Err(format!("cannot confine the job: {e}"));
                 }
                 Err(e) => {
-                    if !gpus.is_empty() {
-                        // A GPU job without device control could open every GPU.
+                    if !gpus.is_empty() || !self.usable_gpus().is_empty() {
+                        // Without its cgroup's device filter a job could open every GPU,
+                        // its own or another job's.
                         release_gpus(leases);
                         return Err(format!(
-                            "cannot create the job's cgroup, so its GPUs cannot be fenced off: {e}"
+                            "cannot create the job's cgroup, and on a host with GPUs a job is not started without device control: {e}"
                         ));
                     }
                     warn!(

@@ -46,15 +46,26 @@ struct Request {
 
 #[derive(Serialize, Deserialize)]
 enum Reply {
-    Started { pid: i32 },
-    Failed { error: String },
+    /// `start_ticks` is read before the launcher can reap the child, so it is the
+    /// supervisor's even if it exits at once.
+    Started {
+        pid: i32,
+        start_ticks: u64,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A supervisor the launcher forked: it waits on the pipe it was given.
 pub struct Started {
     pub pid: i32,
+    pub start_ticks: u64,
     pub pidfd: OwnedFd,
 }
+
+/// How long the daemon waits for the launcher's answer (a fork takes milliseconds).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Conn {
     sock: OwnedFd,
@@ -87,6 +98,13 @@ impl Launcher {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| io::Error::other(format!("cannot create the launcher's socket pair: {e}")))?;
+        // A launcher that hangs must not hang every job start with it.
+        nix::sys::socket::setsockopt(
+            &ours,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0),
+        )
+        .map_err(|e| io::Error::other(format!("cannot set the launcher socket's timeout: {e}")))?;
         let child = Command::new("/proc/self/exe")
             .arg("launcher")
             .env_clear()
@@ -102,7 +120,11 @@ impl Launcher {
     }
 
     /// Forks a supervisor for `run_dir`/`attempt` that reads its launch description from
-    /// `stdin` (blocking). Starts the launcher first if it is not running.
+    /// `stdin` (blocking). Starts the launcher first if it is not running, and again if it
+    /// died before taking the request. An error of kind `ConnectionAborted` means the
+    /// launcher took the request but gave no answer: a supervisor may exist with `stdin`,
+    /// so the caller must not reuse that pipe (closing it makes such a supervisor record
+    /// "never launched" and exit).
     pub fn start(
         &self,
         run_dir: &Path,
@@ -126,7 +148,7 @@ impl Launcher {
             match exchange(&conn.sock, &req, stdin, held) {
                 Ok(started) => return Ok(started),
                 Err(Exchange::Refused(e)) => return Err(e),
-                Err(Exchange::Broken(e)) => {
+                Err(Exchange::Undelivered(e)) => {
                     let _ = conn.child.kill();
                     let _ = conn.child.wait();
                     *guard = None;
@@ -134,6 +156,16 @@ impl Launcher {
                         return Err(io::Error::other(format!("the launcher is not answering: {e}")));
                     }
                     tracing::warn!("the launcher went away ({e}); starting a new one");
+                }
+                Err(Exchange::Unanswered(e)) => {
+                    let _ = conn.child.kill();
+                    let _ = conn.child.wait();
+                    *guard = None;
+                    tracing::warn!("the launcher took a request but did not answer ({e}); replacing it");
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("the launcher did not answer: {e}"),
+                    ));
                 }
             }
         }
@@ -155,8 +187,11 @@ impl Drop for Launcher {
 enum Exchange {
     /// The launcher answered that it could not start a supervisor.
     Refused(io::Error),
-    /// The launcher is gone or answered nonsense.
-    Broken(io::Error),
+    /// The request did not reach the launcher (it is gone): nothing was started.
+    Undelivered(io::Error),
+    /// The request reached it but no valid answer came (it died, hung or answered
+    /// nonsense): a supervisor may have been forked.
+    Unanswered(io::Error),
 }
 
 fn exchange(
@@ -175,22 +210,26 @@ fn exchange(
         MsgFlags::MSG_NOSIGNAL,
         None,
     )
-    .map_err(|e| Exchange::Broken(io::Error::from(e)))?;
-    let (reply, mut fds) = receive(sock.as_fd()).map_err(Exchange::Broken)?;
+    .map_err(|e| Exchange::Undelivered(io::Error::from(e)))?;
+    let (reply, mut fds) = receive(sock.as_fd()).map_err(Exchange::Unanswered)?;
     let Some(reply) = reply else {
-        return Err(Exchange::Broken(io::Error::other(
+        return Err(Exchange::Unanswered(io::Error::other(
             "the launcher closed its socket",
         )));
     };
     match serde_json::from_slice::<Reply>(&reply) {
-        Ok(Reply::Started { pid }) => match fds.pop() {
-            Some(pidfd) => Ok(Started { pid, pidfd }),
-            None => Err(Exchange::Broken(io::Error::other(
+        Ok(Reply::Started { pid, start_ticks }) => match fds.pop() {
+            Some(pidfd) => Ok(Started {
+                pid,
+                start_ticks,
+                pidfd,
+            }),
+            None => Err(Exchange::Unanswered(io::Error::other(
                 "the launcher sent no pidfd with its answer",
             ))),
         },
         Ok(Reply::Failed { error }) => Err(Exchange::Refused(io::Error::other(error))),
-        Err(e) => Err(Exchange::Broken(io::Error::other(format!(
+        Err(e) => Err(Exchange::Unanswered(io::Error::other(format!(
             "bad answer from the launcher: {e}"
         )))),
     }
@@ -250,6 +289,21 @@ fn send_reply(sock: RawFd, reply: &Reply, fd: Option<&OwnedFd>) -> io::Result<()
 /// Entry point of `cybd launcher`: serves requests on stdin (a `SOCK_SEQPACKET` socket)
 /// until the daemon closes it. Must be called before any other thread exists.
 pub fn main() -> i32 {
+    // Supervisors read TERM/INT/HUP (cancel) from a signalfd; blocked here already, they
+    // are blocked from the first instruction of every forked supervisor, so a cancel that
+    // comes before the supervisor is ready waits for it instead of killing it.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    for sig in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        mask.add(sig);
+    }
+    if let Err(e) = mask.thread_block() {
+        eprintln!("cybd launcher: cannot block signals: {e}");
+        return 1;
+    }
     // SAFETY: fd 0 is the socket the daemon gave us; this function owns it from here on.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };
     loop {
@@ -277,19 +331,24 @@ pub fn main() -> i32 {
             }
         };
         let reply = match serde_json::from_slice::<Request>(&msg) {
-            Ok(req) if fds.len() == req.held + 1 => {
+            Ok(req) if Some(fds.len()) == req.held.checked_add(1) && !fds.is_empty() => {
                 let stdin = fds.remove(0);
                 fork_supervisor(&req, stdin, fds)
             }
             Ok(req) => Err(format!(
-                "request with {} descriptors, expected {}",
+                "request with {} descriptors, expected {} more than the {} held",
                 fds.len(),
-                req.held + 1
+                1,
+                req.held
             )),
             Err(e) => Err(format!("bad request: {e}")),
         };
         let sent = match reply {
-            Ok((pid, pidfd)) => send_reply(sock.as_raw_fd(), &Reply::Started { pid }, Some(&pidfd)),
+            Ok((pid, start_ticks, pidfd)) => send_reply(
+                sock.as_raw_fd(),
+                &Reply::Started { pid, start_ticks },
+                Some(&pidfd),
+            ),
             Err(error) => send_reply(sock.as_raw_fd(), &Reply::Failed { error }, None),
         };
         if let Err(e) = sent {
@@ -309,7 +368,7 @@ fn reap_exited() {
     }
 }
 
-fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<(i32, OwnedFd), String> {
+fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<(i32, u64, OwnedFd), String> {
     // SAFETY: the launcher has a single thread, so the child inherits no lock held by
     // another thread and may run ordinary code (it never returns into this loop).
     match unsafe { nix::unistd::fork() } {
@@ -322,9 +381,11 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
             drop(held);
             // The child is not reaped before the next loop iteration, so even one that
             // exited at once is still there (a zombie) for pidfd_open.
-            sys::pidfd_open(child.as_raw())
-                .map(|fd| (child.as_raw(), fd))
-                .map_err(|e| format!("cannot open a pidfd for supervisor {child}: {e}"))
+            let pidfd = sys::pidfd_open(child.as_raw())
+                .map_err(|e| format!("cannot open a pidfd for supervisor {child}: {e}"))?;
+            let ticks = sys::proc_start_ticks(child.as_raw())
+                .map_err(|e| format!("cannot read the start time of supervisor {child}: {e}"))?;
+            Ok((child.as_raw(), ticks, pidfd))
         }
         Err(e) => Err(format!("cannot fork a supervisor: {e}")),
     }

@@ -221,18 +221,24 @@ pub fn spawn_supervisor(
     for stale in [EXIT_FILE, SUPERVISOR_FILE] {
         let _ = nix::unistd::unlinkat(&dir, stale, nix::unistd::UnlinkatFlags::NoRemoveDir);
     }
-    let (read_end, write_end) =
-        std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
-    let read_end = OwnedFd::from(read_end);
-    let started = launcher
-        .start(Path::new(&rec.run_dir), launch.attempt, &read_end, held)
-        .map_err(|e| format!("cannot start the supervisor of job {}: {e}", rec.id))?;
-    drop(read_end);
-    let pid = started.pid;
+    // A second pipe only if the launcher took the first request without answering: a
+    // supervisor it may have forked then reads the first pipe's end-of-file, records "never
+    // launched" and exits.
+    let mut tries = 0;
+    let (started, write_end) = loop {
+        tries += 1;
+        let (read_end, write_end) =
+            std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
+        let read_end = OwnedFd::from(read_end);
+        match launcher.start(Path::new(&rec.run_dir), launch.attempt, &read_end, held) {
+            Ok(s) => break (s, write_end),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted && tries < 2 => continue,
+            Err(e) => return Err(format!("cannot start the supervisor of job {}: {e}", rec.id)),
+        }
+    };
+    let (pid, start_ticks) = (started.pid, started.start_ticks);
     // From here on, dropping `write_end` unanswered makes the supervisor record "never
     // launched" and exit.
-    let start_ticks =
-        sys::proc_start_ticks(pid).map_err(|e| format!("cannot read the supervisor's start time: {e}"))?;
     let sup = SupervisorRef {
         attempt: launch.attempt,
         pid,

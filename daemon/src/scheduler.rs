@@ -110,6 +110,10 @@ pub enum Msg {
     },
     /// Usable GPUs that something outside cybd holds now (periodic probe).
     GpusOutside(BTreeSet<u32>),
+    /// The cgroup of a job whose supervisor vanished is gone.
+    Cleaned {
+        id: JobId,
+    },
     /// The locks of the GPUs chosen for a queued job are taken (or one was held outside).
     GpusClaimed {
         id: JobId,
@@ -236,6 +240,9 @@ pub struct Scheduler {
     /// Queued GPU jobs whose GPUs' locks are being taken, before they start: a job is
     /// recorded as running only once it holds its GPUs.
     claiming: HashMap<JobId, Vec<u32>>,
+    /// Jobs whose supervisor vanished and whose cgroup is being killed and removed: they
+    /// start again (retry) only once that is done.
+    cleaning: HashSet<JobId>,
 }
 
 impl Scheduler {
@@ -276,6 +283,7 @@ impl Scheduler {
             gpu_outside: BTreeSet::new(),
             gpu_probing: false,
             claiming: HashMap::new(),
+            cleaning: HashSet::new(),
         };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
@@ -411,8 +419,11 @@ impl Scheduler {
                     let host = self.host.clone();
                     let allow_shared = self.cfg.gpus.allow_shared;
                     let tx = self.tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let _ = tx.send(Msg::GpusOutside(host.gpus_taken_outside(allow_shared)));
+                    let probe = tokio::task::spawn_blocking(move || host.gpus_taken_outside(allow_shared));
+                    tokio::spawn(async move {
+                        // A probe that failed counts as "nothing outside": the next one looks again.
+                        let outside = probe.await.unwrap_or_default();
+                        let _ = tx.send(Msg::GpusOutside(outside));
                     });
                 }
                 _ = ping.tick() => {
@@ -508,7 +519,11 @@ impl Scheduler {
 
     fn check_idle(&mut self) {
         // Idle: no job runs and every ended job's result.json is written.
-        if self.running.is_empty() && self.writing_results.is_empty() && !self.on_idle.is_empty() {
+        if self.running.is_empty()
+            && self.writing_results.is_empty()
+            && self.claiming.is_empty()
+            && !self.on_idle.is_empty()
+        {
             for r in self.on_idle.drain(..) {
                 let _ = r.send(());
             }
@@ -612,6 +627,15 @@ impl Scheduler {
             }
             Msg::Kick => {}
             Msg::GpusClaimed { id, res } => self.gpus_claimed(id, res),
+            Msg::Cleaned { id } => {
+                self.cleaning.remove(&id);
+                if matches!(
+                    self.jobs.get(&id).map(|r| &r.state),
+                    Some(JobState::Queued { .. })
+                ) {
+                    self.enqueue(id);
+                }
+            }
             Msg::GpusOutside(outside) => {
                 self.gpu_probing = false;
                 if outside != self.gpu_outside {
@@ -675,6 +699,14 @@ impl Scheduler {
                     spec.gpus(),
                     self.gpu_usable.len()
                 ),
+            )));
+        }
+        if spec.gpus() > 0
+            && let Err(why) = self.host.gpu_fencing()
+        {
+            return Err(spec_err(SpecError::field(
+                "resources.gpus",
+                format!("this host cannot keep a job to its own GPUs: {why}"),
             )));
         }
         if self.cfg.require_limits
@@ -851,6 +883,12 @@ impl Scheduler {
                     break;
                 };
                 let Some(&(_, id)) = set.first() else { break };
+                // A job whose GPU claim or lost-job clean-up is under way was put back in the
+                // queue meanwhile (hold/release, cancel/retry): the pending answer decides.
+                if self.claiming.contains_key(&id) || self.cleaning.contains(&id) {
+                    set.pop_first();
+                    continue;
+                }
                 // GPUs: the head of the class waits until enough are free; jobs of other
                 // classes are never held back by it. (No backfill within the class.)
                 let need = self.jobs.get(&id).map_or(0, |r| r.spec.gpus() as usize);
@@ -919,10 +957,14 @@ impl Scheduler {
             Some(JobState::Queued { .. })
         );
         match res {
-            Ok(leases) if queued => self.start(id, gpus, leases),
+            Ok(leases) if queued && !self.paused => self.start(id, gpus, leases),
             Ok(leases) => {
-                // Cancelled or held meanwhile.
+                // Cancelled or held meanwhile, or the queue was paused (or the daemon is
+                // stopping): the job does not start now.
                 crate::host::release_gpus(leases);
+                if queued {
+                    self.enqueue(id);
+                }
             }
             Err(g) => {
                 // Taken outside cybd since the last probe: nothing ran; the GPU counts as
@@ -1125,8 +1167,12 @@ impl Scheduler {
             Ended::Lost(why) => {
                 // Its supervisor did not clean up: whatever the job left runs on in its
                 // cgroup, with nobody watching. Kill it and remove the cgroup.
-                let host = self.host.clone();
-                tokio::task::spawn_blocking(move || host.remove_job_cgroup(id));
+                let (host, tx) = (self.host.clone(), self.tx.clone());
+                self.cleaning.insert(id);
+                tokio::task::spawn_blocking(move || {
+                    host.remove_job_cgroup(id);
+                    let _ = tx.send(Msg::Cleaned { id });
+                });
                 ExitRecord {
                     attempt,
                     started: true,

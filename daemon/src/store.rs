@@ -348,6 +348,7 @@ fn writer(dir: PathBuf, fd: OwnedFd, rx: std_mpsc::Receiver<WriteReq>, pool: Syn
         } else {
             fsutil::sync_dir(&fd)
         };
+        spares.settle(&fd, dir_sync.is_ok());
         for w in group {
             let Some(ack) = w.ack else { continue };
             let path = dir.join(format!("{}.json", w.id));

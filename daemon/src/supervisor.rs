@@ -183,6 +183,14 @@ fn supervise(run_dir: &Path, attempt: u32) -> i32 {
         return finish(&dir, &exit, 0);
     };
     run(&dir, run_dir, &launch, &mut exit, &signals);
+    if !exit.started
+        && let Some(cg) = &launch.cgroup
+    {
+        // The job never ran (no such program, bad cwd...): its empty cgroup goes too.
+        if let Err(e) = cg.remove() {
+            exit.cgroup_error = Some(e.to_string());
+        }
+    }
     exit.finished_at = Some(Timestamp::now());
     finish(&dir, &exit, launch.log_gid)
 }

@@ -1019,3 +1019,46 @@ fn class_default_limits_apply() {
     assert_eq!(r["state"], "succeeded", "the job's own 512 MiB did not win: {r}");
     assert!(r["peak_memory_bytes"].as_u64().unwrap() > 100 << 20, "{r}");
 }
+
+/// A job whose command cannot start leaves no cgroup behind.
+#[test]
+fn a_job_that_cannot_start_leaves_no_cgroup() {
+    if !require(is_root(), "root (cgroups)") {
+        return;
+    }
+    let _g = shared();
+    let d = Daemon::start();
+    let t = tempdir("cyb-res-");
+    let no_program = submit_spec(
+        &d,
+        t.path(),
+        &json!({"command": ["/no/such/program"], "cwd": "/", "resources": {"memory": "64MiB"}}),
+    );
+    let no_cwd = submit_spec(&d, t.path(), &json!({"command": ["true"], "cwd": "/no/such/dir"}));
+    for id in [no_program, no_cwd] {
+        let r = result_of(&d, id, LONG);
+        assert_eq!(r["reason"], "spawn_failed", "{r}");
+        assert_no_cgroup(&d, id, Duration::from_secs(5));
+    }
+}
+
+/// GPU jobs are refused where a job cannot be kept to its own GPUs (no device control).
+#[test]
+fn gpu_jobs_need_device_control() {
+    if !require(is_root(), "root (mknod)") {
+        return;
+    }
+    let _g = shared();
+    let (_nodes_dir, nodes) = gpu_nodes(1);
+    let d = Daemon::start_with(&format!("[cgroups]\nenabled = false\n{}", gpu_config(&nodes)));
+    d.drop_job("gpu.json", &gpu_job("true").to_string());
+    let e = d.wait_rejected("gpu.json", LONG);
+    assert_eq!(e["field"], "resources.gpus", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot keep a job to its own GPUs"),
+        "{e}"
+    );
+}
