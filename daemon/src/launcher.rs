@@ -106,6 +106,8 @@ impl Launcher {
         )
         .map_err(|e| io::Error::other(format!("cannot set the launcher socket's timeout: {e}")))?;
         let child = Command::new("/proc/self/exe")
+            // `ps` shows "cybd launcher", not "/proc/self/exe launcher".
+            .arg0("cybd")
             .arg("launcher")
             .env_clear()
             .stdin(Stdio::from(theirs))
@@ -289,6 +291,8 @@ fn send_reply(sock: RawFd, reply: &Reply, fd: Option<&OwnedFd>) -> io::Result<()
 /// Entry point of `cybd launcher`: serves requests on stdin (a `SOCK_SEQPACKET` socket)
 /// until the daemon closes it. Must be called before any other thread exists.
 pub fn main() -> i32 {
+    // Exec'd as /proc/self/exe: named for `ps -o comm`/`top`.
+    let _ = nix::sys::prctl::set_name(c"cybd-launcher");
     // Supervisors read TERM/INT/HUP (cancel) from a signalfd; blocked here already, they
     // are blocked from the first instruction of every forked supervisor, so a cancel that
     // comes before the supervisor is ready waits for it instead of killing it.
@@ -393,6 +397,8 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
 
 /// The forked child: becomes the supervisor of one job.
 fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
+    // Named for `ps -o comm`/`top` (its command line stays the launcher's).
+    let _ = nix::sys::prctl::set_name(c"cybd-supervisor");
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
     // The launcher's socket is fd 0: the pipe takes its place as stdin, which also closes
     // the socket in this process.
