@@ -377,14 +377,27 @@ fn cpu_quota() {
 
 /// A job that leaves a setsid'd `sleep A`, a double-forked `sleep B` and waits in `sleep C`,
 /// each writing its pid to `<dir>/pids`.
-fn escaping_job(dir: &Path, a: u32, b: u32, c: u32) -> String {
-    let pids = dir.join("pids");
-    let p = s(&pids);
-    format!(
+/// Submits a job that leaves its process group (setsid) and double-forks, each process a
+/// `sleep` whose argument (from `base`) marks it, with `extra` fields in its spec. Returns
+/// the job's id, the pids it wrote, and the three argv's.
+fn submit_escaping_job(d: &Daemon, dir: &Path, base: u32, extra: Value) -> (u64, Vec<i32>, [[String; 2]; 3]) {
+    let a = base + std::process::id() % 97 * 3;
+    let (b, c) = (a + 1, a + 2);
+    let pidfile = dir.join("pids");
+    let p = s(&pidfile);
+    let script = format!(
         "setsid sh -c 'echo $$ >> {p}; exec sleep {a}' & \
          (sleep {b} & echo $! >> {p}) ; \
          echo $$ >> {p}; exec sleep {c}"
-    )
+    );
+    let mut spec = json!({"shell": script, "cwd": "/", "resources": {"memory": "64MiB"}});
+    if let (Some(m), Value::Object(e)) = (spec.as_object_mut(), extra) {
+        m.extend(e);
+    }
+    let id = submit_spec(d, dir, &spec);
+    let pids = wait_pids(&pidfile, 3);
+    let argvs = [a, b, c].map(|n| ["sleep".to_string(), n.to_string()]);
+    (id, pids, argvs)
 }
 
 fn assert_all_gone(pids: &[i32], argvs: &[[&str; 2]]) {
@@ -407,20 +420,8 @@ fn cancel_double_fork_leaves_nothing() {
     let _g = shared();
     let d = Daemon::start();
     let t = tempdir("cyb-res-");
-    let a = 300 + std::process::id() % 97 * 3;
-    let (b, c) = (a + 1, a + 2);
-    let id = submit_spec(
-        &d,
-        t.path(),
-        &json!({"shell": escaping_job(t.path(), a, b, c), "cwd": "/", "resources": {"memory": "64MiB"}}),
-    );
-    let pids = wait_pids(&t.path().join("pids"), 3);
-    let (sa, sb, sc) = (a.to_string(), b.to_string(), c.to_string());
-    let argvs = [
-        ["sleep", sa.as_str()],
-        ["sleep", sb.as_str()],
-        ["sleep", sc.as_str()],
-    ];
+    let (id, pids, argvs) = submit_escaping_job(&d, t.path(), 300, json!({}));
+    let argvs = argvs.each_ref().map(|[p, n]| [p.as_str(), n.as_str()]);
     // The job's processes are running (the shell has exec'd sleep C by now or soon).
     let ok = wait_until(LONG, || argvs.iter().all(|a| !procs_with_argv(a).is_empty()));
     assert!(
@@ -451,25 +452,8 @@ fn timeout_kills_whole_cgroup() {
     let _g = shared();
     let d = Daemon::start();
     let t = tempdir("cyb-res-");
-    let a = 400 + std::process::id() % 97 * 3;
-    let (b, c) = (a + 1, a + 2);
-    let id = submit_spec(
-        &d,
-        t.path(),
-        &json!({
-            "shell": escaping_job(t.path(), a, b, c),
-            "cwd": "/",
-            "timeout": "2s",
-            "resources": {"memory": "64MiB"},
-        }),
-    );
-    let pids = wait_pids(&t.path().join("pids"), 3);
-    let (sa, sb, sc) = (a.to_string(), b.to_string(), c.to_string());
-    let argvs = [
-        ["sleep", sa.as_str()],
-        ["sleep", sb.as_str()],
-        ["sleep", sc.as_str()],
-    ];
+    let (id, pids, argvs) = submit_escaping_job(&d, t.path(), 400, json!({"timeout": "2s"}));
+    let argvs = argvs.each_ref().map(|[p, n]| [p.as_str(), n.as_str()]);
     let r = result_of(&d, id, LONG);
     println!("{r}");
     assert_eq!(r["state"], "timed_out", "{r}");
