@@ -435,6 +435,32 @@ pub fn mknod_char(path: &Path, major: u64, minor: u64, mode: u32) {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
 }
 
+/// Bytes as text, for assertion messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Exit status and both streams of a command's run, for assertion messages.
+pub fn shown(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+/// Runs `flock -n -x FILE true`: whether an outside tool could take the lock right now.
+pub fn outside_can_lock(path: &Path) -> bool {
+    Command::new("flock")
+        .args(["-n", "-x"])
+        .arg(path)
+        .arg("true")
+        .status()
+        .expect("run flock")
+        .success()
+}
+
 /// Whether process `pid` is gone (an exited process nobody reaped yet counts as gone).
 pub fn gone(pid: i32) -> bool {
     if !alive(pid) {

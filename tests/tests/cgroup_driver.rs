@@ -344,6 +344,35 @@ fn mknod(dir: &Path, major: u32, minor: u32) -> PathBuf {
 
 /// Opening a node of major 195 (NVIDIA's) with no driver behind it gets past the cgroup
 /// check and then fails with ENXIO (or ENODEV); a denied one fails with EPERM first.
+/// Jobs `id` (allowed `c 195:0 rw`) and `id + 2` (allowed `c 195:0 r`): GPU 0's node opens
+/// past the cgroup check, GPU 1's is refused, and the read-only rule refuses writing.
+/// Returns the node directory and the first job.
+fn assert_gpu_rules(f: &mut Fixture, id: u64) -> (tempfile::TempDir, JobCgroup) {
+    let dir = node_dir();
+    let (allowed, denied) = (mknod(dir.path(), 195, 0), mknod(dir.path(), 195, 1));
+    let rw = Some(DeviceAllow::new(vec!["c 195:0 rw".parse().unwrap()]));
+    let job = f.create(
+        id,
+        &Limits {
+            devices: rw,
+            ..Limits::default()
+        },
+    );
+    assert!(past_the_cgroup(open_in(&job, &allowed)));
+    assert_eq!(open_in(&job, &denied), Err(Errno::EPERM));
+    let ro = Some(DeviceAllow::new(vec!["c 195:0 r".parse().unwrap()]));
+    let job_ro = f.create(
+        id + 2,
+        &Limits {
+            devices: ro,
+            ..Limits::default()
+        },
+    );
+    assert!(past_the_cgroup(open_in(&job_ro, &allowed)));
+    assert_eq!(open_in_mode(&job_ro, &allowed, libc::O_WRONLY), Err(Errno::EPERM));
+    (dir, job)
+}
+
 fn past_the_cgroup(r: Result<(), Errno>) -> bool {
     matches!(r, Err(Errno::ENXIO | Errno::ENODEV))
 }
@@ -544,28 +573,7 @@ fn v1_only_driver_freezer_kill_and_devices() {
     assert_kill_leaves_nothing(&job);
 
     if caps.devices {
-        let dir = node_dir();
-        let (allowed, denied) = (mknod(dir.path(), 195, 0), mknod(dir.path(), 195, 1));
-        let devices = Some(DeviceAllow::new(vec!["c 195:0 rw".parse().unwrap()]));
-        let job = f.create(
-            12,
-            &Limits {
-                devices,
-                ..Limits::default()
-            },
-        );
-        assert!(past_the_cgroup(open_in(&job, &allowed)));
-        assert_eq!(open_in(&job, &denied), Err(Errno::EPERM));
-        let ro = Some(DeviceAllow::new(vec!["c 195:0 r".parse().unwrap()]));
-        let job_ro = f.create(
-            14,
-            &Limits {
-                devices: ro,
-                ..Limits::default()
-            },
-        );
-        assert!(past_the_cgroup(open_in(&job_ro, &allowed)));
-        assert_eq!(open_in_mode(&job_ro, &allowed, libc::O_WRONLY), Err(Errno::EPERM));
+        let (_dir, _job) = assert_gpu_rules(&mut f, 12);
         let probe = f.cg.probe_device_denial();
         println!("{probe}");
         assert_eq!(probe.v1, ProbeOutcome::Denies);
@@ -621,28 +629,7 @@ fn v2_only_driver_bpf_devices_and_kill_without_cgroup_kill() {
     }
 
     // BPF device filter alone.
-    let dir = node_dir();
-    let (allowed, denied) = (mknod(dir.path(), 195, 0), mknod(dir.path(), 195, 1));
-    let devices = Some(DeviceAllow::new(vec!["c 195:0 rw".parse().unwrap()]));
-    let job = f.create(
-        22,
-        &Limits {
-            devices,
-            ..Limits::default()
-        },
-    );
-    assert!(past_the_cgroup(open_in(&job, &allowed)));
-    assert_eq!(open_in(&job, &denied), Err(Errno::EPERM));
-    let ro = Some(DeviceAllow::new(vec!["c 195:0 r".parse().unwrap()]));
-    let job_ro = f.create(
-        24,
-        &Limits {
-            devices: ro,
-            ..Limits::default()
-        },
-    );
-    assert!(past_the_cgroup(open_in(&job_ro, &allowed)));
-    assert_eq!(open_in_mode(&job_ro, &allowed, libc::O_WRONLY), Err(Errno::EPERM));
+    let (dir, job) = assert_gpu_rules(&mut f, 22);
     assert_eq!(
         open_in(&job, &mknod(dir.path(), 1, 5)),
         Ok(()),

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cyb_proto::gpu::LockInfo;
-use cyb_tests::{have, is_root, require, wait_until};
+use cyb_tests::{have, is_root, outside_can_lock, require, wait_until};
 use cybd::gpu::{
     self, DeviceNode, GpuConfig, GpuLocks, GpuSource, GpusSection, Holder, Inventory, InventorySource,
     LockStatus, StaticGpu,
@@ -22,17 +22,6 @@ fn entry(index: u32, devices: Vec<PathBuf>) -> StaticGpu {
         name: Some("Test GPU".into()),
         devices,
     }
-}
-
-/// Runs `flock -n -x FILE true`: whether an outside tool could take the lock right now.
-fn outside_can_lock(path: &Path) -> bool {
-    Command::new("flock")
-        .args(["-n", "-x"])
-        .arg(path)
-        .arg("true")
-        .status()
-        .expect("run flock")
-        .success()
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, bin, epoch, gone, is_root, require, test_user, wait_pids, wait_until};
+use cyb_tests::{Daemon, bin, epoch, gone, is_root, require, shown, test_user, text, wait_pids, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -25,20 +25,6 @@ const ONE_SLOT: &str = "[classes.cpu_short]\nslots = 1\n";
 
 fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Both streams of a cybctl run, for assertion messages.
-fn shown(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
 }
 
 /// The durable record of job `id` (the store's `jobs/<id>.json`).

@@ -9,11 +9,13 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, epoch, gone, is_root, require, wait_pids, wait_until};
+use cyb_tests::{
+    Daemon, epoch, gone, is_root, outside_can_lock, require, shown, text, wait_pids, wait_until,
+};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -27,19 +29,6 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
 }
 
 // ----- helpers
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn shown(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -211,17 +200,6 @@ fn gpu_config(nodes: &[PathBuf]) -> String {
 
 fn lockfile(d: &Daemon, index: u32) -> PathBuf {
     d.path().join(format!("run/gpu/{index}.lock"))
-}
-
-/// Whether an outside tool could take the lock `path` right now.
-fn outside_can_lock(path: &Path) -> bool {
-    Command::new("flock")
-        .args(["-n", "-x"])
-        .arg(path)
-        .arg("true")
-        .status()
-        .expect("run flock")
-        .success()
 }
 
 /// `cybctl gpus --json`, GPU `index`.
