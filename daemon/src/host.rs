@@ -127,7 +127,13 @@ impl Host {
         let class = cfg.class(rec.spec.class());
         let r = rec.spec.resources.as_ref();
         let caps = self.cgroups.capabilities();
-        let nodes = self.inventory().job_devices(gpus);
+        // A job without GPUs gets no GPU node at all, not even the common ones (nvidiactl,
+        // nvidia-uvm); it also spares CPU jobs the inventory's lock.
+        let nodes = if gpus.is_empty() {
+            Vec::new()
+        } else {
+            self.inventory().job_devices(gpus)
+        };
         let rules = nodes
             .iter()
             .map(|n| DeviceRule::char(n.major, Some(n.minor), true, true))

@@ -447,23 +447,31 @@ fn gpu_device_isolation() {
         return;
     }
     let _g = shared();
-    let (_nodes_dir, nodes) = gpu_nodes(2);
-    let d = Daemon::start_with(&gpu_config(&nodes));
+    let (nodes_dir, nodes) = gpu_nodes(2);
+    // A node every GPU job gets (as /dev/nvidiactl is), but no job without GPUs.
+    let ctl = nodes_dir.path().join("nvidiactl");
+    cyb_tests::mknod_char(&ctl, 195, 255, 0o666);
+    let config = gpu_config(&nodes).replace(
+        "common_devices = []",
+        &format!("common_devices = [\"{}\"]", ctl.display()),
+    );
+    let d = Daemon::start_with(&config);
     let t = tempdir("cyb-res-");
     let probe = format!(
-        "for n in {} {}; do if cat $n; then echo \"open $n ok\"; fi; done 2>&1; \
+        "for n in {} {} {}; do if cat $n; then echo \"open $n ok\"; fi; done 2>&1; \
          echo \"CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES\"; \
          echo \"NVIDIA_VISIBLE_DEVICES=$NVIDIA_VISIBLE_DEVICES\"; \
          echo \"CUDA_DEVICE_ORDER=$CUDA_DEVICE_ORDER\"; \
          echo \"CYB_GPUS=$CYB_GPUS\"",
         s(&nodes[0]),
-        s(&nodes[1])
+        s(&nodes[1]),
+        s(&ctl)
     );
     let gpu = submit_spec(&d, t.path(), &gpu_job(&probe));
     let cpu = submit_spec(
         &d,
         t.path(),
-        &json!({"class": "cpu_short", "shell": format!("cat {} 2>&1; echo done", s(&nodes[0])), "cwd": "/"}),
+        &json!({"class": "cpu_short", "shell": format!("cat {} {} 2>&1; echo done", s(&nodes[0]), s(&ctl)), "cwd": "/"}),
     );
 
     let r = result_of(&d, gpu, LONG);
@@ -503,6 +511,11 @@ fn gpu_device_isolation() {
         theirs.contains("Operation not permitted"),
         "opening the other GPU's node was not refused: {theirs}\n{out}"
     );
+    let common = line_of(&ctl);
+    assert!(
+        common.contains("No such device") && !common.contains("Operation not permitted"),
+        "a GPU job could not open the common node: {common}\n{out}"
+    );
     assert_eq!(r["state"], "succeeded", "{r}\n{}", logs(&d, gpu));
 
     let r = result_of(&d, cpu, LONG);
@@ -512,6 +525,11 @@ fn gpu_device_isolation() {
         out.contains("Operation not permitted") && out.contains(s(&nodes[0])),
         "a job without GPUs could open a GPU node:\n{out}\n{}",
         logs(&d, cpu)
+    );
+    let ctl_line = out.lines().find(|l| l.contains(s(&ctl))).unwrap_or_default();
+    assert!(
+        ctl_line.contains("Operation not permitted"),
+        "a job without GPUs could open the common GPU node: {ctl_line}\n{out}"
     );
 }
 
