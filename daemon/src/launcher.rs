@@ -378,7 +378,11 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
             let code = supervisor_child(stdin, &req.run_dir, req.attempt, held);
-            std::process::exit(code);
+            // Straight out: the supervisor has written all it has to say, and the exit
+            // handlers and destructors of the launcher image it was forked from have
+            // nothing to do here (running them only faults in their pages).
+            // SAFETY: _exit(2) ends this forked child at once; nothing is left to unwind.
+            unsafe { libc::_exit(code) }
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(stdin);

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod runner;
 pub mod scheduler;
 pub mod server;
+pub mod spawn;
 pub mod store;
 pub mod supervisor;
 pub mod sys;

@@ -15,7 +15,6 @@
 //! writes an `exit.json` that says the job never started, so the job is queued again rather
 //! than lost or run twice.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -263,26 +262,17 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
             return;
         }
     };
-    let cwd = match CString::new(l.cwd.clone()) {
-        Ok(c) => c,
-        Err(_) => {
-            exit.error = Some("cwd contains a NUL byte".into());
+    if l.argv.is_empty() {
+        exit.error = Some("empty command".into());
+        return;
+    }
+    let devnull = match File::open("/dev/null") {
+        Ok(f) => f,
+        Err(e) => {
+            exit.error = Some(format!("cannot open /dev/null: {e}"));
             return;
         }
     };
-    let Some((prog, args)) = l.argv.split_first() else {
-        exit.error = Some("empty command".into());
-        return;
-    };
-    let mut cmd = Command::new(prog);
-    cmd.args(args)
-        .env_clear()
-        .envs(l.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(Stdio::null())
-        .stdout(out_w)
-        .stderr(err_w);
-    let (uid, gid) = (l.uid, l.gid);
-    let gids: Vec<Gid> = l.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     // The job's cgroup.procs files, opened now so the child only has to write to them.
     let procs = match l.cgroup.as_ref().map(|cg| cg.procs_files()).transpose() {
         Ok(p) => p.unwrap_or_default(),
@@ -292,54 +282,43 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         }
     };
     let procs_raw: Vec<std::os::fd::RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (write to cgroup.procs, setsid, setgroups, setgid, setuid, chdir, signal) on memory
-    // prepared before the fork; it allocates nothing, and this process has no other
-    // threads that could hold locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Into the job's cgroup first, so everything the job ever runs is inside it.
-            crate::cgroup::join_in_child(&procs_raw)?;
-            nix::unistd::setsid().map_err(io::Error::from)?;
-            if as_root {
-                nix::unistd::setgroups(&gids).map_err(io::Error::from)?;
-                nix::unistd::setgid(Gid::from_raw(gid)).map_err(io::Error::from)?;
-                nix::unistd::setuid(Uid::from_raw(uid)).map_err(io::Error::from)?;
-            }
-            nix::unistd::chdir(cwd.as_c_str()).map_err(io::Error::from)?;
-            // The job starts with default signal handling and nothing blocked.
-            let _ = nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&nix::sys::signal::SigSet::empty()),
-                None,
-            );
-            for s in [Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-                let _ = nix::sys::signal::signal(s, nix::sys::signal::SigHandler::SigDfl);
-            }
-            Ok(())
-        });
-    }
+    let creds = crate::spawn::Creds {
+        uid: l.uid,
+        gid: l.gid,
+        groups: l.groups.clone(),
+    };
     if let Err(e) = ensure_artifacts_dir(dir, run_dir, l, as_root) {
         exit.error = Some(e);
         return;
     }
     exit.started_at = Some(Timestamp::now());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let spawned = crate::spawn::spawn(&crate::spawn::Job {
+        argv: &l.argv,
+        env: &l.env,
+        cwd: &l.cwd,
+        creds: as_root.then_some(&creds),
+        cgroup_procs: &procs_raw,
+        stdin: devnull.as_fd(),
+        stdout: out_w.as_fd(),
+        stderr: err_w.as_fd(),
+    });
+    // Our copies of the pipes' write ends go, so the pipes end when the job's copies do.
+    drop((out_w, err_w, devnull));
+    let job = match spawned {
+        Ok(s) => s,
         Err(e) => {
             exit.error = Some(format!(
-                "cannot start `{prog}` in {} as uid {}: {e}",
-                l.cwd, l.uid
+                "cannot start `{}` in {} as uid {}: {e}",
+                l.argv[0], l.cwd, l.uid
             ));
             return;
         }
     };
-    drop(cmd); // closes our copies of the pipes' write ends
     drop(procs);
     exit.started = true;
     let watch = Watch {
         cgroup: l.cgroup.as_ref(),
-        pgid: Pid::from_raw(child.id() as i32),
+        pgid: Pid::from_raw(job.pid),
         deadline: Instant::now() + Duration::from_millis(l.timeout_ms),
         grace: Duration::from_millis(l.grace_ms),
     };
@@ -347,7 +326,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         LogSink::new(OwnedFd::from(out_r), out_file, l.max_log_bytes),
         LogSink::new(OwnedFd::from(err_r), err_file, l.max_log_bytes),
     ];
-    let (status, ended_by) = watch.run(&mut child, outs, signals);
+    let (status, ended_by) = watch.run(job, outs, signals);
     match ended_by {
         Some(EndedBy::Cancel) => exit.cancelled = true,
         Some(EndedBy::Timeout) => exit.timed_out = true,
@@ -487,12 +466,12 @@ impl Watch<'_> {
     /// deadline as the timeout.
     fn run(
         &self,
-        child: &mut std::process::Child,
+        job: crate::spawn::Spawned,
         mut outs: [LogSink; 2],
         signals: &SignalFd,
     ) -> (io::Result<std::process::ExitStatus>, Option<EndedBy>) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        let pidfd = crate::sys::pidfd_open(self.pgid.as_raw()).ok();
+        let pidfd = job.pidfd.or_else(|| crate::sys::pidfd_open(job.pid).ok());
         let mut buf = [0u8; 16 * 1024];
         let mut ended_by = None;
         let mut kill_at: Option<Instant> = None;
@@ -502,7 +481,7 @@ impl Watch<'_> {
         let mut drain_until: Option<Instant> = None;
         loop {
             if status.is_none() {
-                match child.try_wait() {
+                match crate::sys::try_wait(job.pid) {
                     Ok(Some(s)) => status = Some(Ok(s)),
                     Ok(None) => {}
                     Err(e) => status = Some(Err(e)),

@@ -1,4 +1,4 @@
-//! Small wrappers over Linux calls that std and nix do not offer (pidfd), each unsafe block
+//! Small wrappers over Linux calls that std and nix do not offer (pidfd, waitpid), each unsafe block
 //! with its SAFETY note, plus /proc readers used to identify processes against pid reuse.
 
 use std::io;
@@ -61,6 +61,26 @@ fn parse_start_ticks(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     // Fields from 3 on; starttime is field 22, so index 19 here.
     after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Reaps `pid` if it has exited: `Ok(None)` while it runs.
+pub fn try_wait(pid: i32) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status: libc::c_int = 0;
+    loop {
+        // SAFETY: waitpid on a child of ours, with a valid out pointer for the status.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        match r {
+            0 => return Ok(None),
+            r if r == pid => return Ok(Some(std::process::ExitStatus::from_raw(status))),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -385,6 +385,27 @@ fn fs_calibration(n: usize) -> anyhow::Result<(f64, f64)> {
     Ok((per_op[0], per_op[1]))
 }
 
+/// How fast this machine creates processes right now: a bare loop that starts `true` and
+/// waits for it, one at a time, in processes per second (the issue's reference machine ran
+/// about 3,000/s). Every trivial job costs at least one such process, so this bounds what
+/// any job runner reaches here, and it drifts with the machine's neighbours.
+fn spawn_calibration(n: usize) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let st = Command::new("true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run `true`")?;
+        ensure!(st.success(), "`true` failed: {st}");
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// The bare spawn loop's rate on the machine the issue's targets were set on.
+const REFERENCE_SPAWN_PER_S: f64 = 3000.0;
+
 fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
@@ -1459,7 +1480,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     progress(format!(
         "file create+rename in the temp root: {create_us:.0} us, with fdatasync {create_sync_us:.0} us"
     ));
+    let spawn_per_s = spawn_calibration(1000)?;
+    progress(format!(
+        "bare spawn loop (`true`, one at a time): {spawn_per_s:.0} processes/s"
+    ));
     let mut host = host;
+    host["spawn_loop_per_s"] = json!(spawn_per_s);
     host["file_create_rename_us"] = json!(create_us);
     host["file_create_fdatasync_rename_us"] = json!(create_sync_us);
     let mut out = json!({ "host": host, "cybd": {}, "peers": {}, "targets": [] });
@@ -1724,6 +1750,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         out["other_load"][part.as_str()] = json!(l);
     }
     let (end_us, end_sync_us) = fs_calibration(300)?;
+    out["host"]["spawn_loop_per_s_at_end"] = json!(spawn_calibration(1000)?);
     out["host"]["file_create_rename_us_at_end"] = json!(end_us);
     out["host"]["file_create_fdatasync_rename_us_at_end"] = json!(end_sync_us);
     if let Some(f) = &o.json_out {
@@ -1755,6 +1782,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         us("file_create_fdatasync_rename_us"),
         us("file_create_rename_us_at_end"),
         us("file_create_fdatasync_rename_us_at_end"),
+    );
+    println!(
+        "processes: a bare spawn loop starts {:.0} `true`/s here before the runs, {:.0}/s after them \
+         (the targets were set where it starts about {REFERENCE_SPAWN_PER_S:.0}/s)",
+        us("spawn_loop_per_s"),
+        us("spawn_loop_per_s_at_end"),
     );
     if !rows.is_empty() {
         print_table(
