@@ -191,6 +191,40 @@ impl Pending {
     }
 }
 
+/// Jobs per state, and queued jobs per class, kept current as records change, so `stats`
+/// and the status line cost nothing per job held (a daemon keeps every finished job).
+/// Every state change is persisted, so noting each job `flush` writes keeps it exact.
+#[derive(Default)]
+struct Tally {
+    of: HashMap<JobId, (StateName, Class)>,
+    states: HashMap<StateName, usize>,
+    queued: HashMap<Class, usize>,
+}
+
+impl Tally {
+    fn note(&mut self, rec: &JobRecord) {
+        let now = (rec.state.name(), rec.spec.class());
+        match self.of.insert(rec.id, now) {
+            Some(old) if old == now => return,
+            Some(old) => self.count(old, false),
+            None => {}
+        }
+        self.count(now, true);
+    }
+
+    fn count(&mut self, (state, class): (StateName, Class), add: bool) {
+        let bump = |n: &mut usize| *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        bump(self.states.entry(state).or_default());
+        if state == StateName::Queued {
+            bump(self.queued.entry(class).or_default());
+        }
+    }
+
+    fn state(&self, s: StateName) -> usize {
+        self.states.get(&s).copied().unwrap_or(0)
+    }
+}
+
 struct Slot {
     pidfd: Option<Arc<OwnedFd>>,
     cancel_by: Option<String>,
@@ -223,6 +257,7 @@ pub struct Scheduler {
     on_idle: Vec<Reply<()>>,
     /// Record writes and read barriers of this loop iteration, sent to the store at its end.
     pending: Pending,
+    tally: Tally,
     next_id: JobId,
     paused: bool,
     started_at: Timestamp,
@@ -268,6 +303,7 @@ impl Scheduler {
             writing_results: HashMap::new(),
             on_idle: Vec::new(),
             pending: Pending::default(),
+            tally: Tally::default(),
             next_id: loaded.max_id + 1,
             paused,
             started_at: Timestamp::now(),
@@ -302,6 +338,7 @@ impl Scheduler {
                 st if st.is_terminal() => missing_results.push(rec.clone()),
                 _ => {}
             }
+            s.tally.note(&rec);
             s.jobs.insert(id, rec);
         }
         // Queued jobs enter the ready sets (after all records are known, for dependencies).
@@ -447,6 +484,7 @@ impl Scheduler {
     fn flush(&mut self) {
         for (id, waiting) in self.pending.dirty.drain() {
             let Some(rec) = self.jobs.get(&id) else { continue };
+            self.tally.note(rec);
             let ack = self.store.put(rec);
             if waiting.is_empty() {
                 continue;
@@ -475,16 +513,14 @@ impl Scheduler {
     }
 
     /// The one-line summary for systemd's STATUS= (`systemctl status cybd`).
-    pub fn status_line(&self) -> String {
-        let (mut queued, mut held, mut waiting) = (0, 0, 0);
-        for r in self.jobs.values() {
-            match r.state {
-                JobState::Queued { .. } => queued += 1,
-                JobState::Held { .. } => held += 1,
-                JobState::Waiting { .. } => waiting += 1,
-                _ => {}
-            }
-        }
+    pub fn status_line(&mut self) -> String {
+        self.update_tally();
+        let t = &self.tally;
+        let (queued, held, waiting) = (
+            t.state(StateName::Queued),
+            t.state(StateName::Held),
+            t.state(StateName::Waiting),
+        );
         let mut line = format!("{} running, {queued} queued", self.running.len());
         if held > 0 {
             line.push_str(&format!(", {held} held"));
@@ -592,7 +628,10 @@ impl Scheduler {
                 info!(event = if pause { "paused" } else { "resumed" }, by = %peer.name, "queue {}", if pause { "paused" } else { "resumed" });
                 let _ = reply.send(Ok(()));
             }
-            Msg::Stats { reply } => self.reply_synced(reply, self.stats()),
+            Msg::Stats { reply } => {
+                let st = self.stats();
+                self.reply_synced(reply, st)
+            }
             Msg::SpoolOrigins { reply } => {
                 let set = self
                     .jobs
@@ -1504,13 +1543,32 @@ impl Scheduler {
         ids.into_iter().map(JobSummary::of).collect()
     }
 
-    fn stats(&self) -> Stats {
-        let mut counts: HashMap<StateName, usize> = HashMap::new();
-        let mut queued_per_class: HashMap<Class, usize> = HashMap::new();
-        for r in self.jobs.values() {
-            *counts.entry(r.state.name()).or_default() += 1;
-            if matches!(r.state, JobState::Queued { .. }) {
-                *queued_per_class.entry(r.spec.class()).or_default() += 1;
+    /// Notes the changes of this iteration not yet flushed.
+    fn update_tally(&mut self) {
+        for id in self.pending.dirty.keys() {
+            if let Some(r) = self.jobs.get(id) {
+                self.tally.note(r);
+            }
+        }
+    }
+
+    fn stats(&mut self) -> Stats {
+        self.update_tally();
+        let counts = &self.tally.states;
+        let queued_per_class = &self.tally.queued;
+        #[cfg(debug_assertions)]
+        {
+            // Debug builds (every end-to-end test) check the tally against a full count.
+            let mut full: HashMap<StateName, usize> = HashMap::new();
+            for r in self.jobs.values() {
+                *full.entry(r.state.name()).or_default() += 1;
+            }
+            for s in StateName::ALL {
+                assert_eq!(
+                    full.get(&s).copied().unwrap_or(0),
+                    counts.get(&s).copied().unwrap_or(0),
+                    "job tally out of step for state {s:?}"
+                );
             }
         }
         Stats {
