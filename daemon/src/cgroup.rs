@@ -37,8 +37,9 @@
 //! # A job's life
 //!
 //! [`Cgroups::create`] makes the cgroups and writes the [`Limits`]; the job's process joins
-//! before its first instruction: the parent opens [`JobCgroup::procs_files`], the forked
-//! child calls [`join_in_child`] (async-signal-safe) before exec. [`JobCgroup::kill`] kills
+//! before its first instruction: the parent opens [`JobCgroup::procs_files`], the child
+//! (forked, or cloned by [`crate::spawn`]) calls [`join_in_child`] (async-signal-safe)
+//! before exec. [`JobCgroup::kill`] kills
 //! everything in it (double forks and `setsid` do not escape a cgroup),
 //! [`JobCgroup::stats`] reads peak memory, CPU time and whether the OOM killer struck, and
 //! [`JobCgroup::remove`] removes it. After a restart, [`Cgroups::open_existing`] finds a
@@ -1596,8 +1597,8 @@ fn set_frozen_dir(dir: &Path, unified: bool, frozen: bool) -> Result<()> {
 /// Moves the calling process into the cgroups whose `cgroup.procs` files `fds` are (from
 /// [`JobCgroup::procs_files`]): writes "0", which means "the writer", to each.
 ///
-/// Async-signal-safe (only write(2)), so it may run in a child between fork and exec, e.g.
-/// in `std::process::Command::pre_exec`. Call it before dropping privileges: the kernel
+/// Async-signal-safe (only write(2)), so it may run in a child between fork (or a
+/// `CLONE_VM` clone) and exec, e.g. in `std::process::Command::pre_exec`. Call it before dropping privileges: the kernel
 /// checks the writer's permission on the cgroup.
 pub fn join_in_child(fds: &[RawFd]) -> io::Result<()> {
     for &fd in fds {

@@ -296,10 +296,8 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     // which stays valid and unchanged while the parent is suspended.
     unsafe {
         // Into the job's cgroup first, so everything the job ever runs is inside it.
-        for &fd in &plan.procs {
-            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                return fail(STEP_CGROUP);
-            }
+        if crate::cgroup::join_in_child(&plan.procs).is_err() {
+            return fail(STEP_CGROUP);
         }
         if libc::setsid() < 0 {
             return fail(STEP_SETSID);
