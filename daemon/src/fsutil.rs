@@ -267,6 +267,27 @@ pub fn write_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io:
     stage_at(dir, name, bytes, opts)?.commit(dir)
 }
 
+/// Writes `name` in `dir` directly, without a temp file and rename, for files nobody reads
+/// until their writer has exited (`supervisor.json`, `exit.json`): one directory entry
+/// instead of two. A reader that finds one cut short by its writer's death treats it as
+/// missing, as it would a missing one. Never writes through a symlink: when `name` exists
+/// already (a symlink included) it is replaced atomically instead ([`write_at`]).
+pub fn write_new_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io::Result<()> {
+    let mut f = match create_excl_at(dir, name, opts.mode) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return write_at(dir, name, bytes, opts),
+        Err(e) => return Err(e),
+    };
+    if let Some((uid, gid)) = opts.owner {
+        fchown(&f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid))).map_err(nix_io)?;
+    }
+    f.write_all(bytes)?;
+    if opts.sync {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so the renames in it are durable.
 pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
     nix::unistd::fsync(dir).map_err(nix_io)
@@ -275,6 +296,32 @@ pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_new_creates_or_replaces_and_refuses_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let fd = open_dir(d.path()).unwrap();
+        write_new_at(&fd, "exit.json", b"one", WriteOpts::default()).unwrap();
+        assert_eq!(std::fs::read(d.path().join("exit.json")).unwrap(), b"one");
+        write_new_at(&fd, "exit.json", b"two", WriteOpts::default()).unwrap();
+        assert_eq!(std::fs::read(d.path().join("exit.json")).unwrap(), b"two");
+        // A symlink in the way is replaced, never written through.
+        let target = d.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        std::os::unix::fs::symlink(&target, d.path().join("link")).unwrap();
+        write_new_at(&fd, "link", b"x", WriteOpts::default()).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(
+            std::fs::symlink_metadata(d.path().join("link"))
+                .unwrap()
+                .is_file()
+        );
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "no temp file left behind: {names:?}");
+    }
 
     #[test]
     fn write_replaces_atomically_and_refuses_symlinks() {

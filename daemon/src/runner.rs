@@ -246,7 +246,8 @@ pub fn spawn_supervisor(
     };
     serde_json::to_vec(&sup)
         .map_err(std::io::Error::other)
-        .and_then(|b| fsutil::write_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)))
+        // Read only after a restart, and only trusted whole: the launch is sent after it.
+        .and_then(|b| fsutil::write_new_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)))
         .map_err(|e| format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir))?;
     let running = Running {
         sup,

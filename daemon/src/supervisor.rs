@@ -207,7 +207,8 @@ fn finish(dir: &OwnedFd, exit: &ExitRecord, gid: u32) -> i32 {
     } else {
         None
     };
-    match fsutil::write_at(
+    // Read only once this process has exited: no temp file needed.
+    match fsutil::write_new_at(
         dir,
         EXIT_FILE,
         &bytes,
