@@ -18,7 +18,8 @@
 //! to be idle, and it reports how much CPU other processes used during each part, so a
 //! disturbed figure can be recognised. The file system under `--tmpdir` matters as much as
 //! the CPU (cybd writes about ten small files per job and fsyncs every state change), so the
-//! report starts with what creating a file costs there.
+//! report starts with what creating a file costs there, and with how many processes a bare
+//! spawn loop starts per second (the ceiling of every job runner, and it drifts).
 
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
