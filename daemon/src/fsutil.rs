@@ -297,6 +297,14 @@ pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// The names in `dir` (to check that no temp file was left behind).
+    fn entries(dir: &Path) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    }
+
     #[test]
     fn write_new_creates_or_replaces_and_refuses_symlinks() {
         let d = tempfile::tempdir().unwrap();
@@ -316,10 +324,7 @@ mod tests {
                 .unwrap()
                 .is_file()
         );
-        let names: Vec<_> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names = entries(d.path());
         assert_eq!(names.len(), 3, "no temp file left behind: {names:?}");
     }
 
@@ -350,10 +355,7 @@ mod tests {
                 .file_type()
                 .is_symlink()
         );
-        let names: Vec<_> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names = entries(d.path());
         assert_eq!(names.len(), 2, "no temp files left: {names:?}");
     }
 
