@@ -321,16 +321,22 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 return fail(STEP_STDIO);
             }
         }
-        // The job starts with default signal handling (exec keeps "ignored") and nothing
-        // blocked.
-        for sig in [
-            libc::SIGPIPE,
-            libc::SIGTERM,
-            libc::SIGINT,
-            libc::SIGHUP,
-            libc::SIGCHLD,
-        ] {
-            libc::signal(sig, libc::SIG_DFL);
+        // The job starts with every signal at its default action (exec keeps "ignored":
+        // SIGPIPE from the Rust runtime, and glibc's internal 32 and 33, which its
+        // posix_spawn leaves ignored in the launcher) and nothing blocked. The raw system
+        // call, because glibc's sigaction refuses its internal signals; a zeroed kernel
+        // sigaction is SIG_DFL with no flags and an empty mask.
+        let dfl = [0u64; 4];
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
+            }
         }
         let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
         libc::sigemptyset(none.as_mut_ptr());

@@ -457,6 +457,54 @@ fn env_of(out: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The job's process as the kernel sees it: its owner's credentials only, a session of its
+/// own, and no signal blocked or ignored (the supervisor blocks TERM/INT/HUP for its
+/// signalfd and ignores SIGPIPE; none of that may reach the job).
+#[test]
+fn the_job_starts_as_its_owner_in_its_own_session_with_default_signals() {
+    if !require(is_root(), "root") {
+        return;
+    }
+    let (uid, gid) = test_user();
+    let d = Daemon::start();
+    let body =
+        r#"{"command":["grep","-E","^(Pid|NSsid|Uid|Gid|Groups|SigBlk|SigIgn):","/proc/self/status"]}"#;
+    d.drop_job_as("status.json", body, uid, gid);
+    let (id, res) = wait_job(&d, "status.json");
+    assert_eq!(res["state"], "succeeded", "{res}");
+    let out = read(&d.run_dir(id).join("stdout.log"));
+    let field = |k: &str| -> Vec<String> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k} in:\n{out}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(field("Uid"), vec![uid.to_string(); 4], "{out}");
+    assert_eq!(field("Gid"), vec![gid.to_string(); 4], "{out}");
+    let mut groups: Vec<u32> = nix::unistd::getgrouplist(
+        &std::ffi::CString::new(TEST_USER).unwrap(),
+        nix::unistd::Gid::from_raw(gid),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|g| g.as_raw())
+    .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    let mut seen: Vec<u32> = field("Groups").iter().map(|g| g.parse().unwrap()).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, groups, "{out}");
+    assert_eq!(
+        field("NSsid"),
+        field("Pid"),
+        "the job leads its own session:\n{out}"
+    );
+    assert_eq!(field("SigBlk"), ["0000000000000000"], "{out}");
+    assert_eq!(field("SigIgn"), ["0000000000000000"], "{out}");
+}
+
 #[test]
 fn file_owner_runs_the_job_in_a_clean_environment() {
     if !require(is_root(), "root") {
