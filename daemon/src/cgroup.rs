@@ -1605,8 +1605,11 @@ pub fn join_in_child(fds: &[RawFd]) -> io::Result<()> {
         // SAFETY: write(2) of one byte from a static buffer to a caller-given descriptor;
         // async-signal-safe, and a bad descriptor only yields EBADF.
         let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        if n != 1 {
+        if n < 0 {
             return Err(io::Error::last_os_error());
+        }
+        if n != 1 {
+            return Err(io::ErrorKind::WriteZero.into());
         }
     }
     Ok(())

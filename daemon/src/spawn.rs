@@ -93,9 +93,10 @@ struct Plan {
     candidates: Vec<CString>,
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
-    /// `/bin/sh <candidate> args...`, for a file without a `#!` line (ENOEXEC), as
-    /// execvp(3) does; slot 1 is filled in by the child.
-    sh_argv: Vec<*const libc::c_char>,
+    /// `/bin/sh <candidate> args...` (null-terminated), for a file without a `#!` line
+    /// (ENOEXEC), as execvp(3) does; slot 1 is filled in by the child. Points into a vector
+    /// `spawn` owns and does not touch until the clone returns.
+    sh_argv: *mut *const libc::c_char,
     cwd: CString,
     creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     procs: Vec<RawFd>,
@@ -117,12 +118,18 @@ fn cstring(s: &str, what: &str) -> Result<CString, SpawnError> {
 /// Where to look for `prog`: itself when it names a path, else each directory of the
 /// job's `PATH` (the daemon's own `PATH` never applies), as execvp(3) would.
 fn candidates(prog: &str, env: &[(String, String)]) -> Result<Vec<CString>, SpawnError> {
+    if prog.is_empty() {
+        return Err(SpawnError {
+            step: STEPS[STEP_EXEC as usize],
+            source: io::Error::from_raw_os_error(libc::ENOENT),
+        });
+    }
     if prog.contains('/') {
         return Ok(vec![cstring(prog, "the command")?]);
     }
+    // The first PATH, the one the job's own getenv(3) sees.
     let path = env
         .iter()
-        .rev()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.as_str())
         .unwrap_or(DEFAULT_PATH);
@@ -139,17 +146,14 @@ fn candidates(prog: &str, env: &[(String, String)]) -> Result<Vec<CString>, Spaw
     Ok(out)
 }
 
-/// Moves a descriptor that would be overwritten by the child's stdio set-up out of 0..=2.
+/// A close-on-exec copy of `fd` numbered 3 or above, for the child to `dup2` onto 0..=2:
+/// no source can be overwritten by an earlier `dup2`, and none leaks into the job under its
+/// own number.
 fn above_stdio(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> io::Result<RawFd> {
-    if fd.as_raw_fd() > 2 {
-        return Ok(fd.as_raw_fd());
-    }
+    // try_clone_to_owned is fcntl(F_DUPFD_CLOEXEC, 3).
     let dup = fd.try_clone_to_owned()?;
-    let moved = nix::fcntl::fcntl(&dup, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(io::Error::from)?;
-    // SAFETY: fcntl just returned this new descriptor and nothing else owns it.
-    let moved = unsafe { OwnedFd::from_raw_fd(moved) };
-    let raw = moved.as_raw_fd();
-    keep.push(moved);
+    let raw = dup.as_raw_fd();
+    keep.push(dup);
     Ok(raw)
 }
 
@@ -175,9 +179,9 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
     argv.push(std::ptr::null());
     let mut envp: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
-    let mut sh_argv: Vec<*const libc::c_char> = vec![SH.as_ptr(), std::ptr::null()];
-    sh_argv.extend(args.iter().skip(1).map(|a| a.as_ptr()));
-    sh_argv.push(std::ptr::null());
+    let mut sh_argv_buf: Vec<*const libc::c_char> = vec![SH.as_ptr(), std::ptr::null()];
+    sh_argv_buf.extend(args.iter().skip(1).map(|a| a.as_ptr()));
+    sh_argv_buf.push(std::ptr::null());
     let mut keep = Vec::new();
     let stdio = [
         above_stdio(job.stdin, &mut keep),
@@ -197,7 +201,7 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
         candidates: candidates(prog, job.env)?,
         argv,
         envp,
-        sh_argv,
+        sh_argv: sh_argv_buf.as_mut_ptr(),
         cwd: cstring(job.cwd, "the working directory")?,
         creds: job.creds.map(|c| (c.uid, c.gid, c.groups.clone())),
         procs: job.cgroup_procs.to_vec(),
@@ -216,12 +220,18 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
 
     // All signals blocked across the clone, so no handler of the supervisor ever runs on
     // the child's side of the shared memory; the child resets dispositions, then unblocks.
-    let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    let mut old = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-    // SAFETY: sigfillset initialises `all`; pthread_sigmask writes the old mask into `old`.
+    // The raw system call: glibc's wrappers leave its internal signals (32, 33) unblocked.
+    let all: u64 = !0;
+    let mut old: u64 = 0;
+    // SAFETY: rt_sigprocmask reads 8 bytes from `all` and writes 8 bytes to `old`, both ours.
     unsafe {
-        libc::sigfillset(all.as_mut_ptr());
-        libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), old.as_mut_ptr());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all,
+            &mut old,
+            8usize,
+        );
     }
     let mut pidfd: c_int = -1;
     let plan_ptr = &plan as *const Plan as *mut c_void;
@@ -241,17 +251,25 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
     };
     let mut err = io::Error::last_os_error();
     if pid < 0 && err.raw_os_error() == Some(libc::EINVAL) {
-        // A kernel before 5.2: no CLONE_PIDFD; the supervisor opens one after.
+        // Refused with CLONE_PIDFD (kernels before 5.2 mostly ignore the bit instead, and
+        // leave `pidfd` at -1): without it; the supervisor opens a pidfd after.
         pidfd = -1;
         // SAFETY: as above, without the pidfd pointer.
         pid = unsafe { libc::clone(child, top, flags, plan_ptr) };
         err = io::Error::last_os_error();
     }
-    // SAFETY: restores the mask saved above.
+    // SAFETY: restores the mask saved above; reads 8 bytes from `old`.
     unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, old.as_ptr(), std::ptr::null_mut());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
     }
     drop(stack);
+    drop(sh_argv_buf);
     if pid < 0 {
         return Err(SpawnError {
             step: "cannot create a process",
@@ -296,7 +314,8 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     // which stays valid and unchanged while the parent is suspended.
     unsafe {
         // Into the job's cgroup first, so everything the job ever runs is inside it.
-        if crate::cgroup::join_in_child(&plan.procs).is_err() {
+        if let Err(e) = crate::cgroup::join_in_child(&plan.procs) {
+            *libc::__errno_location() = e.raw_os_error().unwrap_or(libc::EIO);
             return fail(STEP_CGROUP);
         }
         if libc::setsid() < 0 {
@@ -338,9 +357,14 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 );
             }
         }
-        let mut none = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
-        libc::sigemptyset(none.as_mut_ptr());
-        libc::sigprocmask(libc::SIG_SETMASK, none.as_ptr(), std::ptr::null_mut());
+        let none: u64 = 0;
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
 
         let mut eacces = false;
         let mut last = libc::ENOENT;
@@ -351,13 +375,13 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 libc::ENOEXEC => {
                     // No `#!` line: run it with /bin/sh, as execvp(3) does. Slot 1 of
                     // `sh_argv` is ours to fill (the parent is suspended).
-                    let slot = plan.sh_argv.as_ptr().add(1) as *mut *const libc::c_char;
-                    *slot = path.as_ptr();
-                    libc::execve(SH.as_ptr(), plan.sh_argv.as_ptr(), plan.envp.as_ptr());
+                    *plan.sh_argv.add(1) = path.as_ptr();
+                    libc::execve(SH.as_ptr(), plan.sh_argv, plan.envp.as_ptr());
                     return fail(STEP_EXEC);
                 }
+                // What execvp(3) passes over to try the next PATH entry.
                 libc::EACCES => eacces = true,
-                libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG | libc::ELOOP => {}
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
                 _ => return fail(STEP_EXEC),
             }
             last = e;
@@ -417,6 +441,20 @@ mod tests {
         assert_eq!(e.source.raw_os_error(), Some(libc::ENOENT));
         let e = run(&["true"], &[("PATH", "/usr/bin:/bin")], "/no/such/dir").unwrap_err();
         assert_eq!(e.step, "cannot change to the working directory");
+        let e = run(&[""], &[("PATH", "/usr/bin:/bin")], "/").unwrap_err();
+        assert_eq!(
+            e.source.raw_os_error(),
+            Some(libc::ENOENT),
+            "an empty name is not found"
+        );
+        // The first PATH counts, as for the job's own getenv(3).
+        let (code, _) = run(
+            &["true"],
+            &[("PATH", "/usr/bin:/bin"), ("PATH", "/nonexistent")],
+            "/",
+        )
+        .unwrap();
+        assert_eq!(code, 0);
         // Not found in the job's PATH, even where the daemon's own PATH has it.
         let e = run(&["true"], &[("PATH", "/nonexistent")], "/").unwrap_err();
         assert_eq!(e.source.raw_os_error(), Some(libc::ENOENT));
