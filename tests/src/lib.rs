@@ -84,6 +84,12 @@ pub fn bin(name: &str) -> PathBuf {
 /// A user for tests that run jobs as someone other than root; created when missing.
 pub const TEST_USER: &str = "cybtest";
 
+/// For a test that needs root and the unprivileged test user: the user's (uid, gid), or
+/// `None` (the skip reported by [`require`]) when not root.
+pub fn root_and_test_user() -> Option<(u32, u32)> {
+    require(is_root(), "root").then(test_user)
+}
+
 /// Creates [`TEST_USER`] if needed (root only) and returns its uid and gid.
 pub fn test_user() -> (u32, u32) {
     if nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, TEST_USER, alive, bin, is_root, require, test_user, wait_until};
+use cyb_tests::{Daemon, TEST_USER, alive, bin, root_and_test_user, wait_until};
 use serde_json::Value;
 
 /// Generous timeout for anything a healthy daemon does in well under a second.
@@ -462,10 +462,9 @@ fn env_of(out: &str) -> BTreeMap<String, String> {
 /// signalfd and ignores SIGPIPE; none of that may reach the job).
 #[test]
 fn the_job_starts_as_its_owner_in_its_own_session_with_default_signals() {
-    if !require(is_root(), "root") {
+    let Some((uid, gid)) = root_and_test_user() else {
         return;
-    }
-    let (uid, gid) = test_user();
+    };
     let d = Daemon::start();
     let body =
         r#"{"command":["grep","-E","^(Pid|NSsid|Uid|Gid|Groups|SigBlk|SigIgn):","/proc/self/status"]}"#;
@@ -507,10 +506,9 @@ fn the_job_starts_as_its_owner_in_its_own_session_with_default_signals() {
 
 #[test]
 fn file_owner_runs_the_job_in_a_clean_environment() {
-    if !require(is_root(), "root") {
+    let Some((uid, gid)) = root_and_test_user() else {
         return;
-    }
-    let (uid, gid) = test_user();
+    };
     let home = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .unwrap()
         .unwrap()
@@ -604,10 +602,9 @@ fn file_owner_runs_the_job_in_a_clean_environment() {
 
 #[test]
 fn rejected_files_error_belongs_to_the_files_owner() {
-    if !require(is_root(), "root") {
+    let Some((uid, gid)) = root_and_test_user() else {
         return;
-    }
-    let (uid, gid) = test_user();
+    };
     let d = Daemon::start();
     d.drop_job_as("typo.json", r#"{"comand":["true"]}"#, uid, gid);
     let err = assert_rejected(&d, "typo.json", Some("comand"));
@@ -641,10 +638,9 @@ fn rejected_files_error_belongs_to_the_files_owner() {
 
 #[test]
 fn root_files_are_refused_unless_allowed() {
-    if !require(is_root(), "root") {
+    let Some((uid, gid)) = root_and_test_user() else {
         return;
-    }
-    let (uid, gid) = test_user();
+    };
     let d = Daemon::start_with_root_jobs(false, "");
     d.drop_job("rootjob.json", VALID);
     let err = assert_rejected(&d, "rootjob.json", None);

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, bin, epoch, gone, is_root, require, shown, test_user, text, wait_pids, wait_until};
+use cyb_tests::{Daemon, bin, epoch, gone, root_and_test_user, shown, text, wait_pids, wait_until};
 use serde_json::{Value, json};
 
 /// Generous limit for things that take well under a second on an idle host.
@@ -701,10 +701,9 @@ fn hold_release_pause_resume() {
 
 #[test]
 fn rpc_callers_are_authorized_by_their_uid() {
-    if !require(is_root(), "root") {
+    let Some((uid, gid)) = root_and_test_user() else {
         return;
-    }
-    let (uid, gid) = test_user();
+    };
     let d = Daemon::start();
     let as_user = |args: &[&str]| -> Output {
         let mut c = d.ctl_cmd(args);
