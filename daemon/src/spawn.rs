@@ -157,6 +157,56 @@ fn above_stdio(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> io::Result<RawFd>
     Ok(raw)
 }
 
+/// The child's stack: anonymous memory with an inaccessible guard page below it, so an
+/// overflow faults (killing the child) instead of writing over the supervisor's heap.
+/// Pages are only touched as the child uses them.
+struct ChildStack {
+    base: *mut c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    fn new() -> io::Result<ChildStack> {
+        // SAFETY: sysconf takes an integer and returns one.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let len = CHILD_STACK + page;
+        // SAFETY: a new private anonymous mapping; no existing memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the first page of the mapping just made, which nothing uses yet.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address (the stack grows down on every architecture cybd runs on),
+    /// 16-byte aligned as the ABIs want.
+    fn top(&self) -> *mut c_void {
+        ((self.base as usize + self.len) & !0xf) as *mut c_void
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; the child no longer runs on it
+        // (clone returns only once it has exec'd or exited).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
 /// Starts the job. Returns once the child has called `execve` successfully (or failed).
 pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
     let Some(prog) = job.argv.first() else {
@@ -211,12 +261,11 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
             errno: AtomicI32::new(0),
         },
     };
-    let mut stack = vec![0u8; CHILD_STACK];
-    // The stack grows down on every architecture Linux runs cybd on; 16-byte aligned top.
-    let top = {
-        let end = stack.as_mut_ptr() as usize + CHILD_STACK;
-        (end & !0xf) as *mut c_void
-    };
+    let stack = ChildStack::new().map_err(|e| SpawnError {
+        step: "cannot create a process",
+        source: e,
+    })?;
+    let top = stack.top();
 
     // All signals blocked across the clone, so no handler of the supervisor ever runs on
     // the child's side of the shared memory; the child resets dispositions, then unblocks.
@@ -419,6 +468,29 @@ mod tests {
         unsafe { libc::waitpid(s.pid, &mut status, 0) };
         assert!(s.pidfd.is_some(), "this kernel has CLONE_PIDFD");
         Ok((libc::WEXITSTATUS(status), out))
+    }
+
+    #[test]
+    fn the_child_stack_has_a_guard_page_below_it() {
+        let st = ChildStack::new().unwrap();
+        let (base, top) = (st.base as usize, st.top() as usize);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let perms_at = |addr: usize| {
+            maps.lines()
+                .find_map(|l| {
+                    let (range, rest) = l.split_once(' ')?;
+                    let (a, b) = range.split_once('-')?;
+                    let (a, b) = (
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    );
+                    (a <= addr && addr < b).then(|| rest[..4].to_string())
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(perms_at(base), "---p", "guard page at the bottom");
+        assert_eq!(perms_at(top - 1), "rw-p", "usable stack below the top");
+        assert!(top - base >= CHILD_STACK);
     }
 
     #[test]
