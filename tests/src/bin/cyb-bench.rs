@@ -361,8 +361,8 @@ fn fs_of(dir: &Path) -> String {
 }
 
 /// What creating a small file costs in the temp root right now, in µs per file: write a
-/// temp file, rename it into place (as every cybd record and run-directory file is
-/// written), and the same with an fdatasync before the rename. cybd creates about ten files
+/// temp file, rename it to a new name (as cybd's run-directory files are written), and the
+/// same with an fdatasync before the rename. cybd creates about ten files
 /// per job, so on a file system where this is slow, so is cybd.
 fn fs_calibration(n: usize) -> anyhow::Result<(f64, f64)> {
     let dir = tempfile::Builder::new().prefix("cyb-bench-fs-").tempdir()?;
@@ -379,10 +379,13 @@ fn fs_calibration(n: usize) -> anyhow::Result<(f64, f64)> {
                 f.sync_data()?;
             }
             drop(f);
-            std::fs::rename(&tmp, dir.path().join(format!("{k}-{}.json", i / 3)))?;
+            std::fs::rename(&tmp, dir.path().join(format!("{k}-{i}.json")))?;
         }
         per_op[k] = t.elapsed().as_secs_f64() * 1e6 / n as f64;
     }
+    // Nothing freed here: freeing inodes would slow the next file creations on the file
+    // system the runs are about to measure (see `Drop for Cybd`).
+    to_trash(&dir.keep());
     Ok((per_op[0], per_op[1]))
 }
 
@@ -542,13 +545,20 @@ impl Drop for Cybd {
     /// would measure this benchmark's clean-up rather than the daemon.
     fn drop(&mut self) {
         self.d.stop();
-        let trash = TRASH.get_or_init(|| {
-            let t = std::env::temp_dir().join(format!("cyb-bench-trash-{}", std::process::id()));
-            let _ = std::fs::create_dir_all(&t);
-            t
-        });
-        let n = UNDO_SEQ.fetch_add(1, Ordering::Relaxed);
-        let _ = std::fs::rename(self.d.path(), trash.join(n.to_string()));
+        to_trash(self.d.path());
+    }
+}
+
+/// Moves `path` into the trash, emptied when the benchmark ends.
+fn to_trash(path: &Path) {
+    let trash = TRASH.get_or_init(|| {
+        let t = std::env::temp_dir().join(format!("cyb-bench-trash-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&t);
+        t
+    });
+    let n = UNDO_SEQ.fetch_add(1, Ordering::Relaxed);
+    if std::fs::rename(path, trash.join(n.to_string())).is_err() {
+        let _ = std::fs::remove_dir_all(path);
     }
 }
 
