@@ -376,6 +376,36 @@ impl Daemon {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
     }
 
+    /// The durable record of job `id` (the store's `jobs/<id>.json`).
+    pub fn record(&self, id: u64) -> Value {
+        let p = self.jobs_dir().join(format!("{id}.json"));
+        let t = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        serde_json::from_str(&t).unwrap_or_else(|e| panic!("{}: {e}: {t}", p.display()))
+    }
+
+    /// The state in job `id`'s record, or "" while there is no readable record.
+    pub fn job_state(&self, id: u64) -> String {
+        let p = self.jobs_dir().join(format!("{id}.json"));
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["state"].as_str().map(String::from))
+            .unwrap_or_default()
+    }
+
+    /// Waits until job `id`'s record is in state `want`; returns the record.
+    pub fn wait_state(&self, id: u64, want: &str, timeout: Duration) -> Value {
+        let ok = wait_until(timeout, || self.job_state(id) == want);
+        let rec = self.record(id);
+        assert!(
+            ok,
+            "job {id} is not {want} after {timeout:?} but {}; record: {rec}\nlog:\n{}",
+            rec["state"],
+            self.log()
+        );
+        rec
+    }
+
     /// Every job record in the store, by id.
     pub fn records(&self) -> Vec<Value> {
         let mut v: Vec<Value> = std::fs::read_dir(self.jobs_dir())

@@ -27,30 +27,6 @@ fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
 }
 
-/// The durable record of job `id` (the store's `jobs/<id>.json`).
-fn record(d: &Daemon, id: u64) -> Value {
-    let p = d.jobs_dir().join(format!("{id}.json"));
-    let t = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{}: {e}: {t}", p.display()))
-}
-
-fn state(d: &Daemon, id: u64) -> String {
-    record(d, id)["state"].as_str().unwrap_or_default().to_string()
-}
-
-/// Waits until job `id` is in state `want`; returns its record.
-fn wait_state(d: &Daemon, id: u64, want: &str, timeout: Duration) -> Value {
-    let ok = wait_until(timeout, || state(d, id) == want);
-    let rec = record(d, id);
-    assert!(
-        ok,
-        "job {id} is not {want} after {timeout:?} but {}; record: {rec}\nlog:\n{}",
-        rec["state"],
-        d.log()
-    );
-    rec
-}
-
 fn file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
@@ -246,7 +222,7 @@ fn logs_prints_stdout_or_stderr_and_follows_a_running_job() {
         ],
     );
     let ids = id.to_string();
-    wait_state(&d, id, "running", LONG);
+    d.wait_state(id, "running", LONG);
     assert!(
         wait_until(LONG, || file(&d.run_dir(id), "stdout.log") == "first\n"),
         "the job did not write its first line"
@@ -291,7 +267,7 @@ fn follow_returns_only_once_the_end_is_recorded() {
             .lines()
             .find_map(|l| l.strip_prefix("submitted job ")?.trim().parse().ok())
             .unwrap_or_else(|| panic!("no `submitted job N` line: {}", shown(&out)));
-        let (rec, result) = (state(&d, id), d.result(id).is_some());
+        let (rec, result) = (d.job_state(id), d.result(id).is_some());
         if rec != "succeeded" || !result {
             early.push(format!("job {id}: record {rec}, result.json present: {result}"));
         }
@@ -308,11 +284,11 @@ fn follow_returns_only_once_the_end_is_recorded() {
 fn cancel_of_a_queued_job_means_it_never_starts() {
     let d = Daemon::start_with(ONE_SLOT);
     let blocker = d.submit(&[], &["sleep", "120"]);
-    wait_state(&d, blocker, "running", LONG);
+    d.wait_state(blocker, "running", LONG);
     let q = d.submit(&[], &["sh", "-c", "echo ran"]);
     let qs = q.to_string();
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(state(&d, q), "queued", "one slot, taken: the job must wait");
+    assert_eq!(d.job_state(q), "queued", "one slot, taken: the job must wait");
 
     let after = d.ctl_json(&["cancel", &qs]);
     assert_eq!(after["state"], "cancelled", "{after}");
@@ -336,7 +312,7 @@ fn cancel_of_a_queued_job_means_it_never_starts() {
         "the cancelled job ran: {:?}",
         file(&d.run_dir(q), "stdout.log")
     );
-    let rec = record(&d, q);
+    let rec = d.record(q);
     assert_eq!(rec["state"], "cancelled", "{rec}");
     assert_eq!(rec["attempts"], 0, "{rec}");
 
@@ -357,7 +333,7 @@ fn cancel_of_a_running_job_kills_its_whole_process_group() {
                   echo $$ >> pids; wait";
     let id = d.submit(&["--cwd", s(tmp.path())], &["sh", "-c", script]);
     let all = wait_pids(&pids, 4);
-    assert_eq!(state(&d, id), "running");
+    assert_eq!(d.job_state(id), "running");
     let t = Instant::now();
     d.ctl_ok(&["cancel", &id.to_string()]);
     let r = d.wait_result(id, LONG);
@@ -536,7 +512,7 @@ fn retry_policy_and_manual_retry() {
     assert_eq!(r["attempts"], 3, "{r}");
     // Only ended jobs can be retried.
     let running = d.submit(&[], &["sleep", "60"]);
-    wait_state(&d, running, "running", LONG);
+    d.wait_state(running, "running", LONG);
     let out = d.ctl(&["retry", &running.to_string()]);
     assert_eq!(code(&out), 1, "{}", shown(&out));
     d.ctl_ok(&["cancel", &running.to_string()]);
@@ -549,8 +525,8 @@ fn dependencies_gate_starts_and_failures_propagate() {
     let d = Daemon::start();
     let a = d.submit(&[], &["sleep", "1"]);
     let b = d.submit(&["--after", &a.to_string()], &["sh", "-c", "echo b-ran"]);
-    wait_state(&d, a, "running", LONG);
-    assert_eq!(state(&d, b), "queued", "B must wait for A");
+    d.wait_state(a, "running", LONG);
+    assert_eq!(d.job_state(b), "queued", "B must wait for A");
     let rb = d.wait_result(b, LONG);
     let ra = d.wait_result(a, LONG);
     assert_eq!(ra["state"], "succeeded", "{ra}");
@@ -605,7 +581,7 @@ fn queue_order_is_priority_then_submission_order() {
         &["--cwd", dir],
         &["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done"],
     );
-    wait_state(&d, blocker, "running", LONG);
+    d.wait_state(blocker, "running", LONG);
     let job = |name: &str, prio: &str| {
         d.submit(
             &["--cwd", dir, "--name", name, "--priority", prio],
@@ -630,7 +606,7 @@ fn queue_order_is_priority_then_submission_order() {
     let p = d.ctl_json(&["priority", &raised.to_string(), "20"]);
     assert_eq!(p["priority"], 20, "{p}");
     for id in [p0_first, p5, p0_second, p10, raised] {
-        assert_eq!(state(&d, id), "queued", "job {id}");
+        assert_eq!(d.job_state(id), "queued", "job {id}");
     }
 
     std::fs::write(tmp.path().join("go"), "").unwrap();
@@ -652,7 +628,7 @@ fn queue_order_is_priority_then_submission_order() {
         starts.windows(2).all(|w| w[0] <= w[1]),
         "started_at out of order: {starts:?}"
     );
-    assert_eq!(state(&d, held), "held");
+    assert_eq!(d.job_state(held), "held");
     assert!(!d.run_dir(held).join("stdout.log").exists());
 }
 
@@ -668,8 +644,8 @@ fn hold_release_pause_resume() {
     // Holding twice is harmless.
     d.ctl_ok(&["hold", &held.to_string()]);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(state(&d, queued), "queued", "paused: nothing starts");
-    assert_eq!(state(&d, held), "held");
+    assert_eq!(d.job_state(queued), "queued", "paused: nothing starts");
+    assert_eq!(d.job_state(held), "held");
     assert!(!d.run_dir(queued).join("stdout.log").exists());
 
     d.ctl_ok(&["resume"]);
@@ -678,7 +654,7 @@ fn hold_release_pause_resume() {
     assert_eq!(r["state"], "succeeded", "{r}");
     assert_eq!(file(&d.run_dir(queued), "stdout.log"), "queued-ran\n");
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(state(&d, held), "held", "resume does not release a held job");
+    assert_eq!(d.job_state(held), "held", "resume does not release a held job");
 
     let out = d.ctl(&["release", &queued.to_string()]);
     assert_eq!(
@@ -776,13 +752,13 @@ fn rpc_callers_are_authorized_by_their_uid() {
     let out = as_user(&["logs", &mine.to_string()]);
     assert_eq!(code(&out), 0, "{}", shown(&out));
     assert!(text(&out.stdout).starts_with("cybtest\n"), "{}", shown(&out));
-    wait_state(&d, root_job, "running", LONG);
+    d.wait_state(root_job, "running", LONG);
     let out = as_user(&["logs", &root_job.to_string()]);
     assert_eq!(code(&out), 77, "reading root's logs: {}", shown(&out));
 
     // The user cancels its own job.
     let own_job = user_submit(&["sleep", "120"]);
-    wait_state(&d, own_job, "running", LONG);
+    d.wait_state(own_job, "running", LONG);
     let out = as_user(&["cancel", &own_job.to_string()]);
     assert_eq!(code(&out), 0, "{}", shown(&out));
     let r = d.wait_result(own_job, LONG);
@@ -811,7 +787,7 @@ fn rpc_callers_are_authorized_by_their_uid() {
             shown(&out)
         );
     }
-    let rec = record(&d, root_job);
+    let rec = d.record(root_job);
     assert_eq!(rec["state"], "running", "{rec}");
     assert_eq!(rec["priority"], 0, "{rec}");
     assert_eq!(d.ctl_json(&["stats"])["paused"], false);

@@ -69,12 +69,6 @@ fn state_of(d: &Daemon, id: u64) -> String {
         .to_string()
 }
 
-/// The record of job `id` as the store holds it on disk.
-fn record(d: &Daemon, id: u64) -> Value {
-    let p = d.jobs_dir().join(format!("{id}.json"));
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
 /// Starts the daemon again at once (as a shell loop or a service manager would after a
 /// crash or a stop) and waits until it serves, failing if it exits instead.
 ///
@@ -280,7 +274,7 @@ fn job_survives_restart(hard: bool) {
     assert_eq!(result["reason"], "exit_code", "{result}");
     assert_eq!(result["exit_code"], 5, "{result}");
     assert_eq!(result["attempts"], 1, "{result}");
-    let rec = record(&d, id);
+    let rec = d.record(id);
     assert_eq!(rec["state"], "failed", "{rec}");
     assert_eq!(rec["outcome"]["exit_code"], 5, "{rec}");
     let (code, out, err) = finish_child(waiter, LONG);
@@ -659,7 +653,7 @@ fn job_whose_supervisor_vanished_ends_failed_lost() {
     let r = wait_result(&d, id);
     assert_eq!(r["state"], "failed", "{r}");
     assert_eq!(r["reason"], "lost", "{r}");
-    let rec = record(&d, id);
+    let rec = d.record(id);
     assert_eq!(rec["state"], "failed", "{rec}");
     assert_eq!(rec["outcome"]["reason"], "lost", "{rec}");
     let code = d.ctl(&["wait", &id.to_string()]).status.code();

@@ -40,35 +40,6 @@ fn tempdir(prefix: &str) -> tempfile::TempDir {
     t
 }
 
-/// The durable record of job `id`.
-fn record(d: &Daemon, id: u64) -> Value {
-    let p = d.jobs_dir().join(format!("{id}.json"));
-    let t = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&t).unwrap_or_else(|e| panic!("{}: {e}: {t}", p.display()))
-}
-
-fn state(d: &Daemon, id: u64) -> String {
-    let p = d.jobs_dir().join(format!("{id}.json"));
-    std::fs::read_to_string(p)
-        .ok()
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|v| v["state"].as_str().map(String::from))
-        .unwrap_or_default()
-}
-
-/// Waits until job `id` is in state `want`; returns its record.
-fn wait_state(d: &Daemon, id: u64, want: &str, timeout: Duration) -> Value {
-    let ok = wait_until(timeout, || state(d, id) == want);
-    let rec = record(d, id);
-    assert!(
-        ok,
-        "job {id} is not {want} after {timeout:?} but {}; record: {rec}\nlog:\n{}",
-        rec["state"],
-        d.log()
-    );
-    rec
-}
-
 /// Writes `spec` as a job file in `dir` and submits it with `cybctl submit -f`.
 fn submit_spec(d: &Daemon, dir: &Path, spec: &Value) -> u64 {
     let path = dir.join(format!(
@@ -407,7 +378,7 @@ fn cancel_double_fork_leaves_nothing() {
         "the job's sleeps did not all start; pids {pids:?}\n{}",
         logs(&d, id)
     );
-    wait_state(&d, id, "running", LONG);
+    d.wait_state(id, "running", LONG);
     assert!(
         !job_cgroups(&d, id).is_empty(),
         "no cgroup job_{id} under a directory {} while the job runs",
@@ -415,11 +386,7 @@ fn cancel_double_fork_leaves_nothing() {
     );
     let out = d.ctl(&["cancel", &id.to_string()]);
     assert!(out.status.success(), "cancel: {}", shown(&out));
-    let r = result_of(&d, id, LONG);
-    println!("{r}");
-    assert_eq!(r["state"], "cancelled", "{r}");
-    assert_all_gone(&pids, &argvs);
-    assert_no_cgroup(&d, id, Duration::from_secs(5));
+    ended_leaving_nothing(&d, id, "cancelled", &pids, &argvs);
 }
 
 #[test]
@@ -432,11 +399,17 @@ fn timeout_kills_whole_cgroup() {
     let t = tempdir("cyb-res-");
     let (id, pids, argvs) = submit_escaping_job(&d, t.path(), 400, json!({"timeout": "2s"}));
     let argvs = argvs.each_ref().map(|[p, n]| [p.as_str(), n.as_str()]);
-    let r = result_of(&d, id, LONG);
+    ended_leaving_nothing(&d, id, "timed_out", &pids, &argvs);
+}
+
+/// Job `id` (from [`submit_escaping_job`]) ends in state `want`, and none of its processes
+/// (`pids`, or anything running `argvs`) nor its cgroup is left.
+fn ended_leaving_nothing(d: &Daemon, id: u64, want: &str, pids: &[i32], argvs: &[[&str; 2]]) {
+    let r = result_of(d, id, LONG);
     println!("{r}");
-    assert_eq!(r["state"], "timed_out", "{r}");
-    assert_all_gone(&pids, &argvs);
-    assert_no_cgroup(&d, id, Duration::from_secs(5));
+    assert_eq!(r["state"], want, "{r}");
+    assert_all_gone(pids, argvs);
+    assert_no_cgroup(d, id, Duration::from_secs(5));
 }
 
 // ----- GPUs and devices
@@ -548,11 +521,11 @@ fn one_gpu_two_jobs_serialize() {
         &["--class", "gpu", "--gpus", "1", "--cwd", "/"],
         &["sleep", "1.5"],
     );
-    wait_state(&d, a, "running", LONG);
+    d.wait_state(a, "running", LONG);
     let mut seen = Value::Null;
     let ok = wait_until(Duration::from_secs(5), || {
         seen = gpu_entry(&d, 0);
-        seen["lock"]["state"] == "job" || state(&d, a) != "running"
+        seen["lock"]["state"] == "job" || d.job_state(a) != "running"
     });
     assert!(
         ok && seen["lock"]["state"] == "job",
@@ -561,7 +534,7 @@ fn one_gpu_two_jobs_serialize() {
     assert_eq!(seen["lock"]["job_id"], a, "{seen}");
     assert!(seen["lock"]["pid"].is_u64(), "{seen}");
     assert_eq!(seen["uuid"], "GPU-test-0", "{seen}");
-    assert_eq!(state(&d, b), "queued", "job {b} is not waiting for the GPU");
+    assert_eq!(d.job_state(b), "queued", "job {b} is not waiting for the GPU");
 
     let ra = result_of(&d, a, LONG);
     let rb = result_of(&d, b, LONG);
@@ -618,23 +591,23 @@ fn outside_flock_blocks_gpu() {
             last_held = at;
         }
         assert_eq!(
-            state(&d, id),
+            d.job_state(id),
             "queued",
             "job {id} left the queue while flock holds the GPU lock: {}\nlog:\n{}",
-            record(&d, id),
+            d.record(id),
             d.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Nor was it recorded as started (and put back) in the meantime.
-    let rec = record(&d, id);
+    let rec = d.record(id);
     assert!(
         rec.get("first_started_at").is_none_or(Value::is_null) && rec["attempts"] == 0,
         "job {id} was recorded as started while flock holds the GPU lock: {rec}"
     );
     let g = gpu_entry(&d, 0);
     assert_eq!(g["lock"]["state"], "outside", "{g}");
-    assert_eq!(state(&d, id), "queued", "{}", record(&d, id));
+    assert_eq!(d.job_state(id), "queued", "{}", d.record(id));
     // CPU jobs are not held back by the waiting GPU job.
     let cpu = submit_spec(&d, t.path(), &json!({"shell": "echo cpu", "cwd": "/"}));
     let r = result_of(&d, cpu, LONG);
@@ -643,12 +616,12 @@ fn outside_flock_blocks_gpu() {
         holder.try_wait().unwrap().is_none(),
         "the CPU job only ran after flock let go of the GPU"
     );
-    assert_eq!(state(&d, id), "queued", "{}", record(&d, id));
+    assert_eq!(d.job_state(id), "queued", "{}", d.record(id));
     while holder.try_wait().unwrap().is_none() {
         let at = now_epoch();
         if holder.try_wait().unwrap().is_none() {
             last_held = at;
-            let st = state(&d, id);
+            let st = d.job_state(id);
             assert_eq!(st, "queued", "job {id} started while flock holds the GPU lock");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -684,7 +657,7 @@ fn gpu_lock_survives_kill9_restart() {
         t.path(),
         &gpu_job("echo first started; sleep 6; echo first done"),
     );
-    wait_state(&d, first, "running", LONG);
+    d.wait_state(first, "running", LONG);
     // The job's process itself runs (a job recorded as running may still be waiting to be
     // handed to its supervisor; a daemon killed then queues it again instead).
     let started = wait_until(LONG, || {
@@ -715,9 +688,9 @@ fn gpu_lock_survives_kill9_restart() {
 
     let second = submit_spec(&d, t.path(), &gpu_job("echo second done"));
     // The second waits as long as the first runs.
-    while state(&d, first) == "running" {
-        let st = state(&d, second);
-        let first_now = state(&d, first);
+    while d.job_state(first) == "running" {
+        let st = d.job_state(second);
+        let first_now = d.job_state(first);
         assert!(
             st == "queued" || first_now != "running",
             "job {second} is {st} while job {first} holds the only GPU"
