@@ -21,11 +21,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// Who the job runs as, when the supervisor is root.
-#[derive(Clone, Debug)]
-pub struct Creds {
+#[derive(Clone, Copy, Debug)]
+pub struct Creds<'a> {
     pub uid: u32,
     pub gid: u32,
-    pub groups: Vec<u32>,
+    pub groups: &'a [u32],
 }
 
 /// What to start.
@@ -34,7 +34,7 @@ pub struct Job<'a> {
     pub env: &'a [(String, String)],
     pub cwd: &'a str,
     /// `None` keeps the supervisor's own identity (user mode).
-    pub creds: Option<&'a Creds>,
+    pub creds: Option<Creds<'a>>,
     /// Open `cgroup.procs` files of the job's cgroup, one per hierarchy.
     pub cgroup_procs: &'a [RawFd],
     pub stdin: BorrowedFd<'a>,
@@ -88,7 +88,7 @@ struct Failure {
 
 /// Everything the child reads, prepared by the parent. Pointers point into the owned
 /// vectors and strings kept alive by [`spawn`] until the clone returns.
-struct Plan {
+struct Plan<'a> {
     /// Full paths to try in order (one when argv[0] has a slash; else one per `PATH` entry).
     candidates: Vec<CString>,
     argv: Vec<*const libc::c_char>,
@@ -98,7 +98,7 @@ struct Plan {
     /// `spawn` owns and does not touch until the clone returns.
     sh_argv: *mut *const libc::c_char,
     cwd: CString,
-    creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    creds: Option<Creds<'a>>,
     procs: Vec<RawFd>,
     stdio: [RawFd; 3],
     failure: Failure,
@@ -253,7 +253,7 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
         envp,
         sh_argv: sh_argv_buf.as_mut_ptr(),
         cwd: cstring(job.cwd, "the working directory")?,
-        creds: job.creds.map(|c| (c.uid, c.gid, c.groups.clone())),
+        creds: job.creds,
         procs: job.cgroup_procs.to_vec(),
         stdio,
         failure: Failure {
@@ -370,14 +370,14 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         if libc::setsid() < 0 {
             return fail(STEP_SETSID);
         }
-        if let Some((uid, gid, groups)) = &plan.creds {
-            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) < 0 {
+        if let Some(c) = &plan.creds {
+            if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) < 0 {
                 return fail(STEP_GROUPS);
             }
-            if libc::syscall(libc::SYS_setgid, *gid) < 0 {
+            if libc::syscall(libc::SYS_setgid, c.gid) < 0 {
                 return fail(STEP_GID);
             }
-            if libc::syscall(libc::SYS_setuid, *uid) < 0 {
+            if libc::syscall(libc::SYS_setuid, c.uid) < 0 {
                 return fail(STEP_UID);
             }
         }

@@ -286,7 +286,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
     let creds = crate::spawn::Creds {
         uid: l.uid,
         gid: l.gid,
-        groups: l.groups.clone(),
+        groups: &l.groups,
     };
     if let Err(e) = ensure_artifacts_dir(dir, run_dir, l, as_root) {
         exit.error = Some(e);
@@ -297,7 +297,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         argv: &l.argv,
         env: &l.env,
         cwd: &l.cwd,
-        creds: as_root.then_some(&creds),
+        creds: as_root.then_some(creds),
         cgroup_procs: &procs_raw,
         stdin: devnull.as_fd(),
         stdout: out_w.as_fd(),
