@@ -106,7 +106,7 @@ pub struct Paths {
     pub logs: PathBuf,
     /// The RPC socket.
     pub socket: PathBuf,
-    /// Runtime state (GPU lockfiles, ...).
+    /// Runtime state (GPU lockfiles, supervisor files, ...); a tmpfs on systemd hosts.
     pub runtime: PathBuf,
 }
 
@@ -122,6 +122,11 @@ impl Paths {
     }
     pub fn run_dir(&self, id: u64) -> PathBuf {
         self.logs.join(format!("run_{id}"))
+    }
+    /// Where the daemon and the supervisors of running jobs leave word for each other:
+    /// `<id>.json` (which supervisor runs the job) and `<id>.exit.json` (how it ended).
+    pub fn supervisors(&self) -> PathBuf {
+        self.runtime.join("supervisors")
     }
 }
 

@@ -268,7 +268,7 @@ pub fn write_at(dir: &OwnedFd, name: &str, bytes: &[u8], opts: WriteOpts) -> io:
 }
 
 /// Writes `name` in `dir` directly, without a temp file and rename, for files nobody reads
-/// until their writer has exited (`supervisor.json`, `exit.json`): one directory entry
+/// until their writer has exited (a supervisor's `<id>.json` and `<id>.exit.json`): one directory entry
 /// instead of two. A reader that finds one cut short by its writer's death treats it as
 /// missing, as it would a missing one. Never writes through a symlink: when `name` exists
 /// already (a symlink included) it is replaced atomically instead ([`write_at`]).

@@ -5,7 +5,7 @@
 //! start-up of a fresh `cybd supervise` (about a millisecond of CPU each, which capped the
 //! daemon's throughput on small hosts).
 //!
-//! Each request carries the run directory and attempt, plus the read end of the pipe on
+//! Each request carries the run directory, the exit record's path and the attempt, plus the read end of the pipe on
 //! which the daemon will hand over the launch description (`SCM_RIGHTS`). The reply carries
 //! the supervisor's pid and a pidfd for it. Supervisors are not the daemon's children: the
 //! daemon watches them through their pidfds, and the launcher reaps them (at least once a
@@ -37,6 +37,8 @@ const MAX_FDS: usize = 65;
 #[derive(Serialize, Deserialize)]
 struct Request {
     run_dir: PathBuf,
+    /// Where the supervisor writes its exit record.
+    exit_file: PathBuf,
     attempt: u32,
     /// Descriptors sent after the stdin pipe that the supervisor keeps open for its whole
     /// life (the job's GPU lockfiles, whose flock locks they hold).
@@ -121,7 +123,7 @@ impl Launcher {
         Ok(Conn { sock: ours, child })
     }
 
-    /// Forks a supervisor for `run_dir`/`attempt` that reads its launch description from
+    /// Forks a supervisor for `run_dir`/`attempt` (exit record at `exit_file`) that reads its launch description from
     /// `stdin` (blocking). Starts the launcher first if it is not running, and again if it
     /// died before taking the request. An error of kind `ConnectionAborted` means the
     /// launcher took the request but gave no answer: a supervisor may exist with `stdin`,
@@ -130,12 +132,14 @@ impl Launcher {
     pub fn start(
         &self,
         run_dir: &Path,
+        exit_file: &Path,
         attempt: u32,
         stdin: &OwnedFd,
         held: &[BorrowedFd<'_>],
     ) -> io::Result<Started> {
         let req = serde_json::to_vec(&Request {
             run_dir: run_dir.to_path_buf(),
+            exit_file: exit_file.to_path_buf(),
             attempt,
             held: held.len(),
         })
@@ -362,7 +366,7 @@ pub fn main() -> i32 {
     }
 }
 
-/// Reaps every supervisor that has exited (their exit records are in their run directories).
+/// Reaps every supervisor that has exited (their exit records are written already).
 fn reap_exited() {
     use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
     while let Ok(st) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -377,7 +381,7 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
     // another thread and may run ordinary code (it never returns into this loop).
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
-            let code = supervisor_child(stdin, &req.run_dir, req.attempt, held);
+            let code = supervisor_child(stdin, req, held);
             // Straight out: the supervisor has written all it has to say, and the exit
             // handlers and destructors of the launcher image it was forked from have
             // nothing to do here (running them only faults in their pages).
@@ -400,7 +404,7 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
 }
 
 /// The forked child: becomes the supervisor of one job.
-fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
+fn supervisor_child(stdin: OwnedFd, req: &Request, held: Vec<OwnedFd>) -> i32 {
     // Named for `ps -o comm`/`top` (its command line stays the launcher's).
     let _ = nix::sys::prctl::set_name(c"cybd-supervisor");
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
@@ -411,5 +415,5 @@ fn supervisor_child(stdin: OwnedFd, run_dir: &Path, attempt: u32, held: Vec<Owne
         return 1;
     }
     drop(stdin);
-    crate::supervisor::main(run_dir, attempt, held)
+    crate::supervisor::main(&req.run_dir, &req.exit_file, req.attempt, held)
 }

@@ -3,9 +3,15 @@
 //! the supervisor's identity before handing it the job, watches it through a pidfd, and
 //! adopts supervisors left running by an earlier daemon. It also writes `job.json` and
 //! `result.json`.
+//!
+//! The daemon and a job's supervisor leave word for each other in two small files under
+//! `<runtime>/supervisors/` ([`SupFiles`]), not in the run directory: they matter only while
+//! the job runs and until its end is recorded, the runtime directory is a tmpfs on systemd
+//! hosts (`/run/cyb`), and on the logs' disk each would cost a file creation per job.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,10 +21,10 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::config::Config;
+use crate::config::{Config, Paths};
 use crate::fsutil::{self, WriteOpts};
 use crate::launcher::Launcher;
-use crate::supervisor::{EXIT_FILE, ExitRecord, Launch, SUPERVISOR_FILE, SupervisorRef};
+use crate::supervisor::{ExitRecord, Launch, SupervisorRef};
 use crate::sys;
 use crate::users::Account;
 
@@ -26,7 +32,98 @@ use crate::users::Account;
 pub struct Running {
     pub sup: SupervisorRef,
     pub pidfd: Arc<OwnedFd>,
-    pub run_dir: PathBuf,
+    pub files: SupFiles,
+}
+
+/// The files of job `id` in `<runtime>/supervisors/`: `<id>.json` ([`SupervisorRef`]: which
+/// supervisor runs which attempt), written by the daemon before it hands that supervisor the
+/// job, and `<id>.exit.json` ([`ExitRecord`]), written by the supervisor when it is done.
+/// Both are removed once the job's end is durable in its record.
+#[derive(Clone, Debug)]
+pub struct SupFiles {
+    dir: PathBuf,
+    id: u64,
+}
+
+impl SupFiles {
+    pub fn new(paths: &Paths, id: u64) -> SupFiles {
+        SupFiles {
+            dir: paths.supervisors(),
+            id,
+        }
+    }
+    fn sup_name(&self) -> String {
+        format!("{}.json", self.id)
+    }
+    fn exit_name(&self) -> String {
+        format!("{}.exit.json", self.id)
+    }
+    /// Where the supervisor writes its exit record.
+    pub fn exit_path(&self) -> PathBuf {
+        self.dir.join(self.exit_name())
+    }
+    fn open_dir(&self) -> std::io::Result<OwnedFd> {
+        fsutil::open_dir(&self.dir)
+    }
+    fn unlink(&self, dir: &OwnedFd) {
+        for name in [self.exit_name(), self.sup_name()] {
+            let _ = nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+    }
+    /// Removes both files (blocking): once the job's end is durable, nothing reads them.
+    pub fn remove(&self) {
+        if let Ok(dir) = self.open_dir() {
+            self.unlink(&dir);
+        }
+    }
+}
+
+/// Creates `<runtime>/supervisors/` (mode 0700) if it is missing (blocking). Returns true
+/// when it was missing: then the runtime directory did not survive since the last daemon
+/// (the host restarted, and its tmpfs with it), and a job recorded as running has lost its
+/// supervisor even though no file says so.
+pub fn prepare_sup_dir(paths: &Paths) -> std::io::Result<bool> {
+    let dir = paths.supervisors();
+    // The runtime directory itself exists: the daemon creates it first.
+    let created = match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot create {}: {e}", dir.display()),
+            ));
+        }
+    };
+    // A directory of someone else's (or one others may write into) could feed the daemon
+    // forged exit records.
+    let fd = fsutil::open_dir(&dir)?;
+    let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "refusing {}: it must belong to uid {} and be writable by nobody else",
+            dir.display(),
+            nix::unistd::geteuid()
+        )));
+    }
+    Ok(created)
+}
+
+/// Removes the files of jobs that are not running (blocking): those a daemon left when it
+/// died between recording a job's end and removing them.
+pub fn sweep_sup_dir(paths: &Paths, running: &std::collections::BTreeSet<u64>) {
+    let dir = paths.supervisors();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let id = name.split('.').next().and_then(|n| n.parse::<u64>().ok());
+        if id.is_some_and(|id| !running.contains(&id)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 impl Running {
@@ -71,11 +168,16 @@ fn as_root() -> bool {
 /// 0750, so the user can read it and nobody else can, and the user cannot tamper with it.
 pub fn prepare_run_dir(rec: &JobRecord) -> std::io::Result<OwnedFd> {
     let path = Path::new(&rec.run_dir);
-    if let Some(parent) = path.parent() {
+    let mut made = std::fs::create_dir(path);
+    if let (Err(e), Some(parent)) = (&made, path.parent())
+        && e.kind() == std::io::ErrorKind::NotFound
+    {
+        // The logs directory itself is missing (removed while the daemon ran).
         std::fs::create_dir_all(parent)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", parent.display())))?;
+        made = std::fs::create_dir(path);
     }
-    match std::fs::create_dir(path) {
+    match made {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => {
@@ -194,7 +296,7 @@ pub fn launch_for(
     })
 }
 
-/// A supervisor that is started and recorded in `supervisor.json`, but not yet handed its
+/// A supervisor that is started and recorded in `<id>.json`, but not yet handed its
 /// job: it waits on its stdin pipe. Starting it while the job's `running` record is being
 /// made durable hides the supervisor's start-up behind the fsync.
 pub struct Spawned {
@@ -210,6 +312,7 @@ pub struct Spawned {
 /// `held` are descriptors the supervisor keeps for its whole life (GPU lockfiles).
 pub fn spawn_supervisor(
     launcher: &Launcher,
+    files: SupFiles,
     rec: &JobRecord,
     launch: &Launch,
     held: &[std::os::fd::BorrowedFd<'_>],
@@ -218,9 +321,12 @@ pub fn spawn_supervisor(
     if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
         write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
     }
-    for stale in [EXIT_FILE, SUPERVISOR_FILE] {
-        let _ = nix::unistd::unlinkat(&dir, stale, nix::unistd::UnlinkatFlags::NoRemoveDir);
-    }
+    drop(dir);
+    let sup_dir = files
+        .open_dir()
+        .map_err(|e| format!("cannot open {}: {e}", files.dir.display()))?;
+    // An earlier attempt's files (one that failed, or was never handed its job).
+    files.unlink(&sup_dir);
     // A second pipe only if the launcher took the first request without answering: a
     // supervisor it may have forked then reads the first pipe's end-of-file, records "never
     // launched" and exits.
@@ -230,7 +336,13 @@ pub fn spawn_supervisor(
         let (read_end, write_end) =
             std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
         let read_end = OwnedFd::from(read_end);
-        match launcher.start(Path::new(&rec.run_dir), launch.attempt, &read_end, held) {
+        match launcher.start(
+            Path::new(&rec.run_dir),
+            &files.exit_path(),
+            launch.attempt,
+            &read_end,
+            held,
+        ) {
             Ok(s) => break (s, write_end),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted && tries < 2 => continue,
             Err(e) => return Err(format!("cannot start the supervisor of job {}: {e}", rec.id)),
@@ -244,15 +356,20 @@ pub fn spawn_supervisor(
         pid,
         start_ticks,
     };
+    let opts = WriteOpts {
+        mode: 0o600,
+        owner: None,
+        sync: false,
+    };
     serde_json::to_vec(&sup)
         .map_err(std::io::Error::other)
         // Read only after a restart, and only trusted whole: the launch is sent after it.
-        .and_then(|b| fsutil::write_new_at(&dir, SUPERVISOR_FILE, &b, file_opts(rec)))
-        .map_err(|e| format!("cannot write {SUPERVISOR_FILE} in {}: {e}", rec.run_dir))?;
+        .and_then(|b| fsutil::write_new_at(&sup_dir, &files.sup_name(), &b, opts))
+        .map_err(|e| format!("cannot write {}: {e}", files.dir.join(files.sup_name()).display()))?;
     let running = Running {
         sup,
         pidfd: Arc::new(started.pidfd),
-        run_dir: PathBuf::from(&rec.run_dir),
+        files,
     };
     Ok(Spawned {
         stdin: std::fs::File::from(OwnedFd::from(write_end)),
@@ -290,17 +407,23 @@ pub fn abandon(s: Spawned) {
 }
 
 /// Looks for the supervisor of attempt `attempt` of a job recorded as running (blocking).
-pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
-    let dir = match fsutil::open_dir(run_dir) {
-        Ok(d) => d,
-        Err(_) => return Adopted::NeverLaunched,
-    };
-    let sup: Option<SupervisorRef> = fsutil::read_at(&dir, SUPERVISOR_FILE, 64 * 1024)
+/// `host_restarted`: the supervisors' directory was missing at startup (see
+/// [`prepare_sup_dir`]), so a missing `<id>.json` proves nothing.
+pub fn adopt(files: SupFiles, attempt: u32, host_restarted: bool) -> Adopted {
+    let sup: Option<SupervisorRef> = files
+        .open_dir()
+        .and_then(|dir| fsutil::read_at(&dir, &files.sup_name(), 64 * 1024))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|s: &SupervisorRef| s.attempt == attempt);
     let Some(sup) = sup else {
-        // The launch is sent only after supervisor.json is written.
+        if host_restarted {
+            return Adopted::Lost(format!(
+                "{} was gone when cybd started (the host restarted?), and the job's supervisor with it",
+                files.dir.display()
+            ));
+        }
+        // The launch is sent only after <id>.json is written.
         return Adopted::NeverLaunched;
     };
     if let Ok(fd) = sys::pidfd_open(sup.pid)
@@ -310,14 +433,14 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
         return Adopted::Alive(Running {
             sup,
             pidfd: Arc::new(fd),
-            run_dir: run_dir.to_path_buf(),
+            files,
         });
     }
-    match read_exit(run_dir, attempt, sup.pid) {
+    match read_exit(&files, attempt, sup.pid) {
         Some(e) if e.not_launched => Adopted::NeverLaunched,
         Some(e) => Adopted::Ended(e),
         None => Adopted::Lost(format!(
-            "supervisor (pid {}) of attempt {attempt} is gone and left no {EXIT_FILE}",
+            "supervisor (pid {}) of attempt {attempt} is gone and left no exit record",
             sup.pid
         )),
     }
@@ -325,9 +448,9 @@ pub fn adopt(run_dir: &Path, attempt: u32) -> Adopted {
 
 /// The exit record of attempt `attempt` as written by the supervisor with pid `pid`
 /// (a record left by another supervisor of the same attempt number does not count).
-fn read_exit(run_dir: &Path, attempt: u32, pid: i32) -> Option<ExitRecord> {
-    let dir = fsutil::open_dir(run_dir).ok()?;
-    let bytes = fsutil::read_at(&dir, EXIT_FILE, 1024 * 1024).ok()?;
+fn read_exit(files: &SupFiles, attempt: u32, pid: i32) -> Option<ExitRecord> {
+    let dir = files.open_dir().ok()?;
+    let bytes = fsutil::read_at(&dir, &files.exit_name(), 1024 * 1024).ok()?;
     serde_json::from_slice::<ExitRecord>(&bytes)
         .ok()
         .filter(|e| e.attempt == attempt && e.pid == pid)
@@ -358,13 +481,13 @@ pub async fn wait(run: &Running) -> Ended {
         }
     }
     let pid = run.sup.pid;
-    let run_dir = run.run_dir.clone();
+    let files = run.files.clone();
     let attempt = run.sup.attempt;
-    let res = tokio::task::spawn_blocking(move || read_exit(&run_dir, attempt, pid)).await;
+    let res = tokio::task::spawn_blocking(move || read_exit(&files, attempt, pid)).await;
     match res {
         Ok(Some(e)) => Ended::Exit(e),
         Ok(None) => Ended::Lost(format!(
-            "supervisor (pid {pid}) exited without writing {EXIT_FILE}"
+            "supervisor (pid {pid}) exited without writing its exit record"
         )),
         Err(e) => Ended::Lost(format!("cannot read the exit record: {e}")),
     }

@@ -321,6 +321,21 @@ impl Scheduler {
             claiming: HashMap::new(),
             cleaning: HashSet::new(),
         };
+        let sup_paths = s.cfg.paths.clone();
+        let host_restarted =
+            match tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&sup_paths)).await {
+                Ok(Ok(fresh)) => fresh,
+                Ok(Err(e)) => {
+                    // Jobs then fail to start, each saying why; running ones are not declared
+                    // lost on this account.
+                    error!("{e}");
+                    false
+                }
+                Err(e) => {
+                    error!("cannot prepare the supervisors' directory: {e}");
+                    false
+                }
+            };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
         let mut to_adopt = Vec::new();
@@ -328,9 +343,7 @@ impl Scheduler {
         for rec in loaded.records {
             let id = rec.id;
             match &rec.state {
-                JobState::Running { attempt, gpus, .. } => {
-                    to_adopt.push((id, *attempt, rec.run_dir.clone(), gpus.clone()))
-                }
+                JobState::Running { attempt, gpus, .. } => to_adopt.push((id, *attempt, gpus.clone())),
                 JobState::Waiting { until, .. } => {
                     let wait = Duration::from_millis(Timestamp::now().ms_until(*until));
                     s.wake_after(id, wait);
@@ -352,7 +365,7 @@ impl Scheduler {
             s.enqueue(id);
         }
         let mut alive = BTreeSet::new();
-        for (id, attempt, run_dir, gpus) in to_adopt {
+        for (id, attempt, gpus) in to_adopt {
             let class = s.jobs[&id].spec.class();
             *s.running_per_class.entry(class).or_default() += 1;
             for g in &gpus {
@@ -366,10 +379,10 @@ impl Scheduler {
                     gpus,
                 },
             );
-            let found =
-                tokio::task::spawn_blocking(move || runner::adopt(std::path::Path::new(&run_dir), attempt))
-                    .await
-                    .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
+            let files = runner::SupFiles::new(&s.cfg.paths, id);
+            let found = tokio::task::spawn_blocking(move || runner::adopt(files, attempt, host_restarted))
+                .await
+                .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
             match found {
                 Adopted::Alive(run) => {
                     alive.insert(id);
@@ -410,7 +423,14 @@ impl Scheduler {
         // Cgroups of jobs that are not running any more (their supervisor is gone, or cybd
         // was killed between creating a cgroup and starting the job): killed and removed.
         let host = s.host.clone();
-        let _ = tokio::task::spawn_blocking(move || host.sweep(&alive)).await;
+        let running: BTreeSet<JobId> = s.running.keys().copied().collect();
+        let sup_paths = s.cfg.paths.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            host.sweep(&alive);
+            // Files of jobs whose end was recorded just before the last daemon died.
+            runner::sweep_sup_dir(&sup_paths, &running);
+        })
+        .await;
         // A crash between a job's end and its result.json: write the missing ones.
         tokio::task::spawn_blocking(move || {
             for rec in missing_results {
@@ -1064,7 +1084,8 @@ impl Scheduler {
                 .map_err(StartError::Failed)?;
             launch.cgroup = conf.cgroup;
             let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
-            match runner::spawn_supervisor(&launcher, &rec, &launch, &held) {
+            let files = runner::SupFiles::new(&cfg.paths, rec.id);
+            match runner::spawn_supervisor(&launcher, files, &rec, &launch, &held) {
                 Ok(s) => {
                     drop(held);
                     crate::host::hand_gpus_to(conf.gpus, s.pid());
@@ -1361,6 +1382,7 @@ impl Scheduler {
         let waiters = self.waiters.remove(&id).unwrap_or_default();
         self.writing_results.entry(id).or_default().extend(waiters);
         let tx = self.tx.clone();
+        let files = runner::SupFiles::new(&self.cfg.paths, id);
         tokio::spawn(async move {
             let durable = matches!(ack.await, Ok(Ok(())));
             if !durable {
@@ -1370,6 +1392,10 @@ impl Scheduler {
             let _ = tokio::task::spawn_blocking(move || {
                 if let Err(e) = runner::write_result(&r2) {
                     warn!(job_id = r2.id, "cannot write result.json in {}: {e}", r2.run_dir);
+                }
+                // Until the end is durable, a restarted daemon still needs them.
+                if durable {
+                    files.remove();
                 }
             })
             .await;

@@ -8,11 +8,12 @@
 //! drops to the job's user, starts the command in a session of its own with a clean
 //! environment, copies stdout/stderr into the run directory (capped, the cut marked),
 //! enforces the time limit (TERM, grace, KILL of the whole process group), obeys SIGTERM as
-//! "cancel", collects artifacts as the job's user, and writes `exit.json`. It does not depend
-//! on the daemon staying alive: a restarted daemon finds it by `supervisor.json` and adopts it.
+//! "cancel", collects artifacts as the job's user, and writes its exit record
+//! (`<runtime>/supervisors/<id>.exit.json`). It does not depend on the daemon staying alive: a
+//! restarted daemon finds it by the `<id>.json` beside it and adopts it.
 //!
 //! If stdin closes before a launch description arrives (the daemon died in between), it
-//! writes an `exit.json` that says the job never started, so the job is queued again rather
+//! writes an exit record that says the job never started, so the job is queued again rather
 //! than lost or run twice.
 
 use std::fs::File;
@@ -34,8 +35,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{self, WriteOpts};
 
-pub const SUPERVISOR_FILE: &str = "supervisor.json";
-pub const EXIT_FILE: &str = "exit.json";
 pub const STDOUT_FILE: &str = "stdout.log";
 pub const STDERR_FILE: &str = "stderr.log";
 pub const ARTIFACTS_DIR: &str = "artifacts";
@@ -122,13 +121,13 @@ pub struct ExitRecord {
 ///
 /// `held` are descriptors kept open until the supervisor exits: the job's GPU lockfiles,
 /// whose locks last exactly as long as the job's supervisor.
-pub fn main(run_dir: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
-    let code = supervise(run_dir, attempt);
+pub fn main(run_dir: &Path, exit_file: &Path, attempt: u32, held: Vec<OwnedFd>) -> i32 {
+    let code = supervise(run_dir, exit_file, attempt);
     drop(held);
     code
 }
 
-fn supervise(run_dir: &Path, attempt: u32) -> i32 {
+fn supervise(run_dir: &Path, exit_file: &Path, attempt: u32) -> i32 {
     let dir = match fsutil::open_dir(run_dir) {
         Ok(d) => d,
         Err(e) => {
@@ -179,7 +178,7 @@ fn supervise(run_dir: &Path, attempt: u32) -> i32 {
             exit.error = Some("the daemon went away before handing over the job".into());
         }
         exit.finished_at = Some(Timestamp::now());
-        return finish(&dir, &exit, 0);
+        return finish(exit_file, &exit);
     };
     run(&dir, run_dir, &launch, &mut exit, &signals);
     if !exit.started
@@ -191,36 +190,33 @@ fn supervise(run_dir: &Path, attempt: u32) -> i32 {
         }
     }
     exit.finished_at = Some(Timestamp::now());
-    finish(&dir, &exit, launch.log_gid)
+    finish(exit_file, &exit)
 }
 
-fn finish(dir: &OwnedFd, exit: &ExitRecord, gid: u32) -> i32 {
-    let bytes = match serde_json::to_vec_pretty(exit) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("cybd supervisor: cannot encode exit record: {e}");
-            return 1;
-        }
-    };
-    let owner = if nix::unistd::geteuid().is_root() {
-        Some((0, gid))
-    } else {
-        None
-    };
-    // Read only once this process has exited: no temp file needed.
-    match fsutil::write_new_at(
-        dir,
-        EXIT_FILE,
-        &bytes,
-        WriteOpts {
-            mode: 0o640,
-            owner,
-            sync: false,
-        },
-    ) {
+/// Writes the exit record to `path` (in the daemon's own 0700 directory).
+fn finish(path: &Path, exit: &ExitRecord) -> i32 {
+    let written = serde_json::to_vec(exit)
+        .map_err(io::Error::other)
+        .and_then(|bytes| {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+            else {
+                return Err(io::Error::other("not a file path"));
+            };
+            // Read only once this process has exited: no temp file needed.
+            let opts = WriteOpts {
+                mode: 0o600,
+                owner: None,
+                sync: false,
+            };
+            fsutil::write_new_at(&fsutil::open_dir(parent)?, name, &bytes, opts)
+        });
+    match written {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("cybd supervisor: cannot write {EXIT_FILE}: {e}");
+            eprintln!(
+                "cybd supervisor: cannot write the exit record {}: {e}",
+                path.display()
+            );
             1
         }
     }

@@ -112,9 +112,12 @@ thread_local! {
     static LOG_TARGET: std::cell::Cell<&'static str> = const { std::cell::Cell::new("stderr") };
 }
 
-/// A cybd process with its own spool, logs and socket under a temporary directory.
+/// A cybd process with its own spool, logs and socket under a temporary directory, and its
+/// runtime directory on a tmpfs (`/dev/shm`) where there is one, as `/run/cyb` is on a
+/// systemd host.
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    pub runtime: tempfile::TempDir,
     pub config: PathBuf,
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
     pub log_target: &'static str,
@@ -149,6 +152,11 @@ impl Daemon {
         // Others must reach the spool and logs (jobs run as the test user).
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let r = root.path();
+        let shm = Path::new("/dev/shm");
+        let runtime = tempfile::Builder::new()
+            .prefix("cybd-test-run-")
+            .tempdir_in(if shm.is_dir() { shm } else { r })
+            .expect("runtime tempdir");
         let config = r.join("cybd.toml");
         let mut text = format!(
             "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
@@ -156,7 +164,7 @@ impl Daemon {
             r.join("spool").display(),
             r.join("logs").display(),
             r.join("cybd.sock").display(),
-            r.join("run").display(),
+            runtime.path().display(),
         );
         // Daemons of concurrent tests must not share (or sweep) each other's job cgroups.
         if !extra.contains("[cgroups]") {
@@ -165,6 +173,7 @@ impl Daemon {
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
             root,
+            runtime,
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
             child: None,
@@ -196,6 +205,18 @@ impl Daemon {
     }
     pub fn run_dir(&self, id: u64) -> PathBuf {
         self.path().join(format!("logs/run_{id}"))
+    }
+    /// `[paths] runtime`.
+    pub fn runtime_dir(&self) -> &Path {
+        self.runtime.path()
+    }
+    /// Which supervisor runs job `id` (written by the daemon; JSON with `pid`).
+    pub fn supervisor_file(&self, id: u64) -> PathBuf {
+        self.runtime_dir().join(format!("supervisors/{id}.json"))
+    }
+    /// How job `id`'s supervisor ended (written by the supervisor).
+    pub fn exit_file(&self, id: u64) -> PathBuf {
+        self.runtime_dir().join(format!("supervisors/{id}.exit.json"))
     }
     pub fn log_path(&self) -> PathBuf {
         self.path().join("daemon.log")

@@ -81,7 +81,7 @@ sh_ct 'journalctl --no-pager -o json -u cybd JOB_ID=1 | jq -s -e "map(select(.JO
 step "systemctl restart while a job runs: the job keeps running and its result is recorded"
 id=$(submit "sh -c 'sleep 4; exit 7'")
 wait_for 10 sh_ct "cybctl --json show $id | jq -e '.state == \"running\"'" || fail "job $id not running"
-job_pid=$(sh_ct "jq .pid /logs/run_$id/supervisor.json")
+job_pid=$(sh_ct "jq .pid /run/cyb/supervisors/$id.json")
 in_ct systemctl restart cybd.service
 sh_ct "kill -0 $job_pid" || fail "restart killed the job's supervisor"
 wait_for 20 sh_ct "test -e /logs/run_$id/result.json" || fail "no result after restart"

@@ -231,7 +231,7 @@ fn job_survives_restart(hard: bool) {
     );
     let pid = read_pid(&pidfile).unwrap();
     assert_eq!(state_of(&d, id), "running");
-    let sup_file = d.run_dir(id).join("supervisor.json");
+    let sup_file = d.supervisor_file(id);
     let sup_before: Value = serde_json::from_str(&std::fs::read_to_string(&sup_file).unwrap()).unwrap();
 
     if hard {
@@ -604,6 +604,12 @@ fn unreadable_record_is_quarantined_reported_and_its_id_not_reused() {
 /// Waits for the job to run, kills -9 the daemon, then its supervisor and the job's process
 /// group, so that nothing is left to say how the job ended; then restarts the daemon.
 fn lose_supervisor(d: &mut Daemon, id: u64, pidfile: &Path) {
+    kill_all(d, id, pidfile);
+    restart(d);
+}
+
+/// [`lose_supervisor`] without the restart.
+fn kill_all(d: &mut Daemon, id: u64, pidfile: &Path) {
     assert!(
         wait_until(LONG, || read_pid(pidfile).is_some()),
         "job {id} never started; log:\n{}",
@@ -612,9 +618,7 @@ fn lose_supervisor(d: &mut Daemon, id: u64, pidfile: &Path) {
     let job_pid = read_pid(pidfile).unwrap();
     assert_eq!(state_of(d, id), "running");
     d.kill9();
-    let sup: Value =
-        serde_json::from_str(&std::fs::read_to_string(d.run_dir(id).join("supervisor.json")).unwrap())
-            .unwrap();
+    let sup: Value = serde_json::from_str(&std::fs::read_to_string(d.supervisor_file(id)).unwrap()).unwrap();
     let sup_pid = sup["pid"].as_i64().unwrap() as i32;
     assert!(running(sup_pid), "supervisor {sup_pid} is not running");
     nix::sys::signal::kill(
@@ -636,10 +640,81 @@ fn lose_supervisor(d: &mut Daemon, id: u64, pidfile: &Path) {
         "job {job_pid} survived SIGKILL"
     );
     assert!(
-        !d.run_dir(id).join("exit.json").exists(),
+        !d.exit_file(id).exists(),
         "the supervisor left an exit record after all"
     );
-    restart(d);
+}
+
+/// A reboot empties the runtime directory (a tmpfs): a job recorded as running then has no
+/// supervisor file at all. It ends `lost`; it is not queued again as if it had never started.
+#[test]
+fn job_running_when_the_host_restarted_ends_lost_and_is_not_run_again() {
+    let mut d = Daemon::start();
+    let shared = shared_dir();
+    let pidfile = shared.path().join("pid");
+    let runs = shared.path().join("runs");
+    let script = format!(
+        "echo run >> {}; echo $$ > {}; sleep 60",
+        runs.display(),
+        pidfile.display()
+    );
+    let id = d.submit(&[], &["sh", "-c", &script]);
+    kill_all(&mut d, id, &pidfile);
+    // What the reboot takes: everything under the runtime directory.
+    std::fs::remove_dir_all(d.runtime_dir().join("supervisors")).unwrap();
+    restart(&mut d);
+    let r = wait_result(&d, id);
+    assert_eq!(r["state"], "failed", "{r}");
+    assert_eq!(r["reason"], "lost", "{r}");
+    assert!(r["message"].as_str().unwrap().contains("host restarted"), "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lines(&runs), ["run"], "the job ran again");
+}
+
+/// The files through which the daemon and a supervisor know of each other live in
+/// `<runtime>/supervisors/` while the job runs, are gone once its end is recorded, and are
+/// not in the run directory; stale ones (a daemon that died before removing them) are swept
+/// at startup.
+#[test]
+fn supervisor_files_live_in_the_runtime_dir_only_while_the_job_runs() {
+    let mut d = Daemon::start();
+    let shared = shared_dir();
+    let pidfile = shared.path().join("pid");
+    let id = d.submit(
+        &[],
+        &["sh", "-c", &format!("echo $$ > {}; sleep 1", pidfile.display())],
+    );
+    assert!(wait_until(LONG, || read_pid(&pidfile).is_some()));
+    let sup: Value = serde_json::from_str(&std::fs::read_to_string(d.supervisor_file(id)).unwrap()).unwrap();
+    assert!(sup["pid"].as_i64().unwrap() > 1, "{sup}");
+    let r = wait_result(&d, id);
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert!(
+        wait_until(LONG, || !d.supervisor_file(id).exists()
+            && !d.exit_file(id).exists()),
+        "supervisor files of job {id} left behind"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(d.run_dir(id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["artifacts", "job.json", "result.json", "stderr.log", "stdout.log"]
+    );
+    // Left by a daemon that died after recording the end of job 9999 (no such job) and
+    // of job `id`, before removing their files.
+    let stale = [d.supervisor_file(9999), d.exit_file(9999), d.exit_file(id)];
+    for f in &stale {
+        std::fs::write(f, "{}").unwrap();
+    }
+    d.kill9();
+    restart(&mut d);
+    for f in &stale {
+        assert!(!f.exists(), "{} was not swept", f.display());
+    }
 }
 
 #[test]

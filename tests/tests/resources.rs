@@ -170,7 +170,7 @@ fn gpu_config(nodes: &[PathBuf]) -> String {
 }
 
 fn lockfile(d: &Daemon, index: u32) -> PathBuf {
-    d.path().join(format!("run/gpu/{index}.lock"))
+    d.runtime_dir().join(format!("gpu/{index}.lock"))
 }
 
 /// `cybctl gpus --json`, GPU `index`.
@@ -901,7 +901,7 @@ fn orphaned_job_cgroup_is_swept_after_restart() {
     );
     let sleeper = wait_pids(&pidfile, 1)[0];
     assert!(!job_cgroups(&d, id).is_empty(), "job {id} has no cgroup");
-    let sup: Value = serde_json::from_str(&file(&d.run_dir(id), "supervisor.json")).unwrap();
+    let sup: Value = serde_json::from_str(&std::fs::read_to_string(d.supervisor_file(id)).unwrap()).unwrap();
     let sup_pid = sup["pid"].as_i64().unwrap() as i32;
     d.kill9();
     nix::sys::signal::kill(

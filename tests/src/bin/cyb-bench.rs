@@ -100,6 +100,10 @@ struct Opts {
         default_value = "spool,rpc,ctl,admission,submit,peers"
     )]
     only: Vec<Part>,
+    /// Run cybd's jobs without cgroups (`[cgroups] enabled = false`): what confinement
+    /// costs, and the figure of the daemon alone.
+    #[arg(long)]
+    no_cgroups: bool,
     /// Print the figures as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -520,15 +524,23 @@ fn progress(msg: impl AsRef<str>) {
 /// A harness daemon, also registered for cleanup on a signal.
 struct Cybd {
     d: Daemon,
-    _undo: [OnSignal; 2],
+    _undo: [OnSignal; 3],
 }
 
 impl Cybd {
-    fn start(slots: usize) -> Cybd {
-        let d = Daemon::start_with(&format!("[classes.cpu_short]\nslots = {slots}\n"));
+    fn start(o: &Opts) -> Cybd {
+        let mut extra = format!("[classes.cpu_short]\nslots = {}\n", o.slots);
+        if o.no_cgroups {
+            extra.push_str("[cgroups]\nenabled = false\n");
+        }
+        let d = Daemon::start_with(&extra);
         let dir = on_signal(Undo::RemoveDir(d.path().to_path_buf()));
+        let run = on_signal(Undo::RemoveDir(d.runtime_dir().to_path_buf()));
         let pid = on_signal(Undo::Kill(d.pid().expect("cybd pid") as i32));
-        Cybd { d, _undo: [dir, pid] }
+        Cybd {
+            d,
+            _undo: [dir, run, pid],
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -699,7 +711,7 @@ impl Throughput {
 
 /// (1a) N job files written (temp file, rename) into incoming/ as fast as possible.
 async fn cybd_spool(o: &Opts) -> anyhow::Result<Throughput> {
-    let c = Cybd::start(o.slots);
+    let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     let inc = c.d.incoming();
     let mut t0 = None;
@@ -737,7 +749,7 @@ impl Throughput {
 
 /// (1b) N submits over one tarpc connection, `rpc_concurrency` in flight.
 async fn cybd_rpc(o: &Opts) -> anyhow::Result<Throughput> {
-    let c = Cybd::start(o.slots);
+    let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     let t0 = Instant::now();
     submit_many(&client, o.jobs, o.rpc_concurrency).await?;
@@ -769,7 +781,7 @@ async fn submit_many(client: &CybClient, n: usize, concurrency: usize) -> anyhow
 /// One `cybctl submit -- true` process per job, one after the other (what the peers' CLIs
 /// are measured with).
 async fn cybd_ctl(o: &Opts) -> anyhow::Result<Throughput> {
-    let c = Cybd::start(o.slots);
+    let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     let sock = c.d.socket();
     let ctl = bin("cybctl");
@@ -917,7 +929,7 @@ struct Admission {
 
 /// (2) One job at a time: `touch FILE` dropped into incoming/.
 async fn cybd_admission(o: &Opts) -> anyhow::Result<Admission> {
-    let c = Cybd::start(o.slots);
+    let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     let touch = ["/usr/bin/touch", "/bin/touch"]
         .into_iter()
@@ -1013,7 +1025,7 @@ async fn pause(client: &CybClient) -> anyhow::Result<()> {
 /// queued.
 async fn cybd_submit(o: &Opts) -> anyhow::Result<SubmitLatency> {
     let (rss_idle_mib, empty) = {
-        let c = Cybd::start(o.slots);
+        let c = Cybd::start(o);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_idle = proc_mem_mib(c.pid(), "VmRSS:")?;
         let client = connect(&c.d.socket()).await?;
@@ -1023,7 +1035,7 @@ async fn cybd_submit(o: &Opts) -> anyhow::Result<SubmitLatency> {
         settle_fs(c.d.path()).await;
         (rss_idle, submit_one_by_one(&client, o.submit_samples).await?)
     };
-    let c = Cybd::start(o.slots);
+    let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     pause(&client).await?;
     let t = Instant::now();
@@ -1478,14 +1490,20 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         "cybd_built": built_at(&BUILT_IN.get().map_or_else(bin_dir, Clone::clone).join("cybd")),
         "jobs": o.jobs,
         "slots": o.slots,
+        "job_cgroups": !o.no_cgroups,
     });
     progress(format!(
-        "cybd from {}; temporary roots under {} ({}); {} jobs, {} slots",
+        "cybd from {}; temporary roots under {} ({}); {} jobs, {} slots{}",
         BUILT_IN.get().map_or_else(bin_dir, Clone::clone).display(),
         tmp.display(),
         host["tmpdir_fs"].as_str().unwrap_or(""),
         o.jobs,
-        o.slots
+        o.slots,
+        if o.no_cgroups {
+            ", jobs without cgroups"
+        } else {
+            ""
+        }
     ));
     let (create_us, create_sync_us) = fs_calibration(300)?;
     progress(format!(
@@ -1774,7 +1792,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     }
     let h = &out["host"];
     println!(
-        "\ncyb-bench: {} built {} (workspace now at {}) | {} CPUs, kernel {} | temp roots {} ({}) | {} jobs, {} slots",
+        "\ncyb-bench: {} built {} (workspace now at {}) | {} CPUs, kernel {} | temp roots {} ({}) | {} jobs, {} slots{}",
         h["cybd_version"].as_str().unwrap_or("cybd"),
         h["cybd_built"].as_str().unwrap_or(""),
         h["workspace_revision_now"].as_str().unwrap_or(""),
@@ -1783,7 +1801,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         h["tmpdir"].as_str().unwrap_or(""),
         h["tmpdir_fs"].as_str().unwrap_or(""),
         o.jobs,
-        o.slots
+        o.slots,
+        if o.no_cgroups {
+            " | jobs without cgroups"
+        } else {
+            ""
+        }
     );
     let us = |k: &str| h[k].as_f64().unwrap_or(f64::NAN);
     println!(
