@@ -500,3 +500,78 @@ impl AsRawFd for PidFd {
         self.0.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn paths(runtime: &Path) -> Paths {
+        Paths {
+            spool: runtime.join("spool"),
+            logs: runtime.join("logs"),
+            socket: runtime.join("cybd.sock"),
+            runtime: runtime.to_path_buf(),
+        }
+    }
+
+    #[test]
+    fn the_supervisors_dir_is_made_once_and_its_absence_means_a_restarted_host() {
+        let t = tempfile::tempdir().unwrap();
+        let p = paths(t.path());
+        assert!(prepare_sup_dir(&p).unwrap(), "a missing directory is news");
+        let mode = std::fs::metadata(p.supervisors()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(!prepare_sup_dir(&p).unwrap(), "one that survived is not");
+        std::fs::set_permissions(p.supervisors(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_sup_dir(&p).unwrap_err().to_string();
+        assert!(e.contains("writable by nobody else"), "{e}");
+        assert!(e.contains(&p.supervisors().display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn files_of_a_job_are_written_read_and_removed_and_strays_swept() {
+        let t = tempfile::tempdir().unwrap();
+        let p = paths(t.path());
+        prepare_sup_dir(&p).unwrap();
+        let f = SupFiles::new(&p, 42);
+        assert_eq!(f.exit_path(), p.supervisors().join("42.exit.json"));
+        let dir = f.open_dir().unwrap();
+        let exit = ExitRecord {
+            attempt: 2,
+            pid: 77,
+            started: true,
+            exit_code: Some(3),
+            ..Default::default()
+        };
+        let opts = WriteOpts {
+            mode: 0o600,
+            owner: None,
+            sync: false,
+        };
+        fsutil::write_new_at(&dir, "42.exit.json", &serde_json::to_vec(&exit).unwrap(), opts).unwrap();
+        assert_eq!(read_exit(&f, 2, 77), Some(exit));
+        assert_eq!(read_exit(&f, 2, 78), None, "another supervisor's record");
+        assert_eq!(read_exit(&f, 1, 77), None, "another attempt's record");
+        // No <id>.json: never handed its job, unless the host restarted.
+        assert!(matches!(adopt(f.clone(), 2, false), Adopted::NeverLaunched));
+        match adopt(f.clone(), 2, true) {
+            Adopted::Lost(why) => assert!(why.contains("host restarted"), "{why}"),
+            _ => panic!("a job without a trace after a restart of the host is lost"),
+        }
+        f.remove();
+        assert!(std::fs::read_dir(p.supervisors()).unwrap().next().is_none());
+        for name in ["5.json", "5.exit.json", "6.json", "7.exit.json", "notes"] {
+            std::fs::write(p.supervisors().join(name), "{}").unwrap();
+        }
+        sweep_sup_dir(&p, &BTreeSet::from([6]));
+        let mut left: Vec<String> = std::fs::read_dir(p.supervisors())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["6.json", "notes"]);
+    }
+}

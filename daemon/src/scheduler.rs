@@ -282,11 +282,14 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Builds the scheduler from what the store holds, adopting jobs that were running.
+    /// `host_restarted`: what [`runner::prepare_sup_dir`] said (jobs recorded as running
+    /// whose supervisor left no trace are then lost, not queued again).
     pub async fn recover(
         cfg: Arc<Config>,
         store: Store,
         loaded: Loaded,
         host: Arc<Host>,
+        host_restarted: bool,
     ) -> (Scheduler, Handle, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
@@ -321,21 +324,6 @@ impl Scheduler {
             claiming: HashMap::new(),
             cleaning: HashSet::new(),
         };
-        let sup_paths = s.cfg.paths.clone();
-        let host_restarted =
-            match tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&sup_paths)).await {
-                Ok(Ok(fresh)) => fresh,
-                Ok(Err(e)) => {
-                    // Jobs then fail to start, each saying why; running ones are not declared
-                    // lost on this account.
-                    error!("{e}");
-                    false
-                }
-                Err(e) => {
-                    error!("cannot prepare the supervisors' directory: {e}");
-                    false
-                }
-            };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
         let mut to_adopt = Vec::new();
