@@ -65,6 +65,7 @@ pub fn running_job(run_dir: &Path) -> JobRecord {
             attempt: 1,
             supervisor: None,
             gpus: Vec::new(),
+            boot_id: None,
         },
     }
 }

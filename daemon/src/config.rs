@@ -123,11 +123,6 @@ impl Paths {
     pub fn run_dir(&self, id: u64) -> PathBuf {
         self.logs.join(format!("run_{id}"))
     }
-    /// Where the daemon and the supervisors of running jobs leave word for each other:
-    /// `<id>.json` (which supervisor runs the job) and `<id>.exit.json` (how it ended).
-    pub fn supervisors(&self) -> PathBuf {
-        self.runtime.join("supervisors")
-    }
 }
 
 /// The resolved configuration.
@@ -154,6 +149,20 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where the daemon and the supervisors of running jobs leave word for each other:
+    /// `<id>.json` (which supervisor runs the job) and `<id>.exit.json` (how it ended).
+    /// `<runtime>/supervisors` (a tmpfs under systemd: nothing of it outlives the
+    /// supervisors, and it costs the logs' disk nothing); in user mode
+    /// `<spool>/supervisors`, since logind removes `$XDG_RUNTIME_DIR` at logout while the
+    /// user's jobs may run on.
+    pub fn supervisors_dir(&self) -> PathBuf {
+        if self.user_mode {
+            self.paths.spool.join("supervisors")
+        } else {
+            self.paths.runtime.join("supervisors")
+        }
+    }
+
     pub fn class(&self, c: Class) -> &ClassConfig {
         // Every class is filled in by `resolve`.
         &self.classes[&c]

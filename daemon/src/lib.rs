@@ -86,8 +86,8 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     intake::Intake::prepare_dirs(&cfg).context("cannot prepare the spool")?;
-    let paths = cfg.paths.clone();
-    let host_restarted = tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&paths))
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&c))
         .await?
         .context("cannot prepare the supervisors' directory")?;
     let store = store::Store::open(&cfg.paths.jobs())?;
@@ -105,8 +105,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
             .await
             .context("cannot inspect this host's cgroups and GPUs")?,
     );
-    let (sched, handle, rx) =
-        scheduler::Scheduler::recover(cfg.clone(), store, loaded, host.clone(), host_restarted).await;
+    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, loaded, host.clone()).await;
     let sched_task = tokio::spawn(sched.run(rx));
     let known = handle
         .ask(|reply| scheduler::Msg::SpoolOrigins { reply })

@@ -7,7 +7,8 @@
 //! The daemon and a job's supervisor leave word for each other in two small files under
 //! `<runtime>/supervisors/` ([`SupFiles`]), not in the run directory: they matter only while
 //! the job runs and until its end is recorded, the runtime directory is a tmpfs on systemd
-//! hosts (`/run/cyb`), and on the logs' disk each would cost a file creation per job.
+//! hosts (`/run/cyb`), and on the logs' disk each would cost a file creation per job. What
+//! a reboot takes with that tmpfs, the record's boot id accounts for.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -21,7 +22,7 @@ use serde::Serialize;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::config::{Config, Paths};
+use crate::config::Config;
 use crate::fsutil::{self, WriteOpts};
 use crate::launcher::Launcher;
 use crate::supervisor::{ExitRecord, Launch, SupervisorRef};
@@ -35,40 +36,53 @@ pub struct Running {
     pub files: SupFiles,
 }
 
-/// The files of job `id` in `<runtime>/supervisors/`: `<id>.json` ([`SupervisorRef`]: which
-/// supervisor runs which attempt), written by the daemon before it hands that supervisor the
-/// job, and `<id>.exit.json` ([`ExitRecord`]), written by the supervisor when it is done.
-/// Both are removed once the job's end is durable in its record.
+/// The files of job `id` in the supervisors' directory ([`Config::supervisors_dir`]):
+/// `<id>.json` ([`SupervisorRef`]: which supervisor runs which attempt), written by the
+/// daemon before it hands that supervisor the job, and `<id>.exit.json` ([`ExitRecord`]),
+/// written by the supervisor when it is done. Both are removed once the job's end is
+/// durable in its record. (Supervisors started by cybd before 0.1 kept them in the run
+/// directory as `supervisor.json` and `exit.json`; see [`SupFiles::legacy`].)
 #[derive(Clone, Debug)]
 pub struct SupFiles {
     dir: PathBuf,
-    id: u64,
+    sup_name: String,
+    exit_name: String,
 }
 
 impl SupFiles {
-    pub fn new(paths: &Paths, id: u64) -> SupFiles {
+    pub fn new(cfg: &Config, id: u64) -> SupFiles {
         SupFiles {
-            dir: paths.supervisors(),
-            id,
+            dir: cfg.supervisors_dir(),
+            sup_name: format!("{id}.json"),
+            exit_name: format!("{id}.exit.json"),
         }
     }
-    fn sup_name(&self) -> String {
-        format!("{}.json", self.id)
-    }
-    fn exit_name(&self) -> String {
-        format!("{}.exit.json", self.id)
+    /// Where a supervisor of an earlier version, still running across an upgrade, keeps them.
+    fn legacy(run_dir: &Path) -> SupFiles {
+        SupFiles {
+            dir: run_dir.to_path_buf(),
+            sup_name: "supervisor.json".into(),
+            exit_name: "exit.json".into(),
+        }
     }
     /// Where the supervisor writes its exit record.
     pub fn exit_path(&self) -> PathBuf {
-        self.dir.join(self.exit_name())
+        self.dir.join(&self.exit_name)
     }
     fn open_dir(&self) -> std::io::Result<OwnedFd> {
         fsutil::open_dir(&self.dir)
     }
     fn unlink(&self, dir: &OwnedFd) {
-        for name in [self.exit_name(), self.sup_name()] {
+        for name in [&self.exit_name, &self.sup_name] {
             let _ = nix::unistd::unlinkat(dir, name.as_str(), nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
+    }
+    fn read_sup(&self, attempt: u32) -> Option<SupervisorRef> {
+        let dir = self.open_dir().ok()?;
+        let bytes = fsutil::read_at(&dir, &self.sup_name, 64 * 1024).ok()?;
+        serde_json::from_slice(&bytes)
+            .ok()
+            .filter(|s: &SupervisorRef| s.attempt == attempt)
     }
     /// Removes both files (blocking): once the job's end is durable, nothing reads them.
     pub fn remove(&self) {
@@ -78,42 +92,50 @@ impl SupFiles {
     }
 }
 
-/// Creates `<runtime>/supervisors/` (mode 0700) if it is missing (blocking). Returns true
-/// when it was missing: then the runtime directory did not survive since the last daemon
-/// (the host restarted, and its tmpfs with it), and a job recorded as running has lost its
-/// supervisor even though no file says so.
-pub fn prepare_sup_dir(paths: &Paths) -> std::io::Result<bool> {
-    let dir = paths.supervisors();
-    // The runtime directory itself exists: the daemon creates it first.
-    let created = match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
-        Err(e) => {
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("cannot create {}: {e}", dir.display()),
-            ));
-        }
+/// Creates the supervisors' directory (mode 0700) if it is missing, and refuses one that
+/// anybody but this daemon's user could change, or swap for another (blocking): exit
+/// records read from it decide how jobs ended.
+pub fn prepare_sup_dir(cfg: &Config) -> std::io::Result<()> {
+    let dir = cfg.supervisors_dir();
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    made.map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
+    let me = nix::unistd::geteuid().as_raw();
+    let refuse = |what: &Path, why: &str| {
+        std::io::Error::other(format!(
+            "refusing {} for supervisor records: {} {why}",
+            dir.display(),
+            what.display()
+        ))
     };
-    // A directory of someone else's (or one others may write into) could feed the daemon
-    // forged exit records.
     let fd = fsutil::open_dir(&dir)?;
     let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
-    if st.st_uid != nix::unistd::geteuid().as_raw() || st.st_mode & 0o022 != 0 {
-        return Err(std::io::Error::other(format!(
-            "refusing {}: it must belong to uid {} and be writable by nobody else",
-            dir.display(),
-            nix::unistd::geteuid()
-        )));
+    if st.st_uid != me || st.st_mode & 0o022 != 0 {
+        return Err(refuse(
+            &dir,
+            &format!("must belong to uid {me} and be writable by nobody else"),
+        ));
     }
-    Ok(created)
+    // Every directory above it: nobody else may rename it away and put another in its place.
+    for up in dir.ancestors().skip(1) {
+        let st = nix::sys::stat::stat(up).map_err(std::io::Error::from)?;
+        let others_write = st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0;
+        if (st.st_uid != me && st.st_uid != 0) || others_write {
+            return Err(refuse(
+                up,
+                &format!("must belong to root or uid {me} and be writable by nobody else (or sticky)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Removes the files of jobs that are not running (blocking): those a daemon left when it
 /// died between recording a job's end and removing them.
-pub fn sweep_sup_dir(paths: &Paths, running: &std::collections::BTreeSet<u64>) {
-    let dir = paths.supervisors();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
+pub fn sweep_sup_dir(cfg: &Config, running: &std::collections::BTreeSet<u64>) {
+    let Ok(entries) = std::fs::read_dir(cfg.supervisors_dir()) else {
         return;
     };
     for e in entries.flatten() {
@@ -364,8 +386,8 @@ pub fn spawn_supervisor(
     serde_json::to_vec(&sup)
         .map_err(std::io::Error::other)
         // Read only after a restart, and only trusted whole: the launch is sent after it.
-        .and_then(|b| fsutil::write_new_at(&sup_dir, &files.sup_name(), &b, opts))
-        .map_err(|e| format!("cannot write {}: {e}", files.dir.join(files.sup_name()).display()))?;
+        .and_then(|b| fsutil::write_new_at(&sup_dir, &files.sup_name, &b, opts))
+        .map_err(|e| format!("cannot write {}: {e}", files.dir.join(&files.sup_name).display()))?;
     let running = Running {
         sup,
         pidfd: Arc::new(started.pidfd),
@@ -407,26 +429,27 @@ pub fn abandon(s: Spawned) {
 }
 
 /// Looks for the supervisor of attempt `attempt` of a job recorded as running (blocking).
-/// `host_restarted`: the supervisors' directory was missing at startup (see
-/// [`prepare_sup_dir`]), so a missing `<id>.json` proves nothing.
-pub fn adopt(files: SupFiles, attempt: u32, host_restarted: bool) -> Adopted {
-    let sup: Option<SupervisorRef> = files
-        .open_dir()
-        .and_then(|dir| fsutil::read_at(&dir, &files.sup_name(), 64 * 1024))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|s: &SupervisorRef| s.attempt == attempt);
-    let Some(sup) = sup else {
-        if host_restarted {
-            return Adopted::Lost(format!(
-                "{} was gone when cybd started (the host restarted?), and the job's supervisor with it",
-                files.dir.display()
-            ));
+/// `rebooted`: the attempt started under another boot of the host (its record's boot id),
+/// so its supervisor is gone even if a process with its pid and start time exists now.
+pub fn adopt(files: SupFiles, run_dir: &Path, attempt: u32, rebooted: bool) -> Adopted {
+    let (files, sup) = match files.read_sup(attempt) {
+        Some(sup) => (files, sup),
+        None => {
+            let old = SupFiles::legacy(run_dir);
+            match old.read_sup(attempt) {
+                Some(sup) => (old, sup),
+                None if rebooted => {
+                    return Adopted::Lost(
+                        "the host restarted while the job ran, and its supervisor with it".into(),
+                    );
+                }
+                // The launch is sent only after <id>.json is written.
+                None => return Adopted::NeverLaunched,
+            }
         }
-        // The launch is sent only after <id>.json is written.
-        return Adopted::NeverLaunched;
     };
-    if let Ok(fd) = sys::pidfd_open(sup.pid)
+    if !rebooted
+        && let Ok(fd) = sys::pidfd_open(sup.pid)
         && sys::proc_start_ticks(sup.pid).ok() == Some(sup.start_ticks)
         && !sys::is_zombie(sup.pid)
     {
@@ -439,6 +462,10 @@ pub fn adopt(files: SupFiles, attempt: u32, host_restarted: bool) -> Adopted {
     match read_exit(&files, attempt, sup.pid) {
         Some(e) if e.not_launched => Adopted::NeverLaunched,
         Some(e) => Adopted::Ended(e),
+        None if rebooted => Adopted::Lost(format!(
+            "the host restarted while the job ran, and its supervisor (pid {}) with it",
+            sup.pid
+        )),
         None => Adopted::Lost(format!(
             "supervisor (pid {}) of attempt {attempt} is gone and left no exit record",
             sup.pid
@@ -450,7 +477,7 @@ pub fn adopt(files: SupFiles, attempt: u32, host_restarted: bool) -> Adopted {
 /// (a record left by another supervisor of the same attempt number does not count).
 fn read_exit(files: &SupFiles, attempt: u32, pid: i32) -> Option<ExitRecord> {
     let dir = files.open_dir().ok()?;
-    let bytes = fsutil::read_at(&dir, &files.exit_name(), 1024 * 1024).ok()?;
+    let bytes = fsutil::read_at(&dir, &files.exit_name, 1024 * 1024).ok()?;
     serde_json::from_slice::<ExitRecord>(&bytes)
         .ok()
         .filter(|e| e.attempt == attempt && e.pid == pid)
@@ -507,37 +534,52 @@ mod tests {
     use std::collections::BTreeSet;
     use std::os::unix::fs::PermissionsExt;
 
-    fn paths(runtime: &Path) -> Paths {
-        Paths {
-            spool: runtime.join("spool"),
-            logs: runtime.join("logs"),
-            socket: runtime.join("cybd.sock"),
-            runtime: runtime.to_path_buf(),
-        }
+    /// A system-mode configuration whose runtime directory is `runtime`.
+    fn config(runtime: &Path) -> Config {
+        let text = format!("[paths]\nruntime = \"{}\"\n", runtime.display());
+        Config::parse(&text, Path::new("t.toml"), false, &|_| None).unwrap()
+    }
+
+    fn write(dir: &Path, name: &str, value: &impl Serialize) {
+        std::fs::write(dir.join(name), serde_json::to_vec(value).unwrap()).unwrap();
     }
 
     #[test]
-    fn the_supervisors_dir_is_made_once_and_its_absence_means_a_restarted_host() {
+    fn the_supervisors_dir_is_private_and_so_is_every_directory_above_it() {
         let t = tempfile::tempdir().unwrap();
-        let p = paths(t.path());
-        assert!(prepare_sup_dir(&p).unwrap(), "a missing directory is news");
-        let mode = std::fs::metadata(p.supervisors()).unwrap().permissions().mode();
+        let cfg = config(&t.path().join("run"));
+        prepare_sup_dir(&cfg).unwrap();
+        let mode = std::fs::metadata(cfg.supervisors_dir())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
-        assert!(!prepare_sup_dir(&p).unwrap(), "one that survived is not");
-        std::fs::set_permissions(p.supervisors(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let e = prepare_sup_dir(&p).unwrap_err().to_string();
+        prepare_sup_dir(&cfg).unwrap();
+        std::fs::set_permissions(cfg.supervisors_dir(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_sup_dir(&cfg).unwrap_err().to_string();
         assert!(e.contains("writable by nobody else"), "{e}");
-        assert!(e.contains(&p.supervisors().display().to_string()), "{e}");
+        assert!(e.contains(&cfg.supervisors_dir().display().to_string()), "{e}");
+        std::fs::set_permissions(cfg.supervisors_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Someone else could rename it away through a writable runtime directory...
+        std::fs::set_permissions(t.path().join("run"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare_sup_dir(&cfg).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} must belong", t.path().join("run").display())),
+            "{e}"
+        );
+        // ...but not through a sticky one (/tmp, /dev/shm).
+        std::fs::set_permissions(t.path().join("run"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        prepare_sup_dir(&cfg).unwrap();
     }
 
     #[test]
-    fn files_of_a_job_are_written_read_and_removed_and_strays_swept() {
+    fn files_of_a_job_are_read_by_attempt_and_supervisor_removed_and_strays_swept() {
         let t = tempfile::tempdir().unwrap();
-        let p = paths(t.path());
-        prepare_sup_dir(&p).unwrap();
-        let f = SupFiles::new(&p, 42);
-        assert_eq!(f.exit_path(), p.supervisors().join("42.exit.json"));
-        let dir = f.open_dir().unwrap();
+        let cfg = config(t.path());
+        prepare_sup_dir(&cfg).unwrap();
+        let dir = cfg.supervisors_dir();
+        let f = SupFiles::new(&cfg, 42);
+        assert_eq!(f.exit_path(), dir.join("42.exit.json"));
         let exit = ExitRecord {
             attempt: 2,
             pid: 77,
@@ -545,33 +587,69 @@ mod tests {
             exit_code: Some(3),
             ..Default::default()
         };
-        let opts = WriteOpts {
-            mode: 0o600,
-            owner: None,
-            sync: false,
-        };
-        fsutil::write_new_at(&dir, "42.exit.json", &serde_json::to_vec(&exit).unwrap(), opts).unwrap();
-        assert_eq!(read_exit(&f, 2, 77), Some(exit));
+        write(&dir, "42.exit.json", &exit);
+        assert_eq!(read_exit(&f, 2, 77), Some(exit.clone()));
         assert_eq!(read_exit(&f, 2, 78), None, "another supervisor's record");
         assert_eq!(read_exit(&f, 1, 77), None, "another attempt's record");
-        // No <id>.json: never handed its job, unless the host restarted.
-        assert!(matches!(adopt(f.clone(), 2, false), Adopted::NeverLaunched));
-        match adopt(f.clone(), 2, true) {
-            Adopted::Lost(why) => assert!(why.contains("host restarted"), "{why}"),
-            _ => panic!("a job without a trace after a restart of the host is lost"),
-        }
+        // Its supervisor (not running: pid 77's start time is not this) ended the job.
+        let sup = SupervisorRef {
+            attempt: 2,
+            pid: 77,
+            start_ticks: 1,
+        };
+        write(&dir, "42.json", &sup);
+        assert!(matches!(adopt(f.clone(), t.path(), 2, false), Adopted::Ended(e) if e == exit));
+        assert!(matches!(adopt(f.clone(), t.path(), 2, true), Adopted::Ended(e) if e == exit));
         f.remove();
-        assert!(std::fs::read_dir(p.supervisors()).unwrap().next().is_none());
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none());
         for name in ["5.json", "5.exit.json", "6.json", "7.exit.json", "notes"] {
-            std::fs::write(p.supervisors().join(name), "{}").unwrap();
+            std::fs::write(dir.join(name), "{}").unwrap();
         }
-        sweep_sup_dir(&p, &BTreeSet::from([6]));
-        let mut left: Vec<String> = std::fs::read_dir(p.supervisors())
+        sweep_sup_dir(&cfg, &BTreeSet::from([6]));
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
         assert_eq!(left, ["6.json", "notes"]);
+    }
+
+    #[test]
+    fn adoption_without_a_supervisor_file_depends_on_the_boot_and_old_run_dir_files_count() {
+        let t = tempfile::tempdir().unwrap();
+        let cfg = config(&t.path().join("run"));
+        prepare_sup_dir(&cfg).unwrap();
+        let run_dir = t.path().join("run_9");
+        std::fs::create_dir(&run_dir).unwrap();
+        let f = SupFiles::new(&cfg, 9);
+        // Never handed its job (the daemon died before writing 9.json)...
+        assert!(matches!(
+            adopt(f.clone(), &run_dir, 1, false),
+            Adopted::NeverLaunched
+        ));
+        // ...unless the attempt started under another boot, whose tmpfs took the file.
+        match adopt(f.clone(), &run_dir, 1, true) {
+            Adopted::Lost(why) => assert!(why.contains("host restarted"), "{why}"),
+            _ => panic!("an attempt of an earlier boot without a trace must be lost"),
+        }
+        // A supervisor of an earlier cybd, still running across an upgrade, is found by
+        // the files it keeps in the run directory: here, this very process.
+        let me = std::process::id() as i32;
+        let sup = SupervisorRef {
+            attempt: 1,
+            pid: me,
+            start_ticks: sys::proc_start_ticks(me).unwrap(),
+        };
+        write(&run_dir, "supervisor.json", &sup);
+        match adopt(f.clone(), &run_dir, 1, false) {
+            Adopted::Alive(run) => {
+                assert_eq!(run.sup, sup);
+                assert_eq!(run.files.exit_path(), run_dir.join("exit.json"));
+            }
+            _ => panic!("the old supervisor was not adopted"),
+        }
+        // After a reboot the same pid and start time are somebody else.
+        assert!(matches!(adopt(f, &run_dir, 1, true), Adopted::Lost(_)));
     }
 }

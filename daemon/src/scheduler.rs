@@ -11,6 +11,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -278,18 +279,17 @@ pub struct Scheduler {
     /// Jobs whose supervisor vanished and whose cgroup is being killed and removed: they
     /// start again (retry) only once that is done.
     cleaning: HashSet<JobId>,
+    /// This boot's id, recorded with every attempt it starts.
+    boot_id: Option<String>,
 }
 
 impl Scheduler {
     /// Builds the scheduler from what the store holds, adopting jobs that were running.
-    /// `host_restarted`: what [`runner::prepare_sup_dir`] said (jobs recorded as running
-    /// whose supervisor left no trace are then lost, not queued again).
     pub async fn recover(
         cfg: Arc<Config>,
         store: Store,
         loaded: Loaded,
         host: Arc<Host>,
-        host_restarted: bool,
     ) -> (Scheduler, Handle, mpsc::UnboundedReceiver<Msg>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
@@ -323,6 +323,13 @@ impl Scheduler {
             gpu_probing: false,
             claiming: HashMap::new(),
             cleaning: HashSet::new(),
+            boot_id: match crate::sys::boot_id() {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    warn!("cannot read the kernel's boot id: {e}");
+                    None
+                }
+            },
         };
         let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
         s.next_id = s.next_id.max(max_run_dir + 1);
@@ -331,7 +338,16 @@ impl Scheduler {
         for rec in loaded.records {
             let id = rec.id;
             match &rec.state {
-                JobState::Running { attempt, gpus, .. } => to_adopt.push((id, *attempt, gpus.clone())),
+                JobState::Running {
+                    attempt,
+                    gpus,
+                    boot_id,
+                    ..
+                } => {
+                    // Started under another boot: its supervisor cannot have survived.
+                    let rebooted = boot_id.is_some() && *boot_id != s.boot_id;
+                    to_adopt.push((id, *attempt, gpus.clone(), rebooted, rec.run_dir.clone()))
+                }
                 JobState::Waiting { until, .. } => {
                     let wait = Duration::from_millis(Timestamp::now().ms_until(*until));
                     s.wake_after(id, wait);
@@ -353,7 +369,7 @@ impl Scheduler {
             s.enqueue(id);
         }
         let mut alive = BTreeSet::new();
-        for (id, attempt, gpus) in to_adopt {
+        for (id, attempt, gpus, rebooted, run_dir) in to_adopt {
             let class = s.jobs[&id].spec.class();
             *s.running_per_class.entry(class).or_default() += 1;
             for g in &gpus {
@@ -367,10 +383,12 @@ impl Scheduler {
                     gpus,
                 },
             );
-            let files = runner::SupFiles::new(&s.cfg.paths, id);
-            let found = tokio::task::spawn_blocking(move || runner::adopt(files, attempt, host_restarted))
-                .await
-                .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
+            let files = runner::SupFiles::new(&s.cfg, id);
+            let found = tokio::task::spawn_blocking(move || {
+                runner::adopt(files, Path::new(&run_dir), attempt, rebooted)
+            })
+            .await
+            .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
             match found {
                 Adopted::Alive(run) => {
                     alive.insert(id);
@@ -412,11 +430,11 @@ impl Scheduler {
         // was killed between creating a cgroup and starting the job): killed and removed.
         let host = s.host.clone();
         let running: BTreeSet<JobId> = s.running.keys().copied().collect();
-        let sup_paths = s.cfg.paths.clone();
+        let cfg = s.cfg.clone();
         let _ = tokio::task::spawn_blocking(move || {
             host.sweep(&alive);
             // Files of jobs whose end was recorded just before the last daemon died.
-            runner::sweep_sup_dir(&sup_paths, &running);
+            runner::sweep_sup_dir(&cfg, &running);
         })
         .await;
         // A crash between a job's end and its result.json: write the missing ones.
@@ -670,6 +688,10 @@ impl Scheduler {
                 let rec = self.jobs.get(&id).cloned();
                 for w in self.writing_results.remove(&id).unwrap_or_default() {
                     let _ = w.send(rec.clone().ok_or(RpcError::NotFound(id)));
+                }
+                // Retried meanwhile: held back until now (see `schedule`).
+                if matches!(rec.map(|r| r.state), Some(JobState::Queued { .. })) {
+                    self.enqueue(id);
                 }
             }
             Msg::Kick => {}
@@ -930,9 +952,13 @@ impl Scheduler {
                     break;
                 };
                 let Some(&(_, id)) = set.first() else { break };
-                // A job whose GPU claim or lost-job clean-up is under way was put back in the
-                // queue meanwhile (hold/release, cancel/retry): the pending answer decides.
-                if self.claiming.contains_key(&id) || self.cleaning.contains(&id) {
+                // A job whose GPU claim, lost-job clean-up or end (result.json, supervisor
+                // files) is under way was put back in the queue meanwhile (hold/release,
+                // cancel/retry): it starts once that is done.
+                if self.claiming.contains_key(&id)
+                    || self.cleaning.contains(&id)
+                    || self.writing_results.contains_key(&id)
+                {
                     set.pop_first();
                     continue;
                 }
@@ -1042,6 +1068,7 @@ impl Scheduler {
             attempt,
             supervisor: None,
             gpus: gpus.clone(),
+            boot_id: self.boot_id.clone(),
         };
         *self.running_per_class.entry(rec.spec.class()).or_default() += 1;
         for g in &gpus {
@@ -1072,7 +1099,7 @@ impl Scheduler {
                 .map_err(StartError::Failed)?;
             launch.cgroup = conf.cgroup;
             let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
-            let files = runner::SupFiles::new(&cfg.paths, rec.id);
+            let files = runner::SupFiles::new(&cfg, rec.id);
             match runner::spawn_supervisor(&launcher, files, &rec, &launch, &held) {
                 Ok(s) => {
                     drop(held);
@@ -1370,7 +1397,7 @@ impl Scheduler {
         let waiters = self.waiters.remove(&id).unwrap_or_default();
         self.writing_results.entry(id).or_default().extend(waiters);
         let tx = self.tx.clone();
-        let files = runner::SupFiles::new(&self.cfg.paths, id);
+        let files = runner::SupFiles::new(&self.cfg, id);
         tokio::spawn(async move {
             let durable = matches!(ack.await, Ok(Ok(())));
             if !durable {

@@ -35,6 +35,13 @@ pub fn pidfd_send_signal(pidfd: RawFd, sig: i32) -> io::Result<()> {
     }
 }
 
+/// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), new at every boot.
+pub fn boot_id() -> io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+        .trim()
+        .to_string())
+}
+
 /// The start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), which
 /// together with the pid identifies a process.
 pub fn proc_start_ticks(pid: i32) -> io::Result<u64> {

@@ -222,6 +222,10 @@ pub enum JobState {
         /// supervisor).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         gpus: Vec<u32>,
+        /// The kernel's boot id when the attempt started: a daemon that finds another one
+        /// knows the host restarted and the attempt's supervisor is gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<String>,
     },
     Succeeded {
         outcome: Outcome,

@@ -646,28 +646,34 @@ fn kill_all(d: &mut Daemon, id: u64, pidfile: &Path) {
 }
 
 /// A reboot empties the runtime directory (a tmpfs): a job recorded as running then has no
-/// supervisor file at all. It ends `lost`; it is not queued again as if it had never started.
+/// supervisor file at all. Its record says it started under another boot, so it ends
+/// `lost`; it is not queued again as if it had never started.
 #[test]
 fn job_running_when_the_host_restarted_ends_lost_and_is_not_run_again() {
     let mut d = Daemon::start();
     let shared = shared_dir();
     let pidfile = shared.path().join("pid");
     let runs = shared.path().join("runs");
+    // Sleeps only the first time, so that a second run would end at once and succeed.
     let script = format!(
-        "echo run >> {}; echo $$ > {}; sleep 60",
-        runs.display(),
-        pidfile.display()
+        "echo run >> {runs}; [ $(wc -l < {runs}) -gt 1 ] && exit 0; echo $$ > {pid}; sleep 60",
+        runs = runs.display(),
+        pid = pidfile.display()
     );
     let id = d.submit(&[], &["sh", "-c", &script]);
     kill_all(&mut d, id, &pidfile);
-    // What the reboot takes: everything under the runtime directory.
+    // What the reboot does: a new boot id, and an empty runtime directory.
+    let mut rec = d.record(id);
+    assert_eq!(rec["state"], "running", "{rec}");
+    assert!(rec["boot_id"].is_string(), "no boot id in {rec}");
+    rec["boot_id"] = json!("an-earlier-boot");
+    std::fs::write(d.jobs_dir().join(format!("{id}.json")), rec.to_string()).unwrap();
     std::fs::remove_dir_all(d.runtime_dir().join("supervisors")).unwrap();
     restart(&mut d);
     let r = wait_result(&d, id);
     assert_eq!(r["state"], "failed", "{r}");
     assert_eq!(r["reason"], "lost", "{r}");
     assert!(r["message"].as_str().unwrap().contains("host restarted"), "{r}");
-    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(lines(&runs), ["run"], "the job ran again");
 }
 

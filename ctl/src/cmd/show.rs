@@ -77,6 +77,7 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
             attempt,
             supervisor,
             gpus,
+            ..
         } => {
             let sup = supervisor
                 .map(|s| format!(", supervisor pid {}", s.pid))
