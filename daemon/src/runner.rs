@@ -40,7 +40,7 @@ pub struct Running {
 /// `<id>.json` ([`SupervisorRef`]: which supervisor runs which attempt), written by the
 /// daemon before it hands that supervisor the job, and `<id>.exit.json` ([`ExitRecord`]),
 /// written by the supervisor when it is done. Both are removed once the job's end is
-/// durable in its record. (Supervisors started by cybd before 0.1 kept them in the run
+/// durable in its record. (Supervisors started by earlier builds of cybd kept them in the run
 /// directory as `supervisor.json` and `exit.json`; see [`SupFiles::legacy`].)
 #[derive(Clone, Debug)]
 pub struct SupFiles {
