@@ -42,7 +42,9 @@
 //! before exec. [`JobCgroup::kill`] kills
 //! everything in it (double forks and `setsid` do not escape a cgroup),
 //! [`JobCgroup::stats`] reads peak memory, CPU time and whether the OOM killer struck, and
-//! [`JobCgroup::remove`] removes it. After a restart, [`Cgroups::open_existing`] finds a
+//! [`JobCgroup::remove`] removes it; on hosts with a v1 memory hierarchy
+//! [`JobCgroup::park`] first keeps the memory cgroup of an unprivileged job for the next
+//! one ([`Spare`], [`Cgroups::create_for`]). After a restart, [`Cgroups::open_existing`] finds a
 //! running job's cgroup and [`Cgroups::sweep_stale`] removes those of jobs that are gone.
 //!
 //! Only the job belongs in its cgroup, never its supervisor: `kill` ends everything in it,
@@ -92,6 +94,14 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 const JOB_PREFIX: &str = "job_";
 const PROBE_PREFIX: &str = "probe_";
+/// A v1 memory cgroup kept for the next job ([`Spare`]).
+const SPARE_PREFIX: &str = "spare_";
+
+/// The kernel charges memory to a v1 memory cgroup in per-CPU batches of 64 pages, so its
+/// `memory.usage_in_bytes` is exact only to that much per CPU. An empty memory cgroup that
+/// still shows at most this residue per CPU (charge stock, kernel objects freed a little
+/// later) may serve the next job: its peak figure keeps the precision it has anyway.
+const SPARE_RESIDUE_PER_CPU: u64 = 64 * 4096;
 
 /// Why a cgroup operation failed. Messages name the file or directory involved.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +109,7 @@ pub enum CgroupError {
     #[error("cgroups are not used here: {0}")]
     Unavailable(String),
     #[error(
-        "invalid cgroup base name {0:?}: want one plain path component, not {DAEMON_LEAF:?}, job_* or probe_*"
+        "invalid cgroup base name {0:?}: want one plain path component, not {DAEMON_LEAF:?}, job_*, probe_* or spare_*"
     )]
     BadName(String),
     #[error("invalid limit: {0}")]
@@ -530,6 +540,7 @@ fn check_name(name: &str) -> Result<()> {
         && !name.contains('\0')
         && !name.starts_with(JOB_PREFIX)
         && !name.starts_with(PROBE_PREFIX)
+        && !name.starts_with(SPARE_PREFIX)
         && !name.starts_with("cgroup.");
     if ok {
         Ok(())
@@ -546,6 +557,12 @@ fn job_name(job_id: u64) -> String {
 fn parse_job_name(name: &str) -> Option<u64> {
     let id: u64 = name.strip_prefix(JOB_PREFIX)?.parse().ok()?;
     (job_name(id) == name).then_some(id)
+}
+
+/// The name job `job_id`'s memory cgroup gets as a spare after attempt `attempt`: unique,
+/// as job ids are never reused.
+fn spare_name(job_id: u64, attempt: u32) -> String {
+    format!("{SPARE_PREFIX}{job_id}_{attempt}")
 }
 
 /// The pid in a probe directory name `probe_<pid>_<n>`.
@@ -568,6 +585,58 @@ pub struct Cgroups {
     /// Loaded device filter programs by rule set: loading (the verifier) costs far more
     /// than attaching, and most jobs share a handful of rule sets.
     programs: ProgramCache,
+    /// Memory cgroups of ended jobs, kept for the next ones ([`Spare`]).
+    spares: SparePool,
+}
+
+/// Spare v1 memory cgroups, oldest first, shared by clones of the driver; at most `cap`
+/// (0: memory cgroups are never reused).
+#[derive(Debug, Clone, Default)]
+struct SparePool(std::sync::Arc<std::sync::Mutex<SpareList>>);
+
+#[derive(Debug, Default)]
+struct SpareList {
+    cap: usize,
+    list: std::collections::VecDeque<Spare>,
+}
+
+/// A job's v1 memory cgroup that outlived its job, to serve the next job with the same
+/// memory limit instead of a new one.
+///
+/// Making and removing a v1 memory cgroup (two dozen control files, a css brought up and
+/// taken down by kernel workers) is the costliest part of confining a short job on a
+/// hybrid or v1 host, and all of it holds the kernel's global cgroup lock. A memory cgroup
+/// can be renamed where a unified one cannot, so the supervisor of an ended job resets it
+/// and renames `job_<id>` to `spare_<id>_<attempt>` ([`JobCgroup::park`]), and the next job
+/// renames it to its own `job_<id>` ([`Cgroups::create_for`]). Only cgroups the job could
+/// not write to are kept (the daemon is root and the job is not: its control files are
+/// root's), only empty ones whose usage is down to the kernel's charge residue, and only
+/// for a job with the same memory limit, so every control file holds what a new cgroup
+/// with that limit would. The peak is reset; the OOM kill count, which cannot be, is kept
+/// as a baseline the next job's count is read against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Spare {
+    /// Its directory name under the memory hierarchy's base (`spare_<id>_<attempt>`).
+    name: String,
+    /// The memory limit its control files hold.
+    memory_bytes: Option<u64>,
+    /// Its counters when its last job left.
+    base: Baseline,
+}
+
+/// Counters of a reused cgroup that cannot be reset, as its last job left them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Baseline {
+    /// `oom_kill` of `memory.oom_control`.
+    oom_kills: u64,
+}
+
+/// What [`JobCgroup::park`] needs to know: the name the memory cgroup gets, and the limit
+/// it was made with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+struct Reuse {
+    spare: String,
+    memory_bytes: Option<u64>,
 }
 
 /// BPF device programs already loaded, shared by clones of the driver.
@@ -656,6 +725,7 @@ impl Cgroups {
             cgroup_kill: false,
             notes: vec![reason.into()],
             programs: ProgramCache::default(),
+            spares: SparePool::default(),
         }
     }
 
@@ -762,6 +832,7 @@ impl Cgroups {
             cgroup_kill,
             notes,
             programs: ProgramCache::default(),
+            spares: SparePool::default(),
         }
     }
 
@@ -831,7 +902,109 @@ impl Cgroups {
             id,
             dirs,
             cgroup_kill: self.cgroup_kill,
+            reuse: None,
+            base: Baseline::default(),
         }
+    }
+
+    /// Keeps up to `cap` memory cgroups of ended jobs for later ones ([`Spare`]); 0 (the
+    /// default) makes every job's anew. Only hosts with a v1 memory hierarchy reuse them.
+    pub fn set_spare_capacity(&self, cap: usize) {
+        let cap = if self.base.memory.is_some() { cap } else { 0 };
+        self.spares.0.lock().unwrap_or_else(|p| p.into_inner()).cap = cap;
+    }
+
+    /// Takes `spare` (from an ended job's [`JobCgroup::park`]) into the pool. Returns the
+    /// spare that no longer fits, the oldest, for [`Cgroups::discard_spare`] (blocking,
+    /// so not done here: this only takes a lock).
+    pub fn keep_spare(&self, spare: Spare) -> Option<Spare> {
+        let mut pool = self.spares.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !spare.name.starts_with(SPARE_PREFIX) || spare.name.contains('/') {
+            return None;
+        }
+        pool.list.push_back(spare);
+        (pool.list.len() > pool.cap)
+            .then(|| pool.list.pop_front())
+            .flatten()
+    }
+
+    /// Removes a spare memory cgroup (empty, so one rmdir). Blocking.
+    pub fn discard_spare(&self, spare: &Spare) -> Result<()> {
+        match &self.base.memory {
+            Some(m) => remove_tree(&m.join(&spare.name), Instant::now() + REMOVE_TIMEOUT),
+            None => Ok(()),
+        }
+    }
+
+    /// How many spare memory cgroups the pool holds.
+    pub fn spare_count(&self) -> usize {
+        self.spares.0.lock().unwrap_or_else(|p| p.into_inner()).list.len()
+    }
+
+    /// Like [`Cgroups::create`], for attempt `attempt` of a job; `reusable`: the job cannot
+    /// write to its cgroup (the daemon is root, the job is not), so its memory cgroup may
+    /// come from the pool of spares and may go back there when it ends ([`Spare`]).
+    pub fn create_for(
+        &self,
+        job_id: u64,
+        attempt: u32,
+        limits: &Limits,
+        reusable: bool,
+    ) -> Result<JobCgroup> {
+        let Some(mem_base) = self.base.memory.as_ref().filter(|_| reusable) else {
+            return self.create(job_id, limits);
+        };
+        let spare = {
+            let mut pool = self.spares.0.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.cap == 0 {
+                None
+            } else {
+                let at = pool
+                    .list
+                    .iter()
+                    .rposition(|s| s.memory_bytes == limits.memory_bytes);
+                at.and_then(|i| pool.list.remove(i))
+            }
+        };
+        let mut base = Baseline::default();
+        let mut reused = false;
+        if let Some(sp) = spare {
+            let from = mem_base.join(&sp.name);
+            // Checked now rather than when its job ended: the kernel objects a job leaves
+            // are uncharged a moment after it (RCU), and the peak restarts from what is left.
+            let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_CONF)
+                .ok()
+                .flatten()
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(1)
+                .max(1);
+            let clean = read_u64(&from.join("memory.usage_in_bytes"))
+                .ok()
+                .flatten()
+                .is_some_and(|usage| usage <= SPARE_RESIDUE_PER_CPU * cpus)
+                // Writing 0 sets the peak to the current usage.
+                && write_file(&from.join("memory.max_usage_in_bytes"), "0").is_ok();
+            match clean.then(|| fs::rename(&from, mem_base.join(job_name(job_id)))) {
+                Some(Ok(())) => {
+                    base = sp.base;
+                    reused = true;
+                }
+                // Still charged, gone (swept), or a job_<id> left by a crash: the plain way
+                // below.
+                _ => {
+                    let _ = remove_tree(&from, Instant::now() + REMOVE_TIMEOUT);
+                }
+            }
+        }
+        let (mut job, kept) = self.create_inner(job_id, limits, reused)?;
+        if kept {
+            job.base = base;
+        }
+        job.reuse = Some(Reuse {
+            spare: spare_name(job_id, attempt),
+            memory_bytes: limits.memory_bytes,
+        });
+        Ok(job)
     }
 
     /// Whether [`JobCgroup::kill`] uses `cgroup.kill` where the kernel has it (the
@@ -859,6 +1032,14 @@ impl Cgroups {
     /// filter and the statistics are this run's only. Use [`Cgroups::open_existing`] to
     /// adopt a job that is still meant to run.
     pub fn create(&self, job_id: u64, limits: &Limits) -> Result<JobCgroup> {
+        self.create_inner(job_id, limits, false).map(|(job, _)| job)
+    }
+
+    /// [`Cgroups::create`]; `memory_made`: the job's memory directory is there already, a
+    /// spare renamed for it (configured for `limits.memory_bytes`, empty, peak reset).
+    /// Also returns whether that spare is still the job's memory cgroup (a left-over
+    /// cgroup of the job makes all of it anew).
+    fn create_inner(&self, job_id: u64, limits: &Limits, memory_made: bool) -> Result<(JobCgroup, bool)> {
         if self.mode == Mode::None {
             return Err(CgroupError::Unavailable(self.notes.join("; ")));
         }
@@ -881,9 +1062,13 @@ impl Cgroups {
         let plan = plan_limits(&job.dirs, limits)?;
         // Made directly; only a directory that already exists (a crash left it) costs the
         // clean-up and a second try.
+        let mut spare_kept = memory_made;
         for round in 0..2 {
             let mut left_over = false;
             for d in job.dirs.all() {
+                if memory_made && round == 0 && job.dirs.memory.as_deref() == Some(d) {
+                    continue;
+                }
                 match fs::create_dir(d) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists && round == 0 => {
@@ -902,6 +1087,7 @@ impl Cgroups {
             if !left_over {
                 break;
             }
+            spare_kept = false;
             all.kill()?;
             all.remove()?;
         }
@@ -909,7 +1095,7 @@ impl Cgroups {
             let _ = job.remove();
             return Err(e);
         }
-        Ok(job)
+        Ok((job, spare_kept))
     }
 
     /// `job` in only the hierarchies it needs: each cgroup directory costs a mkdir, its
@@ -1011,6 +1197,7 @@ impl Cgroups {
         let mut report = SweepReport::default();
         let mut ids = BTreeSet::new();
         let mut probes = BTreeSet::new();
+        let mut spares = BTreeSet::new();
         for dir in self.base.all() {
             let Ok(entries) = fs::read_dir(dir) else { continue };
             for entry in entries.flatten() {
@@ -1021,6 +1208,9 @@ impl Cgroups {
                 let Some(name) = name.to_str() else { continue };
                 if let Some(id) = parse_job_name(name) {
                     ids.insert(id);
+                } else if name.starts_with(SPARE_PREFIX) {
+                    // The pool lives in the daemon's memory: a new daemon starts without.
+                    spares.insert(dir.join(name));
                 } else if parse_probe_name(name).is_some_and(|pid| pid != std::process::id()) {
                     probes.insert(name.to_string());
                 }
@@ -1040,6 +1230,9 @@ impl Cgroups {
         for name in probes {
             let probe = self.handle(0, self.base.join(&name));
             let _ = probe.kill().and_then(|()| probe.remove());
+        }
+        for dir in spares {
+            let _ = remove_tree(&dir, Instant::now() + REMOVE_TIMEOUT);
         }
         report
     }
@@ -1322,6 +1515,12 @@ pub struct JobCgroup {
     dirs: Dirs,
     /// Kill with `cgroup.kill` ([`Cgroups::use_cgroup_kill`]).
     cgroup_kill: bool,
+    /// Set when its memory cgroup may be kept for another job ([`JobCgroup::park`]).
+    #[serde(default)]
+    reuse: Option<Reuse>,
+    /// Counters its memory cgroup had before this job (a reused one).
+    #[serde(default)]
+    base: Baseline,
 }
 
 impl JobCgroup {
@@ -1538,7 +1737,8 @@ impl JobCgroup {
         let mut s = Stats::default();
         if let Some(m) = &d.memory {
             s.peak_memory_bytes = read_u64(&m.join("memory.max_usage_in_bytes"))?;
-            s.oom_killed = read_keyed(&m.join("memory.oom_control"), "oom_kill")?.is_some_and(|n| n > 0);
+            s.oom_killed = read_keyed(&m.join("memory.oom_control"), "oom_kill")?
+                .is_some_and(|n| n > self.base.oom_kills);
         } else if let Some(u) = v2(d.v2.memory) {
             s.peak_memory_bytes = read_u64(&u.join("memory.peak"))?;
             s.oom_killed = read_keyed(&u.join("memory.events"), "oom_kill")?.is_some_and(|n| n > 0);
@@ -1550,6 +1750,36 @@ impl JobCgroup {
             s.cpu_usage_ms = read_keyed(&u.join("cpu.stat"), "usage_usec")?.map(|us| us / 1000);
         }
         Ok(s)
+    }
+
+    /// After the job ended and [`JobCgroup::kill`] and [`JobCgroup::stats`]: if this
+    /// cgroup was made reusable ([`Cgroups::create_for`]) and its memory cgroup is empty
+    /// and holds no more than the kernel's charge residue, resets its peak and renames it
+    /// to its spare name, and returns the [`Spare`] for the daemon's pool
+    /// ([`Cgroups::keep_spare`]). The rest of the cgroup is still to be removed with
+    /// [`JobCgroup::remove`], which leaves the spare alone. `None`: nothing was kept, and
+    /// `remove` removes all of it.
+    pub fn park(&mut self) -> Option<Spare> {
+        let reuse = self.reuse.as_ref()?;
+        let mem = self.dirs.memory.as_ref()?;
+        // Emptied by the kill before; a job without root cannot make sub-cgroups, but a
+        // cgroup is kept only if it is plainly so.
+        let procs = read_opt(&mem.join("cgroup.procs")).ok()??;
+        if !procs.trim().is_empty() || !child_cgroups(mem).ok()?.is_empty() {
+            return None;
+        }
+        let oom_kills = read_keyed(&mem.join("memory.oom_control"), "oom_kill")
+            .ok()?
+            .unwrap_or(0);
+        let to = mem.parent()?.join(&reuse.spare);
+        fs::rename(mem, &to).ok()?;
+        let spare = Spare {
+            name: reuse.spare.clone(),
+            memory_bytes: reuse.memory_bytes,
+            base: Baseline { oom_kills },
+        };
+        self.dirs.memory = None;
+        Some(spare)
     }
 
     /// Removes the cgroup in every hierarchy (and any sub-cgroups the job made), retrying
@@ -1964,6 +2194,8 @@ mod tests {
             id: 7,
             dirs: d,
             cgroup_kill: false,
+            reuse: None,
+            base: Baseline::default(),
         };
         let s = job.stats().unwrap();
         assert_eq!(
@@ -1992,6 +2224,8 @@ mod tests {
             id: 7,
             dirs: d,
             cgroup_kill: false,
+            reuse: None,
+            base: Baseline::default(),
         };
         let s = job.stats().unwrap();
         assert_eq!(

@@ -42,6 +42,9 @@ impl Host {
             Cgroups::detect(&cfg.cgroup_name)
         };
         info!("cgroups: {}", cgroups.describe());
+        // Enough spare memory cgroups for every slot's next job.
+        let slots: usize = cfg.classes.values().map(|c| c.slots).sum();
+        cgroups.set_spare_capacity(slots.clamp(1, 256));
         let probe = (cgroups.mode() != Mode::None).then(|| cgroups.probe_device_denial());
         match &probe {
             Some(p) if p.enforced() => info!("device control: {p}"),
@@ -300,7 +303,9 @@ impl Host {
                 pids: limits.pids.filter(|_| caps.pids),
                 devices: limits.devices.clone().filter(|_| caps.devices),
             };
-            match self.cgroups.create(rec.id, &enforceable) {
+            // A job that cannot write to its cgroup may get a used one, and leave its own.
+            let reusable = nix::unistd::geteuid().is_root() && rec.owner.uid != 0;
+            match self.cgroups.create_for(rec.id, attempt, &enforceable, reusable) {
                 Ok(cg) => Some(cg),
                 Err(e) if cfg.require_limits => {
                     release_gpus(leases);
@@ -422,6 +427,19 @@ impl Host {
                 job_id = id,
                 "killed what was left of lost job {id} and removed its cgroup"
             );
+        }
+    }
+
+    /// Keeps the memory cgroup an ended job's supervisor left for the next job (not
+    /// blocking, unless the pool is full: then the oldest spare is removed).
+    pub fn keep_spare(&self, spare: crate::cgroup::Spare) {
+        if let Some(old) = self.cgroups.keep_spare(spare) {
+            let cgroups = self.cgroups.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cgroups.discard_spare(&old) {
+                    warn!("cannot remove a spare memory cgroup: {e}");
+                }
+            });
         }
     }
 

@@ -1226,7 +1226,13 @@ impl Scheduler {
         Some(slot)
     }
 
-    fn exited(&mut self, id: JobId, attempt: u32, ended: Ended) {
+    fn exited(&mut self, id: JobId, attempt: u32, mut ended: Ended) {
+        // The memory cgroup the supervisor left for the next job, whatever becomes of this one.
+        if let Ended::Exit(e) = &mut ended
+            && let Some(spare) = e.spare.take()
+        {
+            self.host.keep_spare(spare);
+        }
         let Some(rec) = self.jobs.get(&id) else { return };
         if !matches!(rec.state, JobState::Running { attempt: a, .. } if a == attempt) {
             return;

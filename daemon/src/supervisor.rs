@@ -114,6 +114,9 @@ pub struct ExitRecord {
     /// Problems with the job's cgroup (kill, removal), for the log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_error: Option<String>,
+    /// The job's memory cgroup, kept for another job ([`crate::cgroup::Spare`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare: Option<crate::cgroup::Spare>,
 }
 
 /// Runs one supervisor (in a process forked by the launcher, stdin the launch pipe) and
@@ -344,16 +347,18 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
     }
 }
 
-/// After the job (whose cgroup the watch loop already killed): what it used is read, and the
-/// cgroup is removed.
+/// After the job (whose cgroup the watch loop already killed): what it used is read, its
+/// memory cgroup is kept for another job where it may be, and the rest is removed.
 fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
     // The watch loop killed the cgroup when the job's main process ended.
     let mut problems = Vec::new();
+    let mut cg = cg.clone();
     match cg.stats() {
         Ok(st) => {
             exit.peak_memory_bytes = st.peak_memory_bytes;
             exit.cpu_usage_ms = st.cpu_usage_ms;
             exit.oom_killed = st.oom_killed;
+            exit.spare = cg.park();
         }
         Err(e) => problems.push(e.to_string()),
     }

@@ -32,8 +32,8 @@ if [ ! -x "$ROOTFS/usr/bin/jq" ]; then
   chroot "$ROOTFS" sh -c 'apt-get update -q && apt-get install -y -q --no-install-recommends jq' >/dev/null
 fi
 if [ -z "${CYB_DEB:-}" ]; then
-  bash "$TOP/packaging/build.sh" >/dev/null
-  CYB_DEB=$(ls -t "$TOP"/target/debian/cybd_*.deb | head -1)
+  # build.sh prints the .deb's path first, then the .rpm's (under CARGO_TARGET_DIR if set).
+  CYB_DEB=$(bash "$TOP/packaging/build.sh" | grep '\.deb$' | head -1)
 fi
 cp "$CYB_DEB" "$ROOTFS/var/tmp/cybd.deb"
 $BOOT stop >/dev/null 2>&1 || true

@@ -692,3 +692,128 @@ fn unprivileged_detect_says_why() {
         println!("the test user has usable cgroups: {describe}");
     }
 }
+
+/// An ended job's memory cgroup serves the next job with the same limit: renamed to a
+/// spare, then to the next job's name (the same kernfs node, so the same inode), with its
+/// peak reset and its earlier OOM kill not counted again. Root's jobs (not reusable) and
+/// jobs with another limit get a new one.
+#[test]
+fn memory_cgroup_of_an_ended_job_serves_the_next_one() {
+    let Some(mut f) = Fixture::new("spare") else {
+        return;
+    };
+    let limits = Limits {
+        memory_bytes: Some(64 << 20),
+        ..Limits::default()
+    };
+    f.cg.set_spare_capacity(4);
+    let first = f.cg.create_for(41, 1, &limits, true).expect("create job 41");
+    f.jobs.push(first.clone());
+    let Some(mem) = first.v1_path("memory").map(Path::to_path_buf) else {
+        require(false, "a v1 memory hierarchy (only those cgroups are reused)");
+        return;
+    };
+    let base = mem.parent().unwrap().to_path_buf();
+    let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let first_ino = ino(&mem);
+    // Over its limit: the OOM killer ends it, at a peak near the limit.
+    let status = spawn_in(
+        &first,
+        "dd if=/dev/zero of=/dev/null bs=200M count=1",
+        Stdio::null(),
+    )
+    .wait()
+    .unwrap();
+    assert!(
+        status.signal() == Some(9) || status.code() == Some(137),
+        "{status:?}"
+    );
+    first.kill().unwrap();
+    let st = first.stats().unwrap();
+    assert!(st.oom_killed, "{st:?}");
+    assert!(st.peak_memory_bytes.unwrap() > 16 << 20, "{st:?}");
+    let mut first = first;
+    let spare = park_soon(&mut first).expect("an empty memory cgroup is kept");
+    first.remove().unwrap();
+    assert!(!mem.exists(), "job 41's memory cgroup keeps its name");
+    assert!(base.join("spare_41_1").is_dir());
+    assert_eq!(f.cg.keep_spare(spare), None, "the pool has room");
+
+    // Root's job, and a job with another limit: new cgroups, the spare stays.
+    for (id, lim, reusable) in [(42, limits.clone(), false), (43, Limits::default(), true)] {
+        let job = f.cg.create_for(id, 1, &lim, reusable).expect("create");
+        f.jobs.push(job.clone());
+        assert_ne!(ino(job.v1_path("memory").unwrap()), first_ino);
+        let mut job = job;
+        if !reusable {
+            assert_eq!(job.park(), None, "root's job left its memory cgroup for another");
+        }
+        job.kill().unwrap();
+        job.remove().unwrap();
+    }
+    assert!(base.join("spare_41_1").is_dir());
+    assert_eq!(f.cg.spare_count(), 1);
+
+    // The next job with that limit gets it: empty, its peak its own, no OOM kill of its own.
+    // (It is taken only once what job 41 left is uncharged, down to the per-CPU charge batch.)
+    let cpus = std::fs::read_dir("/sys/devices/system/cpu")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.strip_prefix("cpu").is_some_and(|d| d.parse::<u32>().is_ok()))
+        })
+        .count() as u64;
+    let usage = || keyed_num(&base.join("spare_41_1/memory.usage_in_bytes"));
+    assert!(
+        wait_until(Duration::from_secs(5), || usage() <= 64 * 4096 * cpus),
+        "job 41's memory cgroup still holds {} bytes",
+        usage()
+    );
+    let next = f.cg.create_for(44, 2, &limits, true).expect("create job 44");
+    f.jobs.push(next.clone());
+    assert_eq!(ino(next.v1_path("memory").unwrap()), first_ino, "not the spare");
+    assert!(!base.join("spare_41_1").exists());
+    assert_eq!(f.cg.spare_count(), 0);
+    let limit =
+        std::fs::read_to_string(next.v1_path("memory").unwrap().join("memory.limit_in_bytes")).unwrap();
+    assert_eq!(limit.trim(), (64u64 << 20).to_string());
+    assert!(spawn_in(&next, "true", Stdio::null()).wait().unwrap().success());
+    next.kill().unwrap();
+    let st = next.stats().unwrap();
+    assert!(!st.oom_killed, "job 41's OOM kill counted for job 44: {st:?}");
+    assert!(st.peak_memory_bytes.unwrap() < 4 << 20, "peak not reset: {st:?}");
+    let mut next = next;
+    let spare = park_soon(&mut next).expect("kept again");
+    next.remove().unwrap();
+    assert!(base.join("spare_44_2").is_dir());
+    assert_eq!(f.cg.keep_spare(spare), None);
+    // A new daemon starts without a pool: its sweep removes the spares.
+    f.cg.sweep_stale(&|_| false);
+    assert!(!base.join("spare_44_2").exists());
+}
+
+/// [`JobCgroup::park`], retried for up to 2 s: right after a job, its cgroup may still be
+/// charged for kernel objects freed a moment later, and is kept only once that is down to
+/// the charge residue.
+fn park_soon(job: &mut JobCgroup) -> Option<cybd::cgroup::Spare> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(s) = job.park() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn keyed_num(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(u64::MAX)
+}

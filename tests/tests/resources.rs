@@ -1015,3 +1015,59 @@ fn gpu_jobs_need_device_control() {
         "{e}"
     );
 }
+
+/// The memory cgroup of an unprivileged user's ended job serves that user's next job (the
+/// same cgroup node: the same inode, seen by the jobs themselves), with a peak of its own.
+/// A root job gets a new one. (That the peak is reset and an earlier OOM kill not counted
+/// again is shown on the driver, `cgroup_driver::memory_cgroup_of_an_ended_job_serves_the_next_one`.)
+#[test]
+fn memory_cgroup_reused_for_the_next_unprivileged_job() {
+    if !require(is_root(), "root (cgroups, a job as another user)") {
+        return;
+    }
+    let _g = shared();
+    let (uid, gid) = cyb_tests::test_user();
+    let d = Daemon::start_with("[classes.cpu_short]\nslots = 1\n");
+    // The job prints the inode of its own memory cgroup.
+    let job = |extra: &str| {
+        json!({
+            "shell": format!("p=$(grep ':memory:' /proc/self/cgroup | cut -d: -f3); stat -c %i /sys/fs/cgroup/memory$p; {extra}"),
+            "cwd": "/",
+        })
+        .to_string()
+    };
+    let run = |n: u64, extra: &str, owner: (u32, u32)| {
+        d.drop_job_as(&format!("j{n}.json"), &job(extra), owner.0, owner.1);
+        let r = result_of(&d, n, LONG);
+        assert_eq!(r["state"], "succeeded", "{r}\n{}", logs(&d, n));
+        (file(&d.run_dir(n), "stdout.log").trim().to_string(), r)
+    };
+    if !Path::new("/sys/fs/cgroup/memory").is_dir() {
+        require(
+            false,
+            "a v1 memory hierarchy at /sys/fs/cgroup/memory (only those cgroups are reused)",
+        );
+        return;
+    }
+    // A spare is taken only if what its jobs left is down to the charge residue by then:
+    // in a row of jobs, some job gets the one before's.
+    let mut prev = String::new();
+    let mut reused = None;
+    let mut n = 0;
+    while n < 10 && reused.is_none() {
+        n += 1;
+        let (ino, r) = run(n, "true", (uid, gid));
+        if ino == prev {
+            reused = Some(r);
+        }
+        prev = ino;
+    }
+    let r2 = reused.expect("no job got the memory cgroup of the job before");
+    let peak = r2["peak_memory_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak < 8 << 20, "{r2}");
+    // Root's job (allowed here) gets a new memory cgroup, never a used one.
+    let (_, _) = run(n + 1, "true", (uid, gid));
+    let (user_ino, _) = run(n + 2, "true", (uid, gid));
+    let (root_ino, _) = run(n + 3, "true", (0, 0));
+    assert_ne!(user_ino, root_ino, "root's job got a used memory cgroup");
+}

@@ -118,6 +118,22 @@ struct Opts {
     /// system matters: every job state change is fsynced.
     #[arg(long, value_name = "DIR")]
     tmpdir: Option<PathBuf>,
+    /// Whose jobs the spool and RPC throughput runs submit: `user` (run as root: the
+    /// harness's unprivileged test user, as on a shared host where root's daemon runs other
+    /// people's jobs), or `self` (whoever runs the benchmark; root's jobs never get a reused
+    /// memory cgroup).
+    #[arg(long, value_enum, default_value = "user")]
+    spool_owner: SpoolOwner,
+    /// (uid, gid) the spool jobs' files are given, from `--spool-owner`.
+    #[arg(skip)]
+    job_owner: Option<(u32, u32)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum SpoolOwner {
+    User,
+    #[value(name = "self")]
+    Myself,
 }
 
 impl Opts {
@@ -603,6 +619,46 @@ async fn connect(sock: &Path) -> anyhow::Result<CybClient> {
     .spawn())
 }
 
+/// Like [`connect`], but as `owner` (uid, gid) when given: the daemon takes the peer
+/// credentials of the thread that connects, so a thread of our own switches its effective
+/// ids for the connect alone (the raw syscalls, not libc's wrappers, which would switch
+/// every thread) and back.
+async fn connect_as(sock: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<CybClient> {
+    let Some((uid, gid)) = owner else {
+        return connect(sock).await;
+    };
+    let path = sock.to_path_buf();
+    let std_stream = std::thread::spawn(move || -> anyhow::Result<std::os::unix::net::UnixStream> {
+        let keep = libc::uid_t::MAX; // -1: leave that id as it is
+        // SAFETY: setresgid/setresuid on this thread only (raw syscalls); the real and
+        // saved ids stay 0, so the switch back below is allowed.
+        let set = |nr: libc::c_long, e: u32| unsafe { libc::syscall(nr, keep, e, keep) };
+        if set(libc::SYS_setresgid, gid) != 0 || set(libc::SYS_setresuid, uid) != 0 {
+            return Err(anyhow!(
+                "cannot switch to uid {uid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let s = std::os::unix::net::UnixStream::connect(&path);
+        if set(libc::SYS_setresuid, 0) != 0 || set(libc::SYS_setresgid, 0) != 0 {
+            return Err(anyhow!(
+                "cannot switch back to root: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        s.with_context(|| format!("cannot connect to {} as uid {uid}", path.display()))
+    })
+    .join()
+    .map_err(|_| anyhow!("connect thread panicked"))??;
+    std_stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(std_stream)?;
+    Ok(CybClient::new(
+        tarpc::client::Config::default(),
+        cyb_proto::rpc::transport(stream),
+    )
+    .spawn())
+}
+
 fn ctx(timeout: Duration) -> tarpc::context::Context {
     let mut c = tarpc::context::current();
     c.deadline = Instant::now() + timeout;
@@ -718,6 +774,9 @@ async fn cybd_spool(o: &Opts) -> anyhow::Result<Throughput> {
     for i in 0..o.jobs {
         let tmp = inc.join(format!(".bench{i}.tmp"));
         std::fs::write(&tmp, TRIVIAL_JOB)?;
+        if let Some((uid, gid)) = o.job_owner {
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
+        }
         if t0.is_none() {
             t0 = Some(Instant::now());
         }
@@ -751,8 +810,9 @@ impl Throughput {
 async fn cybd_rpc(o: &Opts) -> anyhow::Result<Throughput> {
     let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
+    let submitter = connect_as(&c.d.socket(), o.job_owner).await?;
     let t0 = Instant::now();
-    submit_many(&client, o.jobs, o.rpc_concurrency).await?;
+    submit_many(&submitter, o.jobs, o.rpc_concurrency).await?;
     let enqueue = t0.elapsed();
     let done = wait_all_done(&c, &client, o.jobs).await?;
     Ok(Throughput::of_cybd(&c, o.jobs, enqueue, done - t0))
@@ -1433,7 +1493,10 @@ fn snapshot_binaries() -> anyhow::Result<tempfile::TempDir> {
 }
 
 fn main() -> std::process::ExitCode {
-    let o = Opts::parse();
+    let mut o = Opts::parse();
+    if o.spool_owner == SpoolOwner::User && cyb_tests::is_root() {
+        o.job_owner = Some(cyb_tests::test_user());
+    }
     if let Some(d) = &o.tmpdir {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("TMPDIR", d) };
@@ -1491,6 +1554,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         "jobs": o.jobs,
         "slots": o.slots,
         "job_cgroups": !o.no_cgroups,
+        "spool_jobs_uid": o.job_owner.map(|(uid, _)| uid),
     });
     progress(format!(
         "cybd from {}; temporary roots under {} ({}); {} jobs, {} slots{}",
