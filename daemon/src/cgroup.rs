@@ -597,6 +597,8 @@ struct SparePool(std::sync::Arc<std::sync::Mutex<SpareList>>);
 #[derive(Debug, Default)]
 struct SpareList {
     cap: usize,
+    /// The most a spare may still be charged for when taken (the charge batch of every CPU).
+    residue: u64,
     list: std::collections::VecDeque<Spare>,
 }
 
@@ -911,7 +913,15 @@ impl Cgroups {
     /// default) makes every job's anew. Only hosts with a v1 memory hierarchy reuse them.
     pub fn set_spare_capacity(&self, cap: usize) {
         let cap = if self.base.memory.is_some() { cap } else { 0 };
-        self.spares.0.lock().unwrap_or_else(|p| p.into_inner()).cap = cap;
+        let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_CONF)
+            .ok()
+            .flatten()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(1)
+            .max(1);
+        let mut pool = self.spares.0.lock().unwrap_or_else(|p| p.into_inner());
+        pool.cap = cap;
+        pool.residue = SPARE_RESIDUE_PER_CPU * cpus;
     }
 
     /// Takes `spare` (from an ended job's [`JobCgroup::park`]) into the pool. Returns the
@@ -954,17 +964,13 @@ impl Cgroups {
         let Some(mem_base) = self.base.memory.as_ref().filter(|_| reusable) else {
             return self.create(job_id, limits);
         };
-        let spare = {
+        let (spare, residue) = {
             let mut pool = self.spares.0.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.cap == 0 {
-                None
-            } else {
-                let at = pool
-                    .list
-                    .iter()
-                    .rposition(|s| s.memory_bytes == limits.memory_bytes);
-                at.and_then(|i| pool.list.remove(i))
-            }
+            let at = pool
+                .list
+                .iter()
+                .rposition(|s| s.memory_bytes == limits.memory_bytes);
+            (at.and_then(|i| pool.list.remove(i)), pool.residue)
         };
         let mut base = Baseline::default();
         let mut reused = false;
@@ -972,16 +978,10 @@ impl Cgroups {
             let from = mem_base.join(&sp.name);
             // Checked now rather than when its job ended: the kernel objects a job leaves
             // are uncharged a moment after it (RCU), and the peak restarts from what is left.
-            let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_CONF)
-                .ok()
-                .flatten()
-                .and_then(|n| u64::try_from(n).ok())
-                .unwrap_or(1)
-                .max(1);
             let clean = read_u64(&from.join("memory.usage_in_bytes"))
                 .ok()
                 .flatten()
-                .is_some_and(|usage| usage <= SPARE_RESIDUE_PER_CPU * cpus)
+                .is_some_and(|usage| usage <= residue)
                 // Writing 0 sets the peak to the current usage.
                 && write_file(&from.join("memory.max_usage_in_bytes"), "0").is_ok();
             match clean.then(|| fs::rename(&from, mem_base.join(job_name(job_id)))) {

@@ -733,7 +733,7 @@ fn memory_cgroup_of_an_ended_job_serves_the_next_one() {
     assert!(st.oom_killed, "{st:?}");
     assert!(st.peak_memory_bytes.unwrap() > 16 << 20, "{st:?}");
     let mut first = first;
-    let spare = park_soon(&mut first).expect("an empty memory cgroup is kept");
+    let spare = first.park().expect("an empty memory cgroup is kept");
     first.remove().unwrap();
     assert!(!mem.exists(), "job 41's memory cgroup keeps its name");
     assert!(base.join("spare_41_1").is_dir());
@@ -785,29 +785,13 @@ fn memory_cgroup_of_an_ended_job_serves_the_next_one() {
     assert!(!st.oom_killed, "job 41's OOM kill counted for job 44: {st:?}");
     assert!(st.peak_memory_bytes.unwrap() < 4 << 20, "peak not reset: {st:?}");
     let mut next = next;
-    let spare = park_soon(&mut next).expect("kept again");
+    let spare = next.park().expect("kept again");
     next.remove().unwrap();
     assert!(base.join("spare_44_2").is_dir());
     assert_eq!(f.cg.keep_spare(spare), None);
     // A new daemon starts without a pool: its sweep removes the spares.
     f.cg.sweep_stale(&|_| false);
     assert!(!base.join("spare_44_2").exists());
-}
-
-/// [`JobCgroup::park`], retried for up to 2 s: right after a job, its cgroup may still be
-/// charged for kernel objects freed a moment later, and is kept only once that is down to
-/// the charge residue.
-fn park_soon(job: &mut JobCgroup) -> Option<cybd::cgroup::Spare> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
-        if let Some(s) = job.park() {
-            return Some(s);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn keyed_num(path: &Path) -> u64 {
