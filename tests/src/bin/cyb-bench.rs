@@ -15,11 +15,13 @@
 //! creates is removed at the end, on error, and on Ctrl-C.
 //!
 //! The machine is rarely ours alone: before each part it waits (`--wait-quiet`) for the CPUs
-//! to be idle, and it reports how much CPU other processes used during each part, so a
-//! disturbed figure can be recognised. The file system under `--tmpdir` matters as much as
+//! to be idle, and it reports how much CPU other processes used during each part, and how
+//! much the hypervisor gave to other virtual machines (steal), so a disturbed figure can be
+//! recognised. The file system under `--tmpdir` matters as much as
 //! the CPU (cybd writes about ten small files per job and fsyncs every state change), so the
-//! report starts with what creating a file costs there, and with how many processes a bare
-//! spawn loop starts per second (the ceiling of every job runner, and it drifts).
+//! report starts with what creating a file costs there, with how many processes a bare
+//! spawn loop starts per second, and with the floor of a supervisor process per job
+//! ([`pair_floor`]): the ceilings of every job runner here, which drift with the neighbours.
 
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -427,6 +429,58 @@ fn spawn_calibration(n: usize) -> anyhow::Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// The ceiling, on this machine right now, of any job runner that gives every job a
+/// supervisor process of its own, in jobs per second: a parent forks a child per job (as
+/// cybd's launcher forks a supervisor), the child starts `true` with `posix_spawn` and
+/// waits for it (as the supervisor does), `slots` of them at once. It has no records, no
+/// files, no cgroups and no daemon: what is left of a job runner once all of that is free.
+fn pair_floor(n: usize, slots: usize) -> anyhow::Result<f64> {
+    let argv: [*mut libc::c_char; 2] = [c"true".as_ptr().cast_mut(), std::ptr::null_mut()];
+    let envp: [*mut libc::c_char; 1] = [std::ptr::null_mut()];
+    let mut running = std::collections::HashSet::new();
+    let (mut started, mut done) = (0, 0);
+    let t = Instant::now();
+    while done < n {
+        while running.len() < slots.max(1) && started < n {
+            // SAFETY: the child only calls posix_spawnp, waitpid and _exit (no allocation,
+            // no locks) on memory prepared before the fork, then ends.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let mut child: libc::pid_t = 0;
+                // SAFETY: argv and envp are null-terminated arrays of C strings that outlive
+                // the call; null file actions and attributes are allowed.
+                let rc = unsafe {
+                    libc::posix_spawnp(
+                        &mut child,
+                        c"true".as_ptr(),
+                        std::ptr::null(),
+                        std::ptr::null(),
+                        argv.as_ptr(),
+                        envp.as_ptr(),
+                    )
+                };
+                let mut st = 0;
+                // SAFETY: waits for the process just spawned; `st` is a valid out pointer.
+                let ok = rc == 0 && unsafe { libc::waitpid(child, &mut st, 0) } == child && st == 0;
+                // SAFETY: ends the forked child at once, running nothing of the parent's.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+            }
+            ensure!(pid > 0, "cannot fork: {}", std::io::Error::last_os_error());
+            running.insert(pid);
+            started += 1;
+        }
+        let mut st = 0;
+        // SAFETY: `st` is a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut st, 0) };
+        ensure!(pid > 0, "cannot wait: {}", std::io::Error::last_os_error());
+        if running.remove(&pid) {
+            ensure!(st == 0, "a supervisor-like child failed (wait status {st})");
+            done += 1;
+        }
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
 /// The bare spawn loop's rate on the machine the issue's targets were set on.
 const REFERENCE_SPAWN_PER_S: f64 = 3000.0;
 
@@ -445,8 +499,16 @@ fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// (busy, total) jiffies of all CPUs from /proc/stat.
-fn cpu_jiffies() -> (u64, u64) {
+/// Jiffies of all CPUs from /proc/stat: busy (steal included), total, and steal (time
+/// the hypervisor gave this machine's virtual CPUs to other guests).
+#[derive(Clone, Copy)]
+struct Jiffies {
+    busy: u64,
+    total: u64,
+    steal: u64,
+}
+
+fn cpu_jiffies() -> Jiffies {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> = stat
         .lines()
@@ -458,7 +520,11 @@ fn cpu_jiffies() -> (u64, u64) {
         .collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    (total.saturating_sub(idle), total)
+    Jiffies {
+        busy: total.saturating_sub(idle),
+        total,
+        steal: v.get(7).copied().unwrap_or(0),
+    }
 }
 
 /// CPU time (user + system) of this process and of the children it has waited for (the
@@ -479,7 +545,7 @@ fn own_cpu_ms() -> f64 {
 /// the machine, minus this process's and its waited-for children's (the daemon under test,
 /// its supervisors and jobs, the CLIs).
 struct Window {
-    jiffies: (u64, u64),
+    jiffies: Jiffies,
     own_ms: f64,
 }
 
@@ -494,13 +560,24 @@ impl Window {
     /// Share (0 to 1) of all CPUs used by other work since `start`. Call it after the part's
     /// daemons have been stopped and waited for.
     fn other_share(&self) -> f64 {
-        let (b1, t1) = cpu_jiffies();
-        let (b0, t0) = self.jiffies;
+        let (b1, t1) = {
+            let j = cpu_jiffies();
+            (j.busy, j.total)
+        };
+        let (b0, t0) = (self.jiffies.busy, self.jiffies.total);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let busy_ms = (b1 - b0) as f64 * 1e3 / hz;
         let all_ms = (t1 - t0).max(1) as f64 * 1e3 / hz;
         ((busy_ms - (own_cpu_ms() - self.own_ms)) / all_ms).clamp(0.0, 1.0)
+    }
+
+    /// Share (0 to 1) of all CPU time since `start` that the hypervisor gave to other
+    /// guests (steal): time in which no process here ran, though it wanted to.
+    fn steal_share(&self) -> f64 {
+        let j = cpu_jiffies();
+        let steal = j.steal.saturating_sub(self.jiffies.steal) as f64;
+        (steal / j.total.saturating_sub(self.jiffies.total).max(1) as f64).clamp(0.0, 1.0)
     }
 }
 
@@ -509,9 +586,13 @@ impl Window {
 async fn wait_quiet(o: &Opts) -> f64 {
     let end = Instant::now() + Duration::from_secs(o.wait_quiet);
     loop {
-        let (b0, t0) = cpu_jiffies();
+        let Jiffies {
+            busy: b0, total: t0, ..
+        } = cpu_jiffies();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (b1, t1) = cpu_jiffies();
+        let Jiffies {
+            busy: b1, total: t1, ..
+        } = cpu_jiffies();
         let busy = (b1 - b0) as f64 / (t1 - t0).max(1) as f64;
         if busy < 0.15 {
             return busy;
@@ -528,6 +609,12 @@ async fn wait_quiet(o: &Opts) -> f64 {
             busy * 100.0
         ));
     }
+}
+
+/// "other work 12%, steal 5%" (either may be unknown).
+fn load_text(other: Option<f64>, steal: Option<f64>) -> String {
+    let pct = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{:.0}%", v * 100.0));
+    format!("other work {}, steal {}", pct(other), pct(steal))
 }
 
 fn progress(msg: impl AsRef<str>) {
@@ -735,6 +822,8 @@ struct Throughput {
     cpu_ms: Option<(f64, f64)>,
     /// Share of all CPUs used by other work on the machine during the run, when known.
     other_load: Option<f64>,
+    /// Share of all CPU time the hypervisor gave to other guests during the run (steal).
+    steal: Option<f64>,
     /// jobs/s of every run of this measurement, in order (see `--repeat`).
     runs: Vec<f64>,
 }
@@ -755,6 +844,7 @@ impl Throughput {
             "jobs_per_s": self.jobs_per_s(),
             "peak_rss_mib": self.peak_rss_mib,
             "other_load": self.other_load,
+            "steal": self.steal,
             "runs_jobs_per_s": self.runs,
             "cpu_ms_per_job": self.cpu_ms.map(|(own, children)| json!({
                 "daemon": own / self.n as f64,
@@ -801,6 +891,7 @@ impl Throughput {
             peak_rss_mib: proc_mem_mib(c.pid(), "VmHWM:").ok(),
             cpu_ms: proc_cpu_ms(c.pid()).ok(),
             other_load: None,
+            steal: None,
             runs: Vec::new(),
         }
     }
@@ -876,13 +967,13 @@ where
         let w = Window::start();
         let mut t = f().await?;
         t.other_load = known_load.then(|| w.other_share());
+        t.steal = Some(w.steal_share());
         if o.repeat > 1 {
             progress(format!(
-                "   run {}: {:.0} jobs/s{}",
+                "   run {}: {:.0} jobs/s ({})",
                 i + 1,
                 t.jobs_per_s(),
-                t.other_load
-                    .map_or_else(String::new, |l| format!(" (other work {:.0}%)", l * 100.0))
+                load_text(t.other_load, t.steal)
             ));
         }
         all.push(t);
@@ -1153,8 +1244,14 @@ async fn peer_median(o: &Opts, name: &str, known_load: bool, f: fn(&Opts) -> any
                 note,
             }) => {
                 run.other_load = known_load.then(|| w.other_share());
+                run.steal = Some(w.steal_share());
                 if o.repeat > 1 {
-                    progress(format!("   run {}: {:.0} jobs/s", i + 1, run.jobs_per_s()));
+                    progress(format!(
+                        "   run {}: {:.0} jobs/s ({})",
+                        i + 1,
+                        run.jobs_per_s(),
+                        load_text(run.other_load, run.steal)
+                    ));
                 }
                 runs.push(run);
                 about = Some((version, note));
@@ -1278,6 +1375,7 @@ fn tsp_bench(o: &Opts) -> anyhow::Result<Peer> {
             peak_rss_mib: None,
             cpu_ms: None,
             other_load: None,
+            steal: None,
             runs: Vec::new(),
         },
         note: format!(
@@ -1395,6 +1493,7 @@ fn pueue_bench(o: &Opts) -> anyhow::Result<Peer> {
             peak_rss_mib: peak,
             cpu_ms,
             other_load: None,
+            steal: None,
             runs: Vec::new(),
         },
         note: "one `pueue add -- true` per job; pueue runs each through `sh -c`".into(),
@@ -1577,15 +1676,21 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     progress(format!(
         "bare spawn loop (`true`, one at a time): {spawn_per_s:.0} processes/s"
     ));
+    let floor_per_s = pair_floor(o.jobs, o.slots)?;
+    progress(format!(
+        "supervisor-and-job floor (fork a child that spawns `true` and waits, {} at once): {floor_per_s:.0} jobs/s",
+        o.slots
+    ));
     let mut host = host;
     host["spawn_loop_per_s"] = json!(spawn_per_s);
+    host["pair_floor_per_s"] = json!(floor_per_s);
     host["file_create_rename_us"] = json!(create_us);
     host["file_create_fdatasync_rename_us"] = json!(create_sync_us);
     let mut out = json!({ "host": host, "cybd": {}, "peers": {}, "targets": [] });
     let mut rows: Vec<Row> = Vec::new();
     let mut cybd_runs: Vec<(&str, Throughput)> = Vec::new();
     // Other work on the machine during each part.
-    let mut other_load: Vec<(String, Option<f64>)> = Vec::new();
+    let mut other_load: Vec<(String, Option<f64>, Option<f64>)> = Vec::new();
 
     let tput_rows = |label: &str, t: &Throughput, rows: &mut Vec<Row>| {
         rows.push(row(
@@ -1673,7 +1778,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         ));
         let w = Window::start();
         let a = cybd_admission(&o).await?;
-        other_load.push(("admission".into(), Some(w.other_share())));
+        other_load.push(("admission".into(), Some(w.other_share()), Some(w.steal_share())));
         let p50 = pct(&a.to_spawn, 50.0);
         rows.push(row(
             "admission p50, rename -> job spawn (ms)",
@@ -1729,7 +1834,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             o.submit_samples, o.queued
         ));
         let s = cybd_submit(&o).await?;
-        other_load.push(("submit".into(), Some(w.other_share())));
+        other_load.push(("submit".into(), Some(w.other_share()), Some(w.steal_share())));
         let (e50, e99) = (pct(&s.empty, 50.0), pct(&s.empty, 99.0));
         let (l50, l99) = (pct(&s.loaded, 50.0), pct(&s.loaded, 99.0));
         let ratio = l99 / e99;
@@ -1829,21 +1934,23 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         };
     }
 
-    let tput_load: Vec<(String, Option<f64>)> = cybd_runs
+    let tput_load: Vec<(String, Option<f64>, Option<f64>)> = cybd_runs
         .iter()
-        .map(|(l, t)| (l.to_string(), t.other_load))
+        .map(|(l, t)| (l.to_string(), t.other_load, t.steal))
         .collect();
     other_load.splice(0..0, tput_load);
     for (name, p) in &peers {
         if let Peer::Measured { run, .. } = p {
-            other_load.push((name.to_string(), run.other_load));
+            other_load.push((name.to_string(), run.other_load, run.steal));
         }
     }
-    for (part, l) in &other_load {
+    for (part, l, st) in &other_load {
         out["other_load"][part.as_str()] = json!(l);
+        out["steal"][part.as_str()] = json!(st);
     }
     let (end_us, end_sync_us) = fs_calibration(300)?;
     out["host"]["spawn_loop_per_s_at_end"] = json!(spawn_calibration(1000)?);
+    out["host"]["pair_floor_per_s_at_end"] = json!(pair_floor(o.jobs, o.slots)?);
     out["host"]["file_create_rename_us_at_end"] = json!(end_us);
     out["host"]["file_create_fdatasync_rename_us_at_end"] = json!(end_sync_us);
     if let Some(f) = &o.json_out {
@@ -1886,6 +1993,15 @@ async fn run(o: Opts) -> anyhow::Result<()> {
          (the targets were set where it starts about {REFERENCE_SPAWN_PER_S:.0}/s)",
         us("spawn_loop_per_s"),
         us("spawn_loop_per_s_at_end"),
+    );
+    println!(
+        "floor: forking a supervisor-like child per job that spawns `true` and waits for it, {} at \
+         once, with nothing else (no records, files, cgroups or daemon), runs {:.0} jobs/s here \
+         before the runs and {:.0}/s after them: no runner with a supervisor process per job \
+         gets past it on this machine",
+        o.slots,
+        us("pair_floor_per_s"),
+        us("pair_floor_per_s_at_end"),
     );
     if !rows.is_empty() {
         print_table(
@@ -1986,10 +2102,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     }
     println!(
         "\nother work on the machine during each part (share of all CPUs used by processes other than \
-         the benchmark, the daemon under test and their children): {}",
+         the benchmark, the daemon under test and their children; steal: the share of all CPU \
+         time the hypervisor gave to other virtual machines): {}",
         other_load
             .iter()
-            .map(|(p, l)| l.map_or_else(|| format!("{p} n/a"), |l| format!("{p} {:.0}%", l * 100.0)))
+            .map(|(p, l, st)| format!("{p} {}", load_text(*l, *st)))
             .collect::<Vec<_>>()
             .join(", ")
     );
