@@ -400,15 +400,37 @@ fn write_file(path: &Path, value: &str) -> Result<()> {
 }
 
 /// Reads a cgroup file; `None` when it does not exist.
+///
+/// Into a page-sized buffer, read by read: cgroup files are small, have no size to ask for
+/// (`fs::read_to_string` would `statx` each and then read in 32-byte probes), and a
+/// supervisor reads half a dozen of them as every job ends.
 fn read_opt(path: &Path) -> Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CgroupError::Read {
-            path: path.to_path_buf(),
-            source,
-        }),
+    let err = |source| CgroupError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match io::Read::read(&mut f, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
     }
+    buf.truncate(len);
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|_| err(io::Error::new(io::ErrorKind::InvalidData, "not UTF-8")))
 }
 
 fn parse_err(path: &Path, what: impl Into<String>) -> CgroupError {
@@ -1732,13 +1754,26 @@ impl JobCgroup {
     /// What the job used so far (absent files give `None`, e.g. a kernel without
     /// `memory.peak`).
     pub fn stats(&self) -> Result<Stats> {
+        self.stats_raw().map(|(s, _)| s)
+    }
+
+    /// [`JobCgroup::stats`], and then [`JobCgroup::park`] on what they read (the v1 OOM
+    /// count is read once, not once for each): the end of a job in its supervisor.
+    pub fn finish(&mut self) -> Result<(Stats, Option<Spare>)> {
+        let (s, v1_oom_kills) = self.stats_raw()?;
+        Ok((s, self.park_counted(v1_oom_kills)))
+    }
+
+    /// [`JobCgroup::stats`] and the v1 memory cgroup's `oom_kill` count as read.
+    fn stats_raw(&self) -> Result<(Stats, Option<u64>)> {
         let d = &self.dirs;
         let v2 = |enabled: bool| d.unified.as_deref().filter(|_| enabled);
         let mut s = Stats::default();
+        let mut v1_oom_kills = None;
         if let Some(m) = &d.memory {
             s.peak_memory_bytes = read_u64(&m.join("memory.max_usage_in_bytes"))?;
-            s.oom_killed = read_keyed(&m.join("memory.oom_control"), "oom_kill")?
-                .is_some_and(|n| n > self.base.oom_kills);
+            v1_oom_kills = read_keyed(&m.join("memory.oom_control"), "oom_kill")?;
+            s.oom_killed = v1_oom_kills.is_some_and(|n| n > self.base.oom_kills);
         } else if let Some(u) = v2(d.v2.memory) {
             s.peak_memory_bytes = read_u64(&u.join("memory.peak"))?;
             s.oom_killed = read_keyed(&u.join("memory.events"), "oom_kill")?.is_some_and(|n| n > 0);
@@ -1749,7 +1784,7 @@ impl JobCgroup {
             // usage_usec is there even without the cpu controller.
             s.cpu_usage_ms = read_keyed(&u.join("cpu.stat"), "usage_usec")?.map(|us| us / 1000);
         }
-        Ok(s)
+        Ok((s, v1_oom_kills))
     }
 
     /// After the job ended and [`JobCgroup::kill`] and [`JobCgroup::stats`]: if this
@@ -1760,6 +1795,12 @@ impl JobCgroup {
     /// [`JobCgroup::remove`], which leaves the spare alone. `None`: nothing was kept, and
     /// `remove` removes all of it.
     pub fn park(&mut self) -> Option<Spare> {
+        self.park_counted(None)
+    }
+
+    /// [`JobCgroup::park`]; `oom_kills`: the memory cgroup's `oom_kill` count if it was
+    /// read since the job's processes were killed (else it is read here).
+    fn park_counted(&mut self, oom_kills: Option<u64>) -> Option<Spare> {
         let reuse = self.reuse.as_ref()?;
         let mem = self.dirs.memory.as_ref()?;
         // Emptied by the kill before; a job without root cannot make sub-cgroups, but a
@@ -1768,9 +1809,12 @@ impl JobCgroup {
         if !procs.trim().is_empty() || !child_cgroups(mem).ok()?.is_empty() {
             return None;
         }
-        let oom_kills = read_keyed(&mem.join("memory.oom_control"), "oom_kill")
-            .ok()?
-            .unwrap_or(0);
+        let oom_kills = match oom_kills {
+            Some(n) => n,
+            None => read_keyed(&mem.join("memory.oom_control"), "oom_kill")
+                .ok()?
+                .unwrap_or(0),
+        };
         let to = mem.parent()?.join(&reuse.spare);
         fs::rename(mem, &to).ok()?;
         let spare = Spare {

@@ -312,6 +312,9 @@ pub fn main() -> i32 {
         eprintln!("cybd launcher: cannot block signals: {e}");
         return 1;
     }
+    // The jobs' stack and the signals to reset, once here for every supervisor forked.
+    crate::spawn::prepare();
+    crate::supervisor::prepare();
     // SAFETY: fd 0 is the socket the daemon gave us; this function owns it from here on.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };
     loop {

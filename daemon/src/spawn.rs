@@ -19,6 +19,7 @@ use std::ffi::{CString, c_int, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Who the job runs as, when the supervisor is root.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +102,8 @@ struct Plan<'a> {
     creds: Option<Creds<'a>>,
     procs: Vec<RawFd>,
     stdio: [RawFd; 3],
+    /// Signals the child resets to their default action ([`Prepared::not_default`]).
+    reset_signals: u64,
     failure: Failure,
 }
 
@@ -207,6 +210,69 @@ impl Drop for ChildStack {
     }
 }
 
+// SAFETY: the mapping belongs to the process, not to a thread; `Prepared` hands it out only
+// under its mutex, and a child uses it only while its parent is suspended in `clone`.
+unsafe impl Send for ChildStack {}
+
+/// What every spawn of a process needs and no spawn changes, made once per process:
+/// the child's stack (reused by spawn after spawn, one at a time) and the signals whose
+/// disposition the child must reset. Made by [`prepare`] in the launcher before it forks
+/// supervisors, so each supervisor inherits it instead of mapping, guarding and unmapping
+/// a stack of its own (three system calls, and a TLB shoot-down across CPUs for the unmap)
+/// and asking about all 64 signals in its child.
+struct Prepared {
+    stack: Mutex<io::Result<ChildStack>>,
+    /// Signals that are not at their default action in this process (ignored, or with a
+    /// handler), as a bit set (bit `n - 1` for signal `n`).
+    not_default: u64,
+}
+
+static PREPARED: OnceLock<Prepared> = OnceLock::new();
+
+/// Makes the per-process state of [`spawn`] now rather than at the first spawn: call it
+/// in a process that forks children which spawn (the launcher), after it has set its
+/// signal dispositions. Nothing may change a disposition after this (the supervisor only
+/// blocks signals and reads them from a signalfd).
+pub fn prepare() {
+    prepared();
+}
+
+fn prepared() -> &'static Prepared {
+    PREPARED.get_or_init(|| Prepared {
+        stack: Mutex::new(ChildStack::new()),
+        not_default: not_default_signals(),
+    })
+}
+
+/// The signals whose action is not the default here: inherited "ignored" ones (SIGPIPE
+/// from the Rust runtime, SIGHUP under nohup, glibc's internal 32 and 33 left ignored by
+/// its posix_spawn) and ones with handlers (the Rust runtime's SIGSEGV and SIGBUS).
+fn not_default_signals() -> u64 {
+    let mut set = 0u64;
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        let mut old = [0u64; 4];
+        // SAFETY: the raw rt_sigaction with no new action only writes the old one into
+        // `old` (a kernel sigaction: handler, flags, restorer, 8-byte mask = 32 bytes).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<u64>(),
+                old.as_mut_ptr(),
+                8usize,
+            )
+        };
+        // On failure the child resets it anyway.
+        if r != 0 || old[0] != libc::SIG_DFL as u64 {
+            set |= 1 << (sig - 1);
+        }
+    }
+    set
+}
+
 /// Starts the job. Returns once the child has called `execve` successfully (or failed).
 pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
     let Some(prog) = job.argv.first() else {
@@ -256,16 +322,23 @@ pub fn spawn(job: &Job<'_>) -> Result<Spawned, SpawnError> {
         creds: job.creds,
         procs: job.cgroup_procs.to_vec(),
         stdio,
+        reset_signals: prepared().not_default,
         failure: Failure {
             step: AtomicI32::new(-1),
             errno: AtomicI32::new(0),
         },
     };
-    let stack = ChildStack::new().map_err(|e| SpawnError {
-        step: "cannot create a process",
-        source: e,
-    })?;
-    let top = stack.top();
+    let prep = prepared();
+    let stack = prep.stack.lock().unwrap_or_else(|p| p.into_inner());
+    let top = match &*stack {
+        Ok(st) => st.top(),
+        Err(e) => {
+            return Err(SpawnError {
+                step: "cannot create a process",
+                source: io::Error::new(e.kind(), e.to_string()),
+            });
+        }
+    };
 
     // All signals blocked across the clone, so no handler of the supervisor ever runs on
     // the child's side of the shared memory; the child resets dispositions, then unblocks.
@@ -391,12 +464,14 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         }
         // The job starts with every signal at its default action (exec keeps "ignored":
         // SIGPIPE from the Rust runtime, and glibc's internal 32 and 33, which its
-        // posix_spawn leaves ignored in the launcher) and nothing blocked. The raw system
+        // posix_spawn leaves ignored in the launcher) and nothing blocked. Only those not
+        // at their default already are reset (a handler, too: exec would reset it, but a
+        // signal arriving once the mask is cleared would run it here first). The raw system
         // call, because glibc's sigaction refuses its internal signals; a zeroed kernel
         // sigaction is SIG_DFL with no flags and an empty mask.
         let dfl = [0u64; 4];
         for sig in 1..=64 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            if plan.reset_signals & (1 << (sig - 1)) != 0 {
                 libc::syscall(
                     libc::SYS_rt_sigaction,
                     sig,

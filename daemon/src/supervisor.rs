@@ -17,7 +17,7 @@
 //! than lost or run twice.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -161,7 +161,9 @@ fn supervise(run_dir: &Path, exit_file: &Path, attempt: u32) -> i32 {
         ..Default::default()
     };
     let mut input = Vec::new();
-    let launch = match io::stdin().lock().read_to_end(&mut input) {
+    // Straight from fd 0 (the pipe the daemon writes the launch to), not through
+    // `io::stdin()`, which would set up a shared 8 KiB buffer for one read.
+    let launch = match read_fd_to_end(io::stdin().as_fd(), &mut input) {
         Ok(_) if input.is_empty() => None,
         Ok(_) => match serde_json::from_slice::<Launch>(&input) {
             Ok(l) => Some(l),
@@ -194,6 +196,37 @@ fn supervise(run_dir: &Path, exit_file: &Path, attempt: u32) -> i32 {
     }
     exit.finished_at = Some(Timestamp::now());
     finish(exit_file, &exit)
+}
+
+/// Reads `fd` to its end into `out`, in reads as large as `out` has room for.
+fn read_fd_to_end(fd: std::os::fd::BorrowedFd<'_>, out: &mut Vec<u8>) -> io::Result<usize> {
+    let start = out.len();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match nix::unistd::read(fd, &mut buf) {
+            Ok(0) => return Ok(out.len() - start),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `/dev/null`, the jobs' stdin, opened by [`prepare`] in the launcher (close-on-exec) for
+/// every supervisor it forks.
+static DEV_NULL: std::sync::OnceLock<io::Result<File>> = std::sync::OnceLock::new();
+
+/// Opens what each supervisor would otherwise open for itself; the launcher calls it once
+/// before it forks any.
+pub fn prepare() {
+    let _ = DEV_NULL.get_or_init(|| File::open("/dev/null"));
+}
+
+fn dev_null() -> io::Result<std::os::fd::BorrowedFd<'static>> {
+    match DEV_NULL.get_or_init(|| File::open("/dev/null")) {
+        Ok(f) => Ok(f.as_fd()),
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+    }
 }
 
 /// Writes the exit record to `path` (in the daemon's own 0700 directory).
@@ -266,7 +299,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         exit.error = Some("empty command".into());
         return;
     }
-    let devnull = match File::open("/dev/null") {
+    let devnull = match dev_null() {
         Ok(f) => f,
         Err(e) => {
             exit.error = Some(format!("cannot open /dev/null: {e}"));
@@ -298,7 +331,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         cwd: &l.cwd,
         creds: as_root.then_some(creds),
         cgroup_procs: &procs_raw,
-        stdin: devnull.as_fd(),
+        stdin: devnull,
         stdout: out_w.as_fd(),
         stderr: err_w.as_fd(),
     });
@@ -353,12 +386,12 @@ fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
     // The watch loop killed the cgroup when the job's main process ended.
     let mut problems = Vec::new();
     let mut cg = cg.clone();
-    match cg.stats() {
-        Ok(st) => {
+    match cg.finish() {
+        Ok((st, spare)) => {
             exit.peak_memory_bytes = st.peak_memory_bytes;
             exit.cpu_usage_ms = st.cpu_usage_ms;
             exit.oom_killed = st.oom_killed;
-            exit.spare = cg.park();
+            exit.spare = spare;
         }
         Err(e) => problems.push(e.to_string()),
     }
@@ -591,12 +624,16 @@ fn ensure_artifacts_dir(dir: &OwnedFd, run_dir: &Path, l: &Launch, as_root: bool
         Ok(()) | Err(nix::Error::EEXIST) => {}
         Err(e) => return Err(format!("cannot create {}: {e}", dest.display())),
     }
-    let adir = fsutil::open_dir(&dest).map_err(|e| e.to_string())?;
     if as_root {
-        fchown(
-            adir.as_fd(),
+        // By name in the run directory, which only root may change (0750, root's), so the
+        // name cannot be swapped for something else meanwhile; a symlink would be changed
+        // itself, never followed.
+        nix::unistd::fchownat(
+            dir,
+            ARTIFACTS_DIR,
             Some(Uid::from_raw(l.uid)),
             Some(Gid::from_raw(l.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(|e| format!("cannot give {} to uid {}: {e}", dest.display(), l.uid))?;
     }

@@ -459,12 +459,23 @@ fn env_of(out: &str) -> BTreeMap<String, String> {
 
 /// The job's process as the kernel sees it: its owner's credentials only, a session of its
 /// own, and no signal blocked or ignored (the supervisor blocks TERM/INT/HUP for its
-/// signalfd and ignores SIGPIPE; none of that may reach the job).
+/// signalfd and ignores SIGPIPE; none of that may reach the job). The daemon here is
+/// started with SIGUSR2 ignored, as `nohup` leaves SIGHUP: an ignored signal the daemon
+/// inherited does not reach the job either.
 #[test]
 fn the_job_starts_as_its_owner_in_its_own_session_with_default_signals() {
     let Some((uid, gid)) = root_and_test_user() else {
         return;
     };
+    // SAFETY: SIG_IGN installs no handler; nothing in this test process uses SIGUSR2, and
+    // the daemons other tests start meanwhile inherit it as harmlessly.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGUSR2,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .expect("ignore SIGUSR2");
     let d = Daemon::start();
     let body =
         r#"{"command":["grep","-E","^(Pid|NSsid|Uid|Gid|Groups|SigBlk|SigIgn):","/proc/self/status"]}"#;
