@@ -198,7 +198,7 @@ fn supervise(run_dir: &Path, exit_file: &Path, attempt: u32) -> i32 {
     finish(exit_file, &exit)
 }
 
-/// Reads `fd` to its end into `out`, in reads as large as `out` has room for.
+/// Reads `fd` to its end into `out`, 16 KiB a read (a launch description is one or two).
 fn read_fd_to_end(fd: std::os::fd::BorrowedFd<'_>, out: &mut Vec<u8>) -> io::Result<usize> {
     let start = out.len();
     let mut buf = [0u8; 16 * 1024];
@@ -219,7 +219,7 @@ static DEV_NULL: std::sync::OnceLock<io::Result<File>> = std::sync::OnceLock::ne
 /// Opens what each supervisor would otherwise open for itself; the launcher calls it once
 /// before it forks any.
 pub fn prepare() {
-    let _ = DEV_NULL.get_or_init(|| File::open("/dev/null"));
+    let _ = dev_null();
 }
 
 fn dev_null() -> io::Result<std::os::fd::BorrowedFd<'static>> {
