@@ -81,8 +81,9 @@ struct Opts {
     /// Admission latency samples (one job at a time).
     #[arg(long, default_value_t = 200)]
     admission_samples: usize,
-    /// Submit latency samples (one submit at a time), per queue size.
-    #[arg(long, default_value_t = 500)]
+    /// Submit latency samples (one submit at a time), per queue size; the two sizes'
+    /// samples alternate.
+    #[arg(long, default_value_t = 3000)]
     submit_samples: usize,
     /// Jobs queued (paused queue) for the loaded submit latency and RSS figures.
     #[arg(long, default_value_t = 10_000)]
@@ -1141,17 +1142,13 @@ struct SubmitLatency {
     rss_after_mib: f64,
 }
 
-async fn submit_one_by_one(client: &CybClient, n: usize) -> anyhow::Result<Vec<f64>> {
-    let mut v = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        client
-            .submit(ctx(Duration::from_secs(30)), trivial_request())
-            .await?
-            .map_err(|e| anyhow!("submit refused: {e}"))?;
-        v.push(ms(t.elapsed()));
-    }
-    Ok(v)
+async fn submit_one(client: &CybClient) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    client
+        .submit(ctx(Duration::from_secs(30)), trivial_request())
+        .await?
+        .map_err(|e| anyhow!("submit refused: {e}"))?;
+    Ok(ms(t.elapsed()))
 }
 
 /// Writes back everything dirty on the file system holding `dir` and lets it settle, so a
@@ -1173,28 +1170,34 @@ async fn pause(client: &CybClient) -> anyhow::Result<()> {
 
 /// (3) + (4): submit latency one at a time with an empty queue (daemon A) and with
 /// `queued` jobs queued (daemon B), both paused so the jobs stay queued; RSS idle and
-/// queued.
+/// queued. Both daemons run at once and the samples alternate between them, one to A, one
+/// to B, so whatever else slows the machine (writeback, other processes, the hypervisor)
+/// falls on both figures alike and the ratio shows what the queue's size costs.
 async fn cybd_submit(o: &Opts) -> anyhow::Result<SubmitLatency> {
-    let (rss_idle_mib, empty) = {
-        let c = Cybd::start(o);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_idle = proc_mem_mib(c.pid(), "VmRSS:")?;
-        let client = connect(&c.d.socket()).await?;
-        pause(&client).await?;
-        // A few calls to warm the connection up.
-        submit_one_by_one(&client, 5).await?;
-        settle_fs(c.d.path()).await;
-        (rss_idle, submit_one_by_one(&client, o.submit_samples).await?)
-    };
+    let a = Cybd::start(o);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_idle_mib = proc_mem_mib(a.pid(), "VmRSS:")?;
+    let ca = connect(&a.d.socket()).await?;
+    pause(&ca).await?;
     let c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
     pause(&client).await?;
     let t = Instant::now();
     submit_many(&client, o.queued, o.rpc_concurrency).await?;
     let bulk = t.elapsed();
+    // A few calls to warm both connections up, then let the bulk's writeback finish.
+    for _ in 0..5 {
+        submit_one(&ca).await?;
+        submit_one(&client).await?;
+    }
     settle_fs(c.d.path()).await;
     let rss_queued_mib = proc_mem_mib(c.pid(), "VmRSS:")?;
-    let loaded = submit_one_by_one(&client, o.submit_samples).await?;
+    let mut empty = Vec::with_capacity(o.submit_samples);
+    let mut loaded = Vec::with_capacity(o.submit_samples);
+    for _ in 0..o.submit_samples {
+        empty.push(submit_one(&ca).await?);
+        loaded.push(submit_one(&client).await?);
+    }
     let st = client.stats(ctx(Duration::from_secs(30))).await?;
     let queued = st
         .counts
@@ -1202,9 +1205,9 @@ async fn cybd_submit(o: &Opts) -> anyhow::Result<SubmitLatency> {
         .find(|(s, _)| *s == StateName::Queued)
         .map_or(0, |(_, n)| *n);
     ensure!(
-        queued == o.queued + o.submit_samples,
+        queued == o.queued + o.submit_samples + 5,
         "expected {} queued jobs, the daemon has {queued}",
-        o.queued + o.submit_samples
+        o.queued + o.submit_samples + 5
     );
     Ok(SubmitLatency {
         rss_idle_mib,
@@ -1830,7 +1833,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         wait_quiet(&o).await;
         let w = Window::start();
         progress(format!(
-            "3/4: submit latency ({} one at a time, queue paused) empty and with {} queued; RSS...",
+            "3/4: submit latency ({} one at a time, queue paused, alternating between an empty queue and {} queued); RSS...",
             o.submit_samples, o.queued
         ));
         let s = cybd_submit(&o).await?;
@@ -1878,7 +1881,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             Some(s.rss_queued_mib <= TARGET_RSS_QUEUED_MIB),
         ));
         rows.push(row(
-            format!("  RSS with {} queued (MiB)", s.queued + o.submit_samples),
+            format!("  RSS with {} queued (MiB)", s.queued + o.submit_samples + 5),
             format!("{:.1}", s.rss_after_mib),
             "",
             None,
