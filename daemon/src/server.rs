@@ -164,6 +164,7 @@ impl Cyb for Conn {
                 total_jobs: 0,
                 next_id: 0,
                 quarantined: Vec::new(),
+                store_error: None,
             },
         }
     }

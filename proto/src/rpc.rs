@@ -95,6 +95,10 @@ pub struct Stats {
     pub next_id: JobId,
     /// Records that could not be read and were moved aside at startup.
     pub quarantined: Vec<String>,
+    /// Why job records cannot be written now (disk full...): submissions are refused and
+    /// ended jobs wait for their end to be recorded until this clears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// What this host lets cybd enforce, for `cybctl health`.

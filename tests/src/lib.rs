@@ -122,6 +122,8 @@ pub struct Daemon {
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
     pub log_target: &'static str,
     child: Option<Child>,
+    /// File systems mounted under `root` for this daemon, unmounted on drop.
+    mounts: Vec<PathBuf>,
 }
 
 impl Daemon {
@@ -145,6 +147,13 @@ impl Daemon {
     /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
     /// refuses a key given twice, so `extra` cannot override it).
     pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
+        Self::start_prepared(allow, extra, |_| {})
+    }
+
+    /// Like [`start_with_root_jobs`](Self::start_with_root_jobs), but runs `prepare` on the
+    /// daemon's root directory before the daemon starts (to mount a small file system on
+    /// `spool/jobs`, say; see [`Daemon::mount_tmpfs`]).
+    pub fn start_prepared(allow: bool, extra: &str, prepare: impl FnOnce(&mut Daemon)) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
             .tempdir()
@@ -177,9 +186,26 @@ impl Daemon {
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
             child: None,
+            mounts: Vec::new(),
         };
+        prepare(&mut d);
         d.spawn();
         d
+    }
+
+    /// Mounts a tmpfs of `size` (mount's syntax: `2m`) on `rel` under the daemon's root
+    /// (created first), unmounted when the daemon is dropped. Root only.
+    pub fn mount_tmpfs(&mut self, rel: &str, size: &str) -> PathBuf {
+        let dir = self.path().join(rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "cyb-test"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {} failed", dir.display());
+        self.mounts.push(dir.clone());
+        dir
     }
 
     /// The name of this daemon's cgroup subtree (`[cgroups] name`): job N's cgroup is a
@@ -443,6 +469,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
         // The daemon's (now empty) cgroup subtree: removed so test runs leave nothing behind.
         remove_cgroup_dirs(&self.cgroup_name());
     }

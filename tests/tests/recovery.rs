@@ -599,6 +599,57 @@ fn unreadable_record_is_quarantined_reported_and_its_id_not_reused() {
     assert_eq!(wait_result(&d, e)["state"], "succeeded");
 }
 
+#[test]
+fn run_directory_of_a_job_never_recorded_is_removed_and_its_id_not_reused() {
+    let mut d = Daemon::start();
+    let a = d.submit(&[], &["sh", "-c", "echo kept"]);
+    wait_result(&d, a);
+    d.kill9();
+    // What a crash between a start's run directory and its record left behind (earlier
+    // builds wrote both at once): job.json, empty logs and artifacts/, and no record.
+    let orphan = a + 11;
+    let dir = d.run_dir(orphan);
+    std::fs::create_dir_all(dir.join("artifacts")).unwrap();
+    std::fs::copy(d.run_dir(a).join("job.json"), dir.join("job.json")).unwrap();
+    std::fs::write(dir.join("stdout.log"), b"").unwrap();
+    std::fs::write(dir.join("stderr.log"), b"").unwrap();
+    // A directory with output in it is somebody's data: it stays.
+    let foreign = d.run_dir(a + 5);
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("stdout.log"), b"results\n").unwrap();
+    restart(&mut d);
+    assert!(
+        !dir.exists(),
+        "{} is still there; log:\n{}",
+        dir.display(),
+        d.log()
+    );
+    assert!(
+        foreign.join("stdout.log").exists(),
+        "a run directory with output was removed"
+    );
+    assert!(
+        d.run_dir(a).join("result.json").exists(),
+        "a recorded job's run directory was touched"
+    );
+    // The removed directory's id is never handed out again, restart after restart.
+    let b = d.submit(&[], &["true"]);
+    assert!(
+        b > orphan,
+        "job {b} reuses or precedes the removed run directory's id {orphan}"
+    );
+    wait_result(&d, b);
+    std::fs::remove_dir_all(d.run_dir(b)).unwrap();
+    std::fs::remove_file(d.jobs_dir().join(format!("{b}.json"))).unwrap();
+    d.stop();
+    restart(&mut d);
+    let c = d.submit(&[], &["true"]);
+    assert!(
+        c > orphan,
+        "after restarts job {c} reuses or precedes id {orphan}"
+    );
+}
+
 // ----- 5. a job whose supervisor vanished
 
 /// Waits for the job to run, kills -9 the daemon, then its supervisor and the job's process
