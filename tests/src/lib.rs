@@ -5,6 +5,8 @@
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
 //! the skip is a failure.
 
+pub mod powerfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -117,6 +119,8 @@ thread_local! {
 /// systemd host.
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    /// Where `spool/` and `logs/` are: `root`, unless started with [`Daemon::start_on`].
+    pub data: PathBuf,
     pub runtime: tempfile::TempDir,
     pub config: PathBuf,
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
@@ -145,6 +149,16 @@ impl Daemon {
     /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
     /// refuses a key given twice, so `extra` cannot override it).
     pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
+        Self::start_full(allow, extra, None)
+    }
+
+    /// A daemon whose spool and logs are under `data` (another file system, such as a
+    /// [`powerfs`] mount), with its config, socket and log in a temporary directory.
+    pub fn start_on(data: &Path, extra: &str) -> Daemon {
+        Self::start_full(true, extra, Some(data.to_path_buf()))
+    }
+
+    fn start_full(allow: bool, extra: &str, data: Option<PathBuf>) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
             .tempdir()
@@ -152,6 +166,7 @@ impl Daemon {
         // Others must reach the spool and logs (jobs run as the test user).
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let r = root.path();
+        let data = data.unwrap_or_else(|| r.to_path_buf());
         let shm = Path::new("/dev/shm");
         let runtime = tempfile::Builder::new()
             .prefix("cybd-test-run-")
@@ -161,8 +176,8 @@ impl Daemon {
         let mut text = format!(
             "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
              [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
-            r.join("spool").display(),
-            r.join("logs").display(),
+            data.join("spool").display(),
+            data.join("logs").display(),
             r.join("cybd.sock").display(),
             runtime.path().display(),
         );
@@ -173,6 +188,7 @@ impl Daemon {
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
             root,
+            data,
             runtime,
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
@@ -195,16 +211,16 @@ impl Daemon {
         self.path().join("cybd.sock")
     }
     pub fn incoming(&self) -> PathBuf {
-        self.path().join("spool/incoming")
+        self.data.join("spool/incoming")
     }
     pub fn rejected(&self) -> PathBuf {
-        self.path().join("spool/rejected")
+        self.data.join("spool/rejected")
     }
     pub fn jobs_dir(&self) -> PathBuf {
-        self.path().join("spool/jobs")
+        self.data.join("spool/jobs")
     }
     pub fn run_dir(&self, id: u64) -> PathBuf {
-        self.path().join(format!("logs/run_{id}"))
+        self.data.join(format!("logs/run_{id}"))
     }
     /// `[paths] runtime`.
     pub fn runtime_dir(&self) -> &Path {
