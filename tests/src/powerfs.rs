@@ -71,6 +71,8 @@ pub struct Stats {
     pub fsyncs: u64,
     pub fdatasyncs: u64,
     pub dir_syncs: u64,
+    /// `renameat2(RENAME_EXCHANGE)` calls that swapped two names.
+    pub exchanges: u64,
     /// Directories written back unasked ([`Options::writeback`]).
     pub writebacks: u64,
     pub power_cuts: u64,
@@ -379,6 +381,7 @@ impl State {
             }
             self.touch_ctime(src);
             self.touch_ctime(dst);
+            self.stats.exchanges += 1;
             self.dir_changed(from_dir);
             if to_dir != from_dir {
                 self.dir_changed(to_dir);
@@ -1038,6 +1041,11 @@ impl PowerFs {
     /// disk holds. Stop every process that writes here first (see the module's docs).
     pub fn power_cut(&self) {
         self.lock().power_cut();
+    }
+
+    /// Changes [`Options::writeback`] from now on.
+    pub fn set_writeback(&self, p: f64) {
+        self.lock().opts.writeback = p;
     }
 
     pub fn stats(&self) -> Stats {
