@@ -18,6 +18,9 @@
 //!   may do. That catches code that relies on a rename *not* reaching the disk before the
 //!   data it names (rename first, fsync the data later).
 //!
+//! - Optionally ([`Options::refuse_exchange`]), `renameat2` flags are refused with `EINVAL`,
+//!   as LazyFS refuses them.
+//!
 //! [`PowerFs::power_cut`] throws the live image away and makes the mount show the durable
 //! one. The mount itself stays, so the file system keeps its device number and inodes keep
 //! their numbers, as a disk's do across a reboot. Entries and attributes are never cached
@@ -54,6 +57,9 @@ pub struct Options {
     pub writeback: f64,
     /// Seed of the random choices (0: from the clock).
     pub seed: u64,
+    /// Refuse `renameat2` flags with `EINVAL`, as LazyFS does, so callers take their
+    /// fallback (a plain rename).
+    pub refuse_exchange: bool,
 }
 
 impl Default for Options {
@@ -61,6 +67,7 @@ impl Default for Options {
         Options {
             writeback: 0.0,
             seed: 0,
+            refuse_exchange: false,
         }
     }
 }
@@ -359,7 +366,7 @@ impl State {
     ) -> Res<()> {
         let src = self.child(from_dir, from)?.ok_or(Errno::ENOENT)?;
         let dst = self.child(to_dir, to)?;
-        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) || (self.opts.refuse_exchange && !flags.is_empty()) {
             return Err(Errno::EINVAL);
         }
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -1046,6 +1053,11 @@ impl PowerFs {
     /// Changes [`Options::writeback`] from now on.
     pub fn set_writeback(&self, p: f64) {
         self.lock().opts.writeback = p;
+    }
+
+    /// Changes [`Options::refuse_exchange`] from now on.
+    pub fn set_refuse_exchange(&self, refuse: bool) {
+        self.lock().opts.refuse_exchange = refuse;
     }
 
     pub fn stats(&self) -> Stats {

@@ -16,7 +16,9 @@
 //!
 //! Half the cuts are on the strict model (only fsync makes anything durable); on the other
 //! half directories are also written back at random moments unasked, as a kernel may, so a
-//! rename reaching the disk before the data it names would show.
+//! rename reaching the disk before the data it names would show. On half of each, powerfs
+//! refuses `RENAME_EXCHANGE` (as LazyFS does), so the store's fallback (a new file renamed
+//! over the record) is cut as often as its spares.
 //!
 //! Order matters: a power cut stops every process at the same instant, so here they are
 //! all gone before the cut. With `CYB_POWERLOSS_LAZYFS=1` the test instead does what the
@@ -302,6 +304,7 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
         Options {
             writeback: if lazyfs { 1.0 } else { 0.0 },
             seed: rng.below(u64::MAX) | 1,
+            refuse_exchange: lazyfs,
         },
     )
     .expect("mount powerfs");
@@ -331,6 +334,10 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
     for point in 0..points {
         if !lazyfs {
             fs.set_writeback(if point % 2 == 1 { 0.25 } else { 0.0 });
+            // A quarter of the rounds on each mix: with and without write-backs, with
+            // RENAME_EXCHANGE (record updates swap in a spare) and without (the store's
+            // fallback, a plain rename of a new file).
+            fs.set_refuse_exchange(point % 4 >= 2);
         }
         let kids: Vec<(String, Child)> = (0..RPCS)
             .map(|i| {
@@ -568,26 +575,38 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
 
 /// The store alone, on a disk that has never held it: the first acknowledged record must
 /// survive a cut, and so must the directories it lives in, which cybd made a moment before.
+/// Once with record updates swapped in by `RENAME_EXCHANGE` (into spares), once with the
+/// exchange refused (the store's fallback: a new file renamed over the record).
 #[test]
 fn a_record_acknowledged_on_a_fresh_disk_survives_a_power_cut() {
-    use cyb_proto::job::{JobState, Origin, Owner, Timestamp};
     if !require(
         is_root() && Path::new("/dev/fuse").exists(),
         "root and /dev/fuse, to mount the power-loss file system",
     ) {
         return;
     }
+    for refuse_exchange in [false, true] {
+        fresh_disk_round(refuse_exchange);
+    }
+}
+
+fn fresh_disk_round(refuse_exchange: bool) {
+    use cyb_proto::job::{JobState, Origin, Owner, Timestamp};
     let mnt = tempfile::Builder::new()
         .prefix("cyb-powerloss-")
         .tempdir()
         .unwrap();
-    let fs = PowerFs::mount(mnt.path(), Options::default()).expect("mount powerfs");
+    let opts = Options {
+        refuse_exchange,
+        ..Options::default()
+    };
+    let fs = PowerFs::mount(mnt.path(), opts).expect("mount powerfs");
     let jobs = fs.path().join("spool/jobs");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let rec = |id| cyb_proto::JobRecord {
+    let rec = |id, attempts| cyb_proto::JobRecord {
         id,
         spec: cyb_proto::parse_job(br#"{"command":["true"]}"#).unwrap(),
         owner: Owner {
@@ -598,7 +617,7 @@ fn a_record_acknowledged_on_a_fresh_disk_survives_a_power_cut() {
         origin: Origin::Rpc { pid: None },
         submitted_at: Timestamp::now(),
         priority: 0,
-        attempts: 0,
+        attempts,
         first_started_at: None,
         run_dir: format!("/logs/run_{id}"),
         state: JobState::Queued {
@@ -606,13 +625,16 @@ fn a_record_acknowledged_on_a_fresh_disk_survives_a_power_cut() {
         },
     };
     let store = cybd::store::Store::open(&jobs).unwrap();
-    rt.block_on(store.put(&rec(1))).unwrap().unwrap();
-    // An update, written into a spare and swapped in, and a second record.
-    rt.block_on(store.put(&rec(1))).unwrap().unwrap();
-    rt.block_on(store.put(&rec(2))).unwrap().unwrap();
+    // New records and updates, one group commit each: an update swaps the new version in
+    // and keeps the old one as a spare, which the next write fills.
+    for (id, attempts) in [(1, 0), (1, 1), (2, 0), (1, 2), (2, 1)] {
+        rt.block_on(store.put(&rec(id, attempts))).unwrap().unwrap();
+    }
     fs.power_cut();
     let loaded = cybd::store::Store::open(&jobs).unwrap().load();
-    let ids: Vec<u64> = loaded.records.iter().map(|r| r.id).collect();
-    assert_eq!(ids, [1, 2], "quarantined: {:?}", loaded.quarantined);
+    let got: Vec<(u64, u32)> = loaded.records.iter().map(|r| (r.id, r.attempts)).collect();
+    assert_eq!(got, [(1, 2), (2, 1)], "quarantined: {:?}", loaded.quarantined);
     assert!(loaded.quarantined.is_empty(), "{:?}", loaded.quarantined);
+    let exchanges = fs.stats().exchanges;
+    assert_eq!(exchanges, if refuse_exchange { 0 } else { 3 }, "{:?}", fs.stats());
 }
