@@ -5,6 +5,8 @@
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
 //! the skip is a failure.
 
+pub mod powerfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -117,12 +119,14 @@ thread_local! {
 /// systemd host.
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    /// Where `spool/` and `logs/` are: `root`, unless started with [`Daemon::start_on`].
+    pub data: PathBuf,
     pub runtime: tempfile::TempDir,
     pub config: PathBuf,
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
     pub log_target: &'static str,
     child: Option<Child>,
-    /// File systems mounted under `root` for this daemon, unmounted on drop.
+    /// File systems mounted under the data directory for this daemon, unmounted on drop.
     mounts: Vec<PathBuf>,
 }
 
@@ -147,13 +151,28 @@ impl Daemon {
     /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
     /// refuses a key given twice, so `extra` cannot override it).
     pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
-        Self::start_prepared(allow, extra, |_| {})
+        Self::start_full(allow, extra, None, |_| {})
     }
 
     /// Like [`start_with_root_jobs`](Self::start_with_root_jobs), but runs `prepare` on the
-    /// daemon's root directory before the daemon starts (to mount a small file system on
-    /// `spool/jobs`, say; see [`Daemon::mount_tmpfs`]).
+    /// daemon before it starts (to mount a small file system on `spool/jobs`, say; see
+    /// [`Daemon::mount_tmpfs`]).
     pub fn start_prepared(allow: bool, extra: &str, prepare: impl FnOnce(&mut Daemon)) -> Daemon {
+        Self::start_full(allow, extra, None, prepare)
+    }
+
+    /// A daemon whose spool and logs are under `data` (another file system, such as a
+    /// [`powerfs`] mount), with its config, socket and log in a temporary directory.
+    pub fn start_on(data: &Path, extra: &str) -> Daemon {
+        Self::start_full(true, extra, Some(data.to_path_buf()), |_| {})
+    }
+
+    fn start_full(
+        allow: bool,
+        extra: &str,
+        data: Option<PathBuf>,
+        prepare: impl FnOnce(&mut Daemon),
+    ) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
             .tempdir()
@@ -161,6 +180,7 @@ impl Daemon {
         // Others must reach the spool and logs (jobs run as the test user).
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let r = root.path();
+        let data = data.unwrap_or_else(|| r.to_path_buf());
         let shm = Path::new("/dev/shm");
         let runtime = tempfile::Builder::new()
             .prefix("cybd-test-run-")
@@ -170,8 +190,8 @@ impl Daemon {
         let mut text = format!(
             "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
              [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
-            r.join("spool").display(),
-            r.join("logs").display(),
+            data.join("spool").display(),
+            data.join("logs").display(),
             r.join("cybd.sock").display(),
             runtime.path().display(),
         );
@@ -182,6 +202,7 @@ impl Daemon {
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
             root,
+            data,
             runtime,
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
@@ -193,10 +214,10 @@ impl Daemon {
         d
     }
 
-    /// Mounts a tmpfs of `size` (mount's syntax: `2m`) on `rel` under the daemon's root
-    /// (created first), unmounted when the daemon is dropped. Root only.
+    /// Mounts a tmpfs of `size` (mount's syntax: `2m`) on `rel` under the daemon's data
+    /// directory (created first), unmounted when the daemon is dropped. Root only.
     pub fn mount_tmpfs(&mut self, rel: &str, size: &str) -> PathBuf {
-        let dir = self.path().join(rel);
+        let dir = self.data.join(rel);
         std::fs::create_dir_all(&dir).unwrap();
         let st = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "cyb-test"])
@@ -221,16 +242,16 @@ impl Daemon {
         self.path().join("cybd.sock")
     }
     pub fn incoming(&self) -> PathBuf {
-        self.path().join("spool/incoming")
+        self.data.join("spool/incoming")
     }
     pub fn rejected(&self) -> PathBuf {
-        self.path().join("spool/rejected")
+        self.data.join("spool/rejected")
     }
     pub fn jobs_dir(&self) -> PathBuf {
-        self.path().join("spool/jobs")
+        self.data.join("spool/jobs")
     }
     pub fn run_dir(&self, id: u64) -> PathBuf {
-        self.path().join(format!("logs/run_{id}"))
+        self.data.join(format!("logs/run_{id}"))
     }
     /// `[paths] runtime`.
     pub fn runtime_dir(&self) -> &Path {
