@@ -391,8 +391,10 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub docker: Option<DockerSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub task: Option<TaskSpec>,
     /// Absolute working directory (default: the owner's home; cybctl sends its own cwd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -401,11 +403,13 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub resources: Option<Resources>,
     /// Wall-clock limit: TERM, grace period, then KILL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub retry: Option<RetrySpec>,
     /// Job ids that must succeed first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -417,7 +421,46 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub slurm: Option<SlurmSpec>,
+}
+
+/// Deserializes a struct from a JSON object only. serde's derived structs also take a JSON
+/// array, field by field in order (`[null, "x", ...]` would be a job); a job file and every
+/// object in it must be written as an object.
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(V(std::marker::PhantomData))
+}
+
+/// [`object`] for an optional field: `null` is none.
+fn opt_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+            object(d).map(Some)
+        }
+    }
+    d.deserialize_option(V(std::marker::PhantomData))
 }
 
 /// What a job runs: the one of `command`, `shell`, `docker`, `task` that is set.
@@ -838,11 +881,10 @@ fn parse_job_checked(bytes: &[u8]) -> Result<JobSpec, SpecError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| SpecError::general(format!("the job file is not UTF-8 text: {e}")))?;
     let de = &mut serde_json::Deserializer::from_str(text);
-    let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        SpecError::from_json(&path, &inner)
-    })?;
+    let mut track = serde_path_to_error::Track::new();
+    // A job is an object; serde would also take an array of its fields in order.
+    let spec: JobSpec = object(serde_path_to_error::Deserializer::new(de, &mut track))
+        .map_err(|e| SpecError::from_json(&track.path().to_string(), &e))?;
     spec.validate()?;
     Ok(spec)
 }

@@ -1,5 +1,5 @@
 //! Issue 15: no number in a job spec can panic the parser, every number is range-checked
-//! with an error naming its field.
+//! with an error naming its field, and a job is a JSON object.
 
 use cyb_proto::{SpecError, parse_job};
 
@@ -166,4 +166,23 @@ fn other_numbers_name_their_field() {
             .priority(),
         i32::MIN
     );
+}
+
+#[test]
+fn a_job_is_a_json_object_not_an_array() {
+    let e = err(r#"[null,"arr",null,null,null,null,null,["true"]]"#);
+    assert_eq!(e.field, None, "{e}");
+    assert!(e.message.contains("expected a JSON object"), "{e}");
+    for (json, field) in [
+        (r#"{"command":["true"],"resources":[1,2.0]}"#, "resources"),
+        (r#"{"command":["true"],"retry":[3]}"#, "retry"),
+        (r#"{"docker":["alpine"]}"#, "docker"),
+        (r#"{"task":["gpu_report"]}"#, "task"),
+        (r#"{"class":"gpu_slurm","shell":"x","slurm":["p"]}"#, "slurm"),
+    ] {
+        refused(json, field, "expected a JSON object");
+    }
+    // null stays "not given".
+    let s = parse_job(br#"{"command":["true"],"resources":null,"retry":null}"#).unwrap();
+    assert!(s.resources.is_none() && s.retry.is_none());
 }
