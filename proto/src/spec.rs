@@ -381,9 +381,9 @@ pub struct JobSpec {
     pub tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
-    /// Free-form data kept with the job as given (at most 64 KiB of JSON).
+    /// Free-form data kept with the job byte for byte as given (at most 64 KiB of JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<serde_json::Value>,
+    pub context: Option<RawJson>,
     /// argv, run without a shell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
@@ -461,6 +461,46 @@ fn opt_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Op
         }
     }
     d.deserialize_option(V(std::marker::PhantomData))
+}
+
+/// A piece of JSON kept exactly as it was written: `context` is the submitter's, and a
+/// number such as `9.7e+25` must not come back as `9.699999999999999e+25`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The JSON text, as written.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Checks `text` is one JSON value and keeps it as it is.
+    pub fn from_text(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(RawJson)
+    }
+
+    /// The value, parsed.
+    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(self.get())
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl JsonSchema for RawJson {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AnyJson".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "any JSON value, kept byte for byte as written"
+        })
+    }
 }
 
 /// What a job runs: the one of `command`, `shell`, `docker`, `task` that is set.
@@ -586,7 +626,7 @@ impl JobSpec {
             check_label("workflow_id", w, 256)?;
         }
         if let Some(ctx) = &self.context {
-            let n = serde_json::to_vec(ctx).map_or(usize::MAX, |v| v.len());
+            let n = ctx.get().len();
             if n > MAX_CONTEXT_BYTES {
                 return Err(SpecError::field(
                     "context",
