@@ -235,21 +235,28 @@ impl tarpc::tokio_serde::Serializer<ServerSinkItem> for ServerJson {
     }
 }
 
+/// How [`check_deadline`] knows its own error among the others.
+const DEADLINE_OUT_OF_RANGE: &str = "the request's deadline is further away than the clock can count";
+
 /// Refuses a request frame whose deadline no `Instant` can hold. The frame is read as
-/// tarpc reads it, but for the deadline only; a frame this cannot read is left to tarpc's
-/// own reader, which refuses it or reads it without the deadline (the default).
+/// tarpc reads it, in the same order, but for the deadline only: the deadline is checked
+/// where tarpc would add it to the clock, so wherever the frame goes wrong before or after
+/// that point, the check comes first exactly when tarpc's panic would. Any other problem
+/// is left to tarpc's own reader to report.
 fn check_deadline(src: &[u8]) -> Result<(), serde_json::Error> {
     use serde::de::IgnoredAny;
     use std::time::Duration;
 
     #[derive(Deserialize)]
     enum Message {
+        #[allow(dead_code)]
         Request(Request),
         #[allow(dead_code)]
         Cancel(IgnoredAny),
     }
     #[derive(Deserialize)]
     struct Request {
+        #[allow(dead_code)]
         context: Context,
         #[allow(dead_code)]
         id: IgnoredAny,
@@ -258,25 +265,25 @@ fn check_deadline(src: &[u8]) -> Result<(), serde_json::Error> {
     }
     #[derive(Deserialize)]
     struct Context {
-        #[serde(default)]
-        deadline: Option<Duration>,
+        #[allow(dead_code)]
+        deadline: Option<Deadline>,
         #[allow(dead_code)]
         trace_context: IgnoredAny,
     }
-    if let Ok(Message::Request(Request {
-        context: Context {
-            deadline: Some(d), ..
-        },
-        ..
-    })) = serde_json::from_slice::<Message>(src)
-        && std::time::Instant::now().checked_add(d).is_none()
-    {
-        return Err(serde::de::Error::custom(format!(
-            "the request's deadline, {}s from now, is out of range",
-            d.as_secs()
-        )));
+    struct Deadline;
+    impl<'de> Deserialize<'de> for Deadline {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let after = Duration::deserialize(d)?;
+            match std::time::Instant::now().checked_add(after) {
+                Some(_) => Ok(Deadline),
+                None => Err(serde::de::Error::custom(DEADLINE_OUT_OF_RANGE)),
+            }
+        }
     }
-    Ok(())
+    match serde_json::from_slice::<Message>(src) {
+        Err(e) if e.to_string().starts_with(DEADLINE_OUT_OF_RANGE) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -308,6 +315,13 @@ mod tests {
         assert!(plain.is_err(), "tarpc no longer panics: the check may go");
         let mut json = ServerJson::default();
         let e = Pin::new(&mut json).deserialize(&huge).unwrap_err();
+        assert!(e.to_string().contains("deadline"), "{e}");
+        // Found by the fuzz target: the frame goes wrong after the deadline, where tarpc
+        // has already added it to the clock.
+        let broken_later = BytesMut::from(
+            &br#"{"Request":{"context":{"deadline":{"secs":18446744073709551615,"nanos":999999999},"trace_context":{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}},"id":5,"message":{"Check":{"req":{"spec_""sn:oj{\"shell\":\"x\"}"}}}}}"#[..],
+        );
+        let e = Pin::new(&mut json).deserialize(&broken_later).unwrap_err();
         assert!(e.to_string().contains("deadline"), "{e}");
         // The same frame as a sequence, and a cancel, are read as before.
         let seq = BytesMut::from(
