@@ -54,12 +54,19 @@ enum Taken {
 pub struct Intake {
     cfg: crate::config::Live,
     sched: Handle,
-    known: HashSet<Identity>,
+    /// Files whose jobs are recorded but which are still in incoming/. Shared with the
+    /// blocking task that takes a batch, never moved into it: whatever happens to that task,
+    /// the set stays, and no file is taken twice.
+    known: Arc<HashSet<Identity>>,
 }
 
 impl Intake {
     pub fn new(cfg: crate::config::Live, sched: Handle, known: HashSet<Identity>) -> Self {
-        Intake { cfg, sched, known }
+        Intake {
+            cfg,
+            sched,
+            known: Arc::new(known),
+        }
     }
 
     fn cfg(&self) -> Arc<Config> {
@@ -146,24 +153,22 @@ impl Intake {
     /// Takes one batch of files.
     async fn take_batch(&mut self, names: Vec<String>) {
         let cfg = self.cfg();
-        let known = std::mem::take(&mut self.known);
+        let known = Arc::clone(&self.known);
         let res = tokio::task::spawn_blocking(move || {
             let dir = cfg.paths.incoming();
-            let taken: Vec<Taken> = names
+            names
                 .into_iter()
-                .map(|n| take_file(&cfg, &dir, n, &known))
-                .collect();
-            (taken, known)
+                .map(|n| guarded(n, |n| take_file(&cfg, &dir, n, &known)))
+                .collect::<Vec<Taken>>()
         })
         .await;
-        let (taken, known) = match res {
+        let taken = match res {
             Ok(r) => r,
             Err(e) => {
                 error!("intake batch failed: {e}");
                 return;
             }
         };
-        self.known = known;
         let mut pending = FuturesUnordered::new();
         let mut to_remove: Vec<(String, Option<Identity>)> = Vec::new();
         let mut to_reject: Vec<(String, SpecError, Option<u32>)> = Vec::new();
@@ -205,7 +210,7 @@ impl Intake {
                 Ok(id) => {
                     debug!(job_id = id, file = %name, "accepted spool file");
                     if let Some(i) = ident {
-                        self.known.insert(i);
+                        Arc::make_mut(&mut self.known).insert(i);
                     }
                     to_remove.push((name, ident));
                 }
@@ -235,8 +240,11 @@ impl Intake {
         })
         .await
         .unwrap_or_default();
-        for i in removed {
-            self.known.remove(&i);
+        if !removed.is_empty() {
+            let known = Arc::make_mut(&mut self.known);
+            for i in removed {
+                known.remove(&i);
+            }
         }
     }
 }
@@ -274,6 +282,23 @@ fn list_incoming(cfg: &Config) -> Vec<String> {
     }
     names.sort();
     names.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Takes one file with `take`; should that panic (a bug in cybd), the file is refused with
+/// an error that says so, and the rest of its batch goes on.
+fn guarded(name: String, take: impl FnOnce(String) -> Taken) -> Taken {
+    let kept = name.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take(name))).unwrap_or_else(|panic| {
+        let why = cyb_proto::spec::panic_message(&*panic);
+        error!(file = %kept, "intake failed on this job file: {why}");
+        Taken::Refused {
+            name: kept,
+            error: SpecError::general(format!(
+                "cybd could not take this job file: it failed while reading it ({why}); this is a bug in cybd, please report it with the file"
+            )),
+            uid: None,
+        }
+    })
 }
 
 fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) -> Taken {
@@ -443,4 +468,40 @@ fn unique_name(dir: &Path, name: &str) -> String {
         .map(|i| format!("{name}.{i}"))
         .find(|n| !taken(n))
         .unwrap_or_else(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_taking_a_file_refuses_that_file_only() {
+        let taken: Vec<Taken> = ["a.json", "bad.json", "c.json"]
+            .into_iter()
+            .map(|n| {
+                guarded(n.to_string(), |n| {
+                    if n == "bad.json" {
+                        panic!("index out of bounds in {n}");
+                    }
+                    Taken::Skip
+                })
+            })
+            .collect();
+        assert!(matches!(taken[0], Taken::Skip));
+        assert!(matches!(taken[2], Taken::Skip));
+        let Taken::Refused { name, error, uid } = &taken[1] else {
+            panic!("the panicking file was not refused");
+        };
+        assert_eq!(name, "bad.json");
+        assert_eq!(*uid, None);
+        assert_eq!(error.field, None);
+        assert!(
+            error.message.starts_with("cybd could not take this job file"),
+            "{error}"
+        );
+        assert!(
+            error.message.contains("index out of bounds in bad.json"),
+            "{error}"
+        );
+    }
 }

@@ -238,7 +238,7 @@ pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Han
                 sched,
                 host,
             };
-            let transport = cyb_proto::rpc::transport(stream);
+            let transport = cyb_proto::rpc::server_transport(stream);
             BaseChannel::with_defaults(transport)
                 .execute(conn.serve())
                 .for_each_concurrent(64, |f| f)
