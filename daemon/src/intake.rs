@@ -6,8 +6,11 @@
 //! one link and at most `max_job_bytes`; its owner, read from the open descriptor, becomes
 //! the job's user. An accepted file is removed only after its job's record is durable; a
 //! refused one is moved to `rejected/` with an `.error.json` beside it that says why.
-//! A file whose job was recorded just before a crash is recognised by its identity
-//! (device, inode, mtime) and not taken twice.
+//! A file whose job was recorded just before a crash is recognised by its identity (inode
+//! and mtime) and not taken twice. Its removal is not fsynced, so after a power cut it may
+//! be back; the device number is not part of the identity, since a disk need not keep its
+//! device number across a reboot (btrfs subvolumes, device-mapper and NVMe numbering), and
+//! every file in `incoming/` is on the one file system anyway.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -30,7 +33,8 @@ use crate::users;
 /// Files looked at per batch.
 const BATCH: usize = 512;
 
-type Identity = (u64, u64, i64);
+/// What recognises a spool file already taken: its inode number and mtime (ns).
+pub type Identity = (u64, i64);
 
 /// A file taken from incoming/ and checked.
 enum Taken {
@@ -181,9 +185,7 @@ impl Intake {
                     origin,
                 } => {
                     let ident = match &origin {
-                        Origin::Spool {
-                            dev, ino, mtime_ns, ..
-                        } => Some((*dev, *ino, *mtime_ns)),
+                        Origin::Spool { ino, mtime_ns, .. } => Some((*ino, *mtime_ns)),
                         Origin::Rpc { .. } => None,
                     };
                     let uid = owner.uid;
@@ -337,11 +339,7 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
             None,
         );
     }
-    let ident: Identity = (
-        meta.dev(),
-        meta.ino(),
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-    );
+    let ident: Identity = (meta.ino(), meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
     if known.contains(&ident) {
         return Taken::Known { name, ident };
     }
@@ -386,9 +384,9 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
         },
         origin: Origin::Spool {
             file: name,
-            dev: ident.0,
-            ino: ident.1,
-            mtime_ns: ident.2,
+            dev: meta.dev(),
+            ino: ident.0,
+            mtime_ns: ident.1,
         },
     }
 }
@@ -396,7 +394,9 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
 /// Removes an accepted file, unless what is there now is a different file.
 fn remove_if_same(path: &Path, ident: Option<Identity>) {
     let same = match (std::fs::symlink_metadata(path), ident) {
-        (Ok(m), Some((dev, ino, _))) => m.dev() == dev && m.ino() == ino,
+        (Ok(m), Some((ino, mtime_ns))) => {
+            m.ino() == ino && m.mtime() * 1_000_000_000 + m.mtime_nsec() == mtime_ns
+        }
         (Ok(_), None) => true,
         (Err(_), _) => return,
     };

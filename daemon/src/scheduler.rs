@@ -99,9 +99,9 @@ pub enum Msg {
     Stats {
         reply: Reply<Stats>,
     },
-    /// Origins of spool files already accepted (for intake after a restart).
+    /// Identities of spool files already accepted (for intake after a restart).
     SpoolOrigins {
-        reply: Reply<HashSet<(u64, u64, i64)>>,
+        reply: Reply<HashSet<crate::intake::Identity>>,
     },
     // Internal.
     Launched {
@@ -741,9 +741,7 @@ impl Scheduler {
                     .jobs
                     .values()
                     .filter_map(|r| match &r.origin {
-                        Origin::Spool {
-                            dev, ino, mtime_ns, ..
-                        } => Some((*dev, *ino, *mtime_ns)),
+                        Origin::Spool { ino, mtime_ns, .. } => Some((*ino, *mtime_ns)),
                         Origin::Rpc { .. } => None,
                     })
                     .collect();

@@ -1009,6 +1009,33 @@ pub struct PowerFs {
     state: Arc<Mutex<State>>,
     mountpoint: PathBuf,
     session: Option<fuser::BackgroundSession>,
+    /// Sessions of earlier mounts ([`PowerFs::power_cut_and_remount`]), dropped last: a
+    /// session dropped while a mount of the same path is live could unmount that one.
+    retired: Vec<fuser::BackgroundSession>,
+}
+
+/// Detaches whatever is mounted on `path` (processes still inside keep it, nobody else).
+fn detach(path: &Path) {
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn serve(mountpoint: &Path, state: Arc<Mutex<State>>) -> io::Result<fuser::BackgroundSession> {
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName("cyb-powerfs".into()),
+        fuser::MountOption::Subtype("powerfs".into()),
+        // The kernel checks permissions from the modes and owners we report, so jobs
+        // of an unprivileged user meet the same rules as on a disk.
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::Suid,
+        fuser::MountOption::Exec,
+    ];
+    cfg.acl = fuser::SessionACL::All;
+    cfg.n_threads = Some(2);
+    fuser::spawn_mount(Fs { state }, mountpoint, &cfg)
 }
 
 impl PowerFs {
@@ -1016,24 +1043,31 @@ impl PowerFs {
     /// FUSE that lets this user mount) and /dev/fuse.
     pub fn mount(mountpoint: &Path, opts: Options) -> io::Result<PowerFs> {
         let state = Arc::new(Mutex::new(State::new(opts)));
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = vec![
-            fuser::MountOption::FSName("cyb-powerfs".into()),
-            fuser::MountOption::Subtype("powerfs".into()),
-            // The kernel checks permissions from the modes and owners we report, so jobs
-            // of an unprivileged user meet the same rules as on a disk.
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::Suid,
-            fuser::MountOption::Exec,
-        ];
-        cfg.acl = fuser::SessionACL::All;
-        cfg.n_threads = Some(2);
-        let session = fuser::spawn_mount(Fs { state: state.clone() }, mountpoint, &cfg)?;
+        let session = serve(mountpoint, state.clone())?;
         Ok(PowerFs {
             state,
             mountpoint: mountpoint.to_path_buf(),
             session: Some(session),
+            retired: Vec::new(),
         })
+    }
+
+    /// [`PowerFs::power_cut`], and the disk comes back as another device: the file system
+    /// is mounted again on the same path with a new device number (`st_dev`), its inodes
+    /// keeping their numbers. Device numbers are not stable across a reboot everywhere
+    /// (btrfs subvolumes, device-mapper and NVMe numbering, overlayfs), so nothing may
+    /// depend on them surviving one.
+    pub fn power_cut_and_remount(&mut self) -> io::Result<()> {
+        self.power_cut();
+        // Held across the new mount, so the old one's device number is still taken.
+        let hold = std::fs::File::open(&self.mountpoint)?;
+        detach(&self.mountpoint);
+        let new = serve(&self.mountpoint, self.state.clone())?;
+        if let Some(old) = self.session.replace(new) {
+            self.retired.push(old);
+        }
+        drop(hold);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1068,10 +1102,8 @@ impl PowerFs {
 impl Drop for PowerFs {
     fn drop(&mut self) {
         // Detached, so a process still inside the mount cannot keep it (and this) alive.
-        if let Ok(c) = std::ffi::CString::new(self.mountpoint.as_os_str().as_bytes()) {
-            // SAFETY: `c` is a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach(&self.mountpoint);
         drop(self.session.take());
+        self.retired.clear();
     }
 }

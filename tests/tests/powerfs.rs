@@ -165,3 +165,31 @@ fn a_descriptor_of_a_lost_file_fails_after_the_cut() {
     assert_eq!(err.raw_os_error(), Some(libc::ESTALE), "{err}");
     assert!(std::fs::rename(m.join(".t.tmp"), m.join("t")).is_err());
 }
+
+#[test]
+fn a_remount_keeps_the_durable_image_and_inode_numbers_under_a_new_device_number() {
+    let Some((_t, mut fs)) = mount() else { return };
+    let m = fs.path().to_path_buf();
+    write(&m.join("kept"), b"k").sync_all().unwrap();
+    write(&m.join("lost"), b"l");
+    sync_dir(&m);
+    (&File::options().append(true).open(m.join("lost")).unwrap())
+        .write_all(b"x")
+        .unwrap();
+    let before = std::fs::metadata(m.join("kept")).unwrap();
+    fs.power_cut_and_remount().unwrap();
+    let after = std::fs::metadata(m.join("kept")).unwrap();
+    assert_ne!(
+        after.dev(),
+        before.dev(),
+        "the remount has a device number of its own"
+    );
+    assert_eq!(
+        (after.ino(), after.mtime_nsec()),
+        (before.ino(), before.mtime_nsec())
+    );
+    assert_eq!(std::fs::read(m.join("kept")).unwrap(), b"k");
+    assert_eq!(std::fs::read(m.join("lost")).unwrap(), b"");
+    write(&m.join("new"), b"n");
+    assert_eq!(std::fs::read(m.join("new")).unwrap(), b"n");
+}

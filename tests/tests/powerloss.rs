@@ -299,7 +299,7 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
         .tempdir()
         .unwrap();
     std::fs::set_permissions(mnt.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fs = PowerFs::mount(
+    let mut fs = PowerFs::mount(
         mnt.path(),
         Options {
             writeback: if lazyfs { 1.0 } else { 0.0 },
@@ -328,6 +328,7 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
     let (mut cut_running, mut cut_unacked_rpc, mut cut_pending_file) = (0, 0, 0);
     // Spool files not yet taken whose name the cut took away.
     let mut vanished = 0;
+    let mut remounts = 0;
     let started = Instant::now();
 
     let points = crash_points();
@@ -416,7 +417,12 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
             }
         }
 
-        if !lazyfs {
+        if lazyfs {
+        } else if point % 3 == 2 {
+            // The disk comes back under another device number, as it may after a reboot.
+            fs.power_cut_and_remount().expect("remount powerfs");
+            remounts += 1;
+        } else {
             fs.power_cut();
         }
         // A spool file whose rename into incoming/ did not survive is renamed again, as its
@@ -514,7 +520,7 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
         .count();
     let st = fs.stats();
     println!(
-        "power loss{}: {points} crash points in {cut_time:.1?}; {submitted} jobs submitted, {} acknowledged \
+        "power loss{}: {points} crash points ({remounts} with a new device number) in {cut_time:.1?}; {submitted} jobs submitted, {} acknowledged \
          ({} by RPC, {} spool files), {} recorded, {} ran; lost {lost}, doubled {doubled}, quarantined {}; \
          final states {states:?}; cuts that found a job running {cut_running}, a spool file not yet taken \
          {cut_pending_file}; RPC submissions cut short {cut_unacked_rpc}, spool files not yet taken that the cut took {vanished}; jobs without a readable result.json \
