@@ -36,7 +36,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cyb_tests::powerfs::{Options, PowerFs};
-use cyb_tests::{Daemon, gone, is_root, require, test_user, wait_until};
+use cyb_tests::{Daemon, Rng, gone, is_root, require, test_user, wait_until};
 use serde_json::{Value, json};
 
 const CRASH_POINTS: usize = 120;
@@ -52,33 +52,6 @@ fn crash_points() -> usize {
 const RPCS: usize = 2;
 const FILES: usize = 2;
 const LONG: Duration = Duration::from_secs(60);
-
-/// A small deterministic PRNG (xorshift64*), seeded from the clock or `CYB_TEST_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("CYB_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("random seed: CYB_TEST_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
-    }
-}
 
 /// Parent pid of every process.
 fn parents() -> HashMap<i32, i32> {

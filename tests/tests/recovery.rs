@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, wait_until};
+use cyb_tests::{Daemon, Rng, alive, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -182,33 +182,6 @@ fn run_dir_ids(d: &Daemon) -> Vec<u64> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A small deterministic PRNG (xorshift64*), seeded from the clock or `CYB_TEST_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("CYB_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("random seed: CYB_TEST_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
 }
 
 // ----- 1. a running job survives a daemon restart and is re-adopted
