@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod config;
 pub mod fsutil;
 pub mod gpu;
+pub mod history;
 pub mod host;
 pub mod intake;
 pub mod launcher;
@@ -91,21 +92,21 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         .await?
         .context("cannot prepare the supervisors' directory")?;
     let store = store::Store::open(&cfg.paths.jobs())?;
-    let loaded = {
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || s.load()).await?
+    let found = {
+        let (s, c) = (store.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || scheduler::Recovered::read(&s, &c)).await?
     };
-    for (path, why) in &loaded.quarantined {
+    for (path, why) in found.quarantined() {
         warn!(path = %path.display(), "job record moved aside: {why}");
     }
-    let n = loaded.records.len();
+    let n = found.records();
     let host_cfg = cfg.clone();
     let host = Arc::new(
         tokio::task::spawn_blocking(move || host::Host::init(&host_cfg))
             .await
             .context("cannot inspect this host's cgroups and GPUs")?,
     );
-    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, loaded, host.clone()).await;
+    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, found, host.clone()).await;
     let sched_task = tokio::spawn(sched.run(rx));
     let known = handle
         .ask(|reply| scheduler::Msg::SpoolOrigins { reply })

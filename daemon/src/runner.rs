@@ -267,11 +267,11 @@ pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
     fsutil::write_at(&dir, "result.json", &bytes, file_opts(rec))
 }
 
-/// The run directories under `logs`: the highest id among them, and those whose id is not in
+/// The run directories under `logs`: the highest id among them, and those whose id is not
 /// `known` and that hold nothing but what a job's start writes before its running record
 /// is durable (`job.json`, empty logs, an empty `artifacts/`). Those are left by a crash of
 /// an earlier build between the two; no job ever ran in them.
-pub fn scan_run_dirs(logs: &Path, known: &std::collections::HashSet<u64>) -> (u64, Vec<PathBuf>) {
+pub fn scan_run_dirs(logs: &Path, known: impl Fn(u64) -> bool) -> (u64, Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(logs) else {
         return (0, Vec::new());
     };
@@ -287,7 +287,7 @@ pub fn scan_run_dirs(logs: &Path, known: &std::collections::HashSet<u64>) -> (u6
             continue;
         };
         max = max.max(id);
-        if !known.contains(&id) && e.file_type().is_ok_and(|t| t.is_dir()) && only_start_files(&e.path()) {
+        if !known(id) && e.file_type().is_ok_and(|t| t.is_dir()) && only_start_files(&e.path()) {
             orphans.push(e.path());
         }
     }

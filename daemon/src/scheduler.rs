@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::gpu::GpuLease;
+use crate::history::History;
 use crate::host::Host;
 use crate::launcher::Launcher;
 use crate::runner::{self, Adopted, Ended, Running};
@@ -144,17 +145,46 @@ pub enum Msg {
         id: JobId,
         reply: Reply<Durable>,
     },
-    /// Record writes of recorded jobs that failed (disk full...): written again later.
-    NotDurable(Vec<(JobId, String)>),
+    /// The record writes of one flush are done: `ids` all of them, `failed` those that
+    /// failed (disk full...), which are written again later.
+    Settled {
+        ids: Vec<JobId>,
+        failed: Vec<(JobId, String)>,
+    },
     /// Time to write again the records whose writes failed.
     Rewrite,
-    /// Every record write of a flush succeeded (clears a store error).
-    StoreOk,
+    /// The record of an ended job, read back from the store for the messages about it
+    /// that came meanwhile (see [`Scheduler::revive`]).
+    Revived {
+        id: JobId,
+        rec: Result<Box<JobRecord>, String>,
+    },
     Kick,
     /// A new configuration (SIGHUP); paths keep their old values.
     Reload(Arc<Config>),
     /// Cancel every running job, stop starting new ones, answer when none runs.
     Shutdown(Reply<()>),
+}
+
+impl Msg {
+    /// The job a request reads or changes as a whole record, which an ended job keeps
+    /// only in the store.
+    fn whole_job(&self) -> Option<JobId> {
+        match self {
+            Msg::Show { id, .. } | Msg::Wait { id, .. } | Msg::Act { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// Answers a request of [`Msg::whole_job`] with `e`.
+    fn refuse(self, e: RpcError) {
+        match self {
+            Msg::Show { reply, .. } | Msg::Wait { reply, .. } | Msg::Act { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Handle for sending messages to the scheduler.
@@ -225,8 +255,11 @@ struct Tally {
 
 impl Tally {
     fn note(&mut self, rec: &JobRecord) {
-        let now = (rec.state.name(), rec.spec.class());
-        match self.of.insert(rec.id, now) {
+        self.set(rec.id, (rec.state.name(), rec.spec.class()));
+    }
+
+    fn set(&mut self, id: JobId, now: (StateName, Class)) {
+        match self.of.insert(id, now) {
             Some(old) if old == now => return,
             Some(old) => self.count(old, false),
             None => {}
@@ -266,7 +299,16 @@ pub struct Scheduler {
     cfg: Arc<Config>,
     store: Store,
     tx: mpsc::UnboundedSender<Msg>,
+    /// Jobs that have not ended, and ended ones until their records are settled on disk.
     jobs: HashMap<JobId, JobRecord>,
+    /// Ended jobs whose records are settled on disk, each kept as a small summary: see
+    /// [`Scheduler::compact`].
+    history: History,
+    /// Record writes sent to the store and not acknowledged yet, per job.
+    in_flight: HashMap<JobId, u32>,
+    /// Ended jobs whose records are being read back from the store, with the requests
+    /// that wait for them.
+    reviving: HashMap<JobId, Vec<Msg>>,
     /// Submitted jobs whose first record write is under way: in no queue, list or count
     /// until it is durable, and forgotten without a trace if it fails.
     unrecorded: HashMap<JobId, JobRecord>,
@@ -311,14 +353,78 @@ pub struct Scheduler {
     boot_id: Option<String>,
 }
 
+/// What the store holds, read before the scheduler starts ([`Recovered::read`]).
+pub struct Recovered {
+    loaded: Loaded,
+    /// Jobs that have not ended, by id.
+    live: Vec<JobRecord>,
+    history: History,
+    tally: Tally,
+    /// Ended jobs whose result.json is missing: cybd stopped between their end and it.
+    missing_results: Vec<JobRecord>,
+    /// The highest id ever handed out.
+    max_id: JobId,
+}
+
+impl Recovered {
+    /// Reads every record, keeping ended jobs as summaries only, and removes the run
+    /// directories of ids that were never recorded (blocking).
+    pub fn read(store: &Store, cfg: &Config) -> Recovered {
+        let mut live = Vec::new();
+        let mut history = History::default();
+        let mut tally = Tally::default();
+        let mut missing_results = Vec::new();
+        let loaded = store.load(|rec| {
+            tally.note(&rec);
+            if rec.state.is_terminal() {
+                if !Path::new(&rec.run_dir).join("result.json").exists() {
+                    missing_results.push(rec.clone());
+                }
+                history.insert(&rec);
+            } else {
+                live.push(rec);
+            }
+        });
+        live.sort_by_key(|r| r.id);
+        let recorded =
+            |id: JobId| history.get(id).is_some() || live.binary_search_by_key(&id, |r| r.id).is_ok();
+        let max_id = recover_run_dirs(cfg, &loaded, recorded);
+        Recovered {
+            loaded,
+            live,
+            history,
+            tally,
+            missing_results,
+            max_id,
+        }
+    }
+
+    /// Records read, and those moved aside as unreadable.
+    pub fn records(&self) -> usize {
+        self.loaded.records
+    }
+
+    pub fn quarantined(&self) -> &[(std::path::PathBuf, String)] {
+        &self.loaded.quarantined
+    }
+}
+
 impl Scheduler {
     /// Builds the scheduler from what the store holds, adopting jobs that were running.
     pub async fn recover(
         cfg: Arc<Config>,
         store: Store,
-        loaded: Loaded,
+        found: Recovered,
         host: Arc<Host>,
     ) -> (Scheduler, Handle, mpsc::UnboundedReceiver<Msg>) {
+        let Recovered {
+            loaded,
+            live,
+            history,
+            tally,
+            missing_results,
+            max_id,
+        } = found;
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
         let mut s = Scheduler {
@@ -326,6 +432,9 @@ impl Scheduler {
             store,
             tx: tx.clone(),
             jobs: HashMap::new(),
+            history,
+            in_flight: HashMap::new(),
+            reviving: HashMap::new(),
             unrecorded: HashMap::new(),
             rewrite: BTreeSet::new(),
             store_error: None,
@@ -337,8 +446,8 @@ impl Scheduler {
             writing_results: HashMap::new(),
             on_idle: Vec::new(),
             pending: Pending::default(),
-            tally: Tally::default(),
-            next_id: loaded.max_id + 1,
+            tally,
+            next_id: max_id + 1,
             paused,
             started_at: Timestamp::now(),
             quarantined: loaded
@@ -362,10 +471,8 @@ impl Scheduler {
                 }
             },
         };
-        s.next_id = s.next_id.max(recover_run_dirs(&s.cfg, &loaded) + 1);
         let mut to_adopt = Vec::new();
-        let mut missing_results = Vec::new();
-        for rec in loaded.records {
+        for rec in live {
             let id = rec.id;
             match &rec.state {
                 JobState::Running {
@@ -382,10 +489,8 @@ impl Scheduler {
                     let wait = Duration::from_millis(Timestamp::now().ms_until(*until));
                     s.wake_after(id, wait);
                 }
-                st if st.is_terminal() => missing_results.push(rec.clone()),
                 _ => {}
             }
-            s.tally.note(&rec);
             s.jobs.insert(id, rec);
         }
         // Queued jobs enter the ready sets (after all records are known, for dependencies).
@@ -537,7 +642,7 @@ impl Scheduler {
 
     /// Sends this iteration's record writes to the store (one per job, its latest state),
     /// then its read barriers, and passes each write's acknowledgement on to who waits. A
-    /// write of a recorded job that fails is reported back ([`Msg::NotDurable`]) and made
+    /// write of a recorded job that fails is reported back ([`Msg::Settled`]) and made
     /// again later, so an end recorded while the disk is full reaches it once there is room.
     fn flush(&mut self) {
         let mut acks = Vec::with_capacity(self.pending.dirty.len());
@@ -553,11 +658,13 @@ impl Scheduler {
                 },
             };
             acks.push((id, self.store.put(rec), waiting));
+            *self.in_flight.entry(id).or_default() += 1;
         }
         if !acks.is_empty() {
-            let (tx, failing) = (self.tx.clone(), self.store_error.is_some());
+            let tx = self.tx.clone();
             tokio::spawn(async move {
                 let mut failed = Vec::new();
+                let ids = acks.iter().map(|(id, _, _)| *id).collect();
                 for (id, ack, waiting) in acks {
                     let res = match ack.await {
                         Ok(Ok(())) => Ok(()),
@@ -571,11 +678,7 @@ impl Scheduler {
                         let _ = w.send(res.clone());
                     }
                 }
-                if !failed.is_empty() {
-                    let _ = tx.send(Msg::NotDurable(failed));
-                } else if failing {
-                    let _ = tx.send(Msg::StoreOk);
-                }
+                let _ = tx.send(Msg::Settled { ids, failed });
             });
         }
         if !self.pending.barriers.is_empty() {
@@ -588,6 +691,85 @@ impl Scheduler {
                 }
             });
         }
+    }
+
+    /// The writes of one flush are done. Ended jobs with no write left to make are
+    /// compacted; writes that failed are made again.
+    fn settled(&mut self, ids: Vec<JobId>, failed: Vec<(JobId, String)>) {
+        if failed.is_empty() {
+            if self.store_error.take().is_some() {
+                info!("job records are written again");
+            }
+        } else {
+            self.not_durable(failed);
+        }
+        for id in ids {
+            if let Some(n) = self.in_flight.get_mut(&id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.in_flight.remove(&id);
+                    self.compact(id);
+                }
+            }
+        }
+    }
+
+    /// Keeps ended job `id` as a summary in [`History`] once nothing about it is left to
+    /// write or answer: its end and result.json are written and no write of its record is
+    /// queued, under way or to be made again. Its record on disk is then its latest state,
+    /// which [`Scheduler::revive`] reads back when a request needs it whole.
+    fn compact(&mut self, id: JobId) {
+        let settled = self.jobs.get(&id).is_some_and(|r| r.state.is_terminal())
+            && !self.writing_results.contains_key(&id)
+            && !self.pending.dirty.contains_key(&id)
+            && !self.in_flight.contains_key(&id)
+            && !self.rewrite.contains(&id)
+            && !self.waiters.contains_key(&id)
+            && !self.reviving.contains_key(&id);
+        if settled && let Some(rec) = self.jobs.remove(&id) {
+            self.history.insert(&rec);
+        }
+    }
+
+    /// Reads ended job `id`'s record back from the store for `m` (which needs it whole), and
+    /// handles `m` once it is back among the jobs. Requests for it that come meanwhile wait
+    /// with `m`, so there is one read, of the latest version.
+    fn revive(&mut self, id: JobId, m: Msg) {
+        if let Some(waiting) = self.reviving.get_mut(&id) {
+            waiting.push(m);
+            return;
+        }
+        self.reviving.insert(id, vec![m]);
+        let (store, tx) = (self.store.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let rec = tokio::task::spawn_blocking(move || store.read(id).map(Box::new))
+                .await
+                .unwrap_or_else(|e| Err(format!("reading it failed: {e}")));
+            let _ = tx.send(Msg::Revived { id, rec });
+        });
+    }
+
+    fn revived(&mut self, id: JobId, rec: Result<Box<JobRecord>, String>) {
+        let waiting = self.reviving.remove(&id).unwrap_or_default();
+        match rec {
+            Ok(rec) if self.history.remove(id).is_some() => {
+                self.jobs.insert(id, *rec);
+            }
+            Ok(_) => {}
+            Err(why) => {
+                error!(job_id = id, "cannot read the record of ended job {id}: {why}");
+                for m in waiting {
+                    m.refuse(RpcError::Internal(format!(
+                        "cannot read the record of job {id}: {why}"
+                    )));
+                }
+                return;
+            }
+        }
+        for m in waiting {
+            self.handle(m);
+        }
+        self.compact(id);
     }
 
     /// Record writes that failed: the jobs' latest states are written again after
@@ -671,6 +853,11 @@ impl Scheduler {
     }
 
     fn handle(&mut self, m: Msg) {
+        if let Some(id) = m.whole_job()
+            && (self.history.get(id).is_some() || self.reviving.contains_key(&id))
+        {
+            return self.revive(id, m);
+        }
         match m {
             Msg::Submit {
                 spec,
@@ -740,10 +927,8 @@ impl Scheduler {
                 let set = self
                     .jobs
                     .values()
-                    .filter_map(|r| match &r.origin {
-                        Origin::Spool { ino, mtime_ns, .. } => Some((*ino, *mtime_ns)),
-                        Origin::Rpc { .. } => None,
-                    })
+                    .filter_map(|r| crate::history::spool_identity(&r.origin))
+                    .chain(self.history.iter().filter_map(|(_, p)| p.spool))
                     .collect();
                 let _ = reply.send(set);
             }
@@ -769,21 +954,18 @@ impl Scheduler {
                 if matches!(rec.map(|r| r.state), Some(JobState::Queued { .. })) {
                     self.enqueue(id);
                 }
+                self.compact(id);
             }
             Msg::Kick => {}
             Msg::Recorded { id, res, reply } => self.recorded(id, res, reply),
             Msg::Persist { id, reply } => {
                 let _ = reply.send(self.pending.persist(id));
             }
-            Msg::NotDurable(failed) => self.not_durable(failed),
+            Msg::Settled { ids, failed } => self.settled(ids, failed),
+            Msg::Revived { id, rec } => self.revived(id, rec),
             Msg::Rewrite => {
                 for id in std::mem::take(&mut self.rewrite) {
                     self.pending.persist_detached(id);
-                }
-            }
-            Msg::StoreOk => {
-                if self.store_error.take().is_some() {
-                    info!("job records are written again");
                 }
             }
             Msg::GpusClaimed { id, res } => self.gpus_claimed(id, res),
@@ -889,7 +1071,7 @@ impl Scheduler {
             )));
         }
         for (i, d) in spec.depends_on.iter().enumerate() {
-            let known = u64::try_from(*d).ok().is_some_and(|d| self.jobs.contains_key(&d));
+            let known = u64::try_from(*d).ok().is_some_and(|d| self.state_of(d).is_some());
             if !known {
                 return Err(spec_err(SpecError::field(
                     format!("depends_on[{i}]"),
@@ -980,7 +1162,7 @@ impl Scheduler {
         let mut failed_dep = None;
         for d in &rec.spec.depends_on {
             let d = *d as JobId;
-            match self.jobs.get(&d).map(|r| r.state.name()) {
+            match self.state_of(d) {
                 Some(StateName::Succeeded) => {}
                 Some(s) if s.is_terminal() => failed_dep = Some((d, s)),
                 Some(_) => pending.push(d),
@@ -1014,6 +1196,14 @@ impl Scheduler {
             .entry(rec.spec.class())
             .or_default()
             .insert((Reverse(rec.priority), id));
+    }
+
+    /// The state of job `id`, ended or not.
+    fn state_of(&self, id: JobId) -> Option<StateName> {
+        match self.jobs.get(&id) {
+            Some(r) => Some(r.state.name()),
+            None => self.history.get(id).map(|p| p.state),
+        }
     }
 
     fn dequeue(&mut self, id: JobId) {
@@ -1681,19 +1871,38 @@ impl Scheduler {
     // ----- reading
 
     fn list(&self, f: &ListFilter) -> Vec<JobSummary> {
-        let mut ids: Vec<&JobRecord> = self
+        let wanted = |state: StateName, user: &str| {
+            (f.states.is_empty() || f.states.contains(&state)) && f.user.as_deref().is_none_or(|u| u == user)
+        };
+        enum Found<'a> {
+            Live(&'a JobRecord),
+            Past(JobId, &'a crate::history::Past),
+        }
+        let mut found: Vec<(JobId, Found)> = self
             .jobs
             .values()
-            .filter(|r| f.states.is_empty() || f.states.contains(&r.state.name()))
-            .filter(|r| f.user.as_ref().is_none_or(|u| *u == r.owner.user))
+            .filter(|r| wanted(r.state.name(), &r.owner.user))
+            .map(|r| (r.id, Found::Live(r)))
+            .chain(
+                self.history
+                    .iter()
+                    .filter(|(_, p)| wanted(p.state, &p.user))
+                    .map(|(id, p)| (id, Found::Past(id, p))),
+            )
             .collect();
-        ids.sort_by_key(|r| r.id);
+        found.sort_by_key(|(id, _)| *id);
         if let Some(n) = f.limit
-            && ids.len() > n
+            && found.len() > n
         {
-            ids.drain(..ids.len() - n);
+            found.drain(..found.len() - n);
         }
-        ids.into_iter().map(JobSummary::of).collect()
+        found
+            .into_iter()
+            .map(|(_, j)| match j {
+                Found::Live(r) => JobSummary::of(r),
+                Found::Past(id, p) => p.summary(id),
+            })
+            .collect()
     }
 
     /// Notes the changes of this iteration not yet flushed.
@@ -1715,6 +1924,9 @@ impl Scheduler {
             let mut full: HashMap<StateName, usize> = HashMap::new();
             for r in self.jobs.values() {
                 *full.entry(r.state.name()).or_default() += 1;
+            }
+            for (_, p) in self.history.iter() {
+                *full.entry(p.state).or_default() += 1;
             }
             for s in StateName::ALL {
                 assert_eq!(
@@ -1742,7 +1954,7 @@ impl Scheduler {
                     queued: queued_per_class.get(c).copied().unwrap_or(0),
                 })
                 .collect(),
-            total_jobs: self.jobs.len(),
+            total_jobs: self.jobs.len() + self.history.len(),
             next_id: self.next_id,
             quarantined: self.quarantined.clone(),
             store_error: self.store_error.clone(),
@@ -1802,18 +2014,22 @@ fn default_name(spec: &JobSpec, origin: &Origin) -> String {
 /// quarantine, run directories, and the high-water mark `<spool>/jobs/max_id`, which is
 /// made durable before any directory is removed, so a removed directory's id is never given
 /// out again.
-fn recover_run_dirs(cfg: &Config, loaded: &Loaded) -> JobId {
+fn recover_run_dirs(cfg: &Config, loaded: &Loaded, recorded: impl Fn(JobId) -> bool) -> JobId {
     let jobs = cfg.paths.spool.join("jobs");
     let mark: JobId = std::fs::read_to_string(jobs.join("max_id"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    let mut known: HashSet<JobId> = loaded.records.iter().map(|r| r.id).collect();
-    known.extend(loaded.quarantined.iter().filter_map(|(p, _)| {
-        let name = p.file_name()?.to_str()?;
-        name.split('.').next()?.parse::<JobId>().ok()
-    }));
-    let (max_dir, orphans) = runner::scan_run_dirs(&cfg.paths.logs, &known);
+    let quarantined: HashSet<JobId> = loaded
+        .quarantined
+        .iter()
+        .filter_map(|(p, _)| {
+            let name = p.file_name()?.to_str()?;
+            name.split('.').next()?.parse::<JobId>().ok()
+        })
+        .collect();
+    let (max_dir, orphans) =
+        runner::scan_run_dirs(&cfg.paths.logs, |id| recorded(id) || quarantined.contains(&id));
     let max = loaded.max_id.max(max_dir).max(mark);
     if orphans.is_empty() {
         return max;

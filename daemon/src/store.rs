@@ -35,10 +35,11 @@ pub enum StoreError {
     Closed,
 }
 
-/// What [`Store::load`] found.
+/// What [`Store::load`] found besides the records it handed on.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    pub records: Vec<JobRecord>,
+    /// Records read.
+    pub records: usize,
     /// Records that could not be read, as `(moved-to path, reason)`.
     pub quarantined: Vec<(PathBuf, String)>,
     /// The highest id seen anywhere (records, quarantine), so ids are never reused.
@@ -144,8 +145,10 @@ impl Store {
         drop(self.put(rec));
     }
 
-    /// Reads every record (blocking; call before serving or from spawn_blocking).
-    pub fn load(&self) -> Loaded {
+    /// Reads every record, in no particular order, handing each to `each` as it is read,
+    /// so a store of a hundred thousand records is never in memory at once (blocking; call
+    /// before serving or from spawn_blocking).
+    pub fn load(&self, mut each: impl FnMut(JobRecord)) -> Loaded {
         let mut out = Loaded::default();
         let quarantine = self.dir.join("quarantine");
         if let Ok(rd) = std::fs::read_dir(&quarantine) {
@@ -162,7 +165,6 @@ impl Store {
                 return out;
             }
         };
-        let mut seen: HashMap<JobId, ()> = HashMap::new();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
@@ -182,8 +184,8 @@ impl Store {
                 Err(e) => format!("cannot read: {e}"),
                 Ok(bytes) => match serde_json::from_slice::<JobRecord>(&bytes) {
                     Ok(rec) if rec.id == id => {
-                        seen.insert(id, ());
-                        out.records.push(rec);
+                        out.records += 1;
+                        each(rec);
                         continue;
                     }
                     Ok(rec) => format!("record says id {} but its file is {name}", rec.id),
@@ -202,8 +204,19 @@ impl Store {
                 }
             }
         }
-        out.records.sort_by_key(|r| r.id);
         out
+    }
+
+    /// Reads the record of job `id` (blocking). Records are replaced by rename, so this
+    /// sees one whole version: the latest one written, once its write is acknowledged.
+    pub fn read(&self, id: JobId) -> Result<JobRecord, String> {
+        let path = self.dir.join(format!("{id}.json"));
+        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match serde_json::from_slice::<JobRecord>(&bytes) {
+            Ok(rec) if rec.id == id => Ok(rec),
+            Ok(rec) => Err(format!("{} holds job {}", path.display(), rec.id)),
+            Err(e) => Err(format!("{} is not a valid job record: {e}", path.display())),
+        }
     }
 }
 
@@ -408,14 +421,19 @@ mod tests {
         }
         std::fs::write(d.path().join("51.json"), b"{ torn").unwrap();
         std::fs::write(d.path().join(".7.json.1.2.tmp"), b"partial").unwrap();
-        let loaded = store.load();
-        assert_eq!(loaded.records.len(), 50);
+        let mut ids = Vec::new();
+        let loaded = store.load(|r| ids.push(r.id));
+        ids.sort();
+        assert_eq!(ids, (1..=50).collect::<Vec<_>>());
+        assert_eq!(loaded.records, 50);
+        assert_eq!(store.read(3).unwrap().id, 3);
+        assert!(store.read(51).unwrap_err().contains("51.json"), "quarantined");
         assert_eq!(loaded.max_id, 51);
         assert_eq!(loaded.quarantined.len(), 1);
         assert!(d.path().join("quarantine/51.json").exists());
         assert!(!d.path().join(".7.json.1.2.tmp").exists());
         // The quarantined id still counts after another restart.
-        assert_eq!(store.load().max_id, 51);
+        assert_eq!(store.load(|_| {}).max_id, 51);
         // A record that is readable as JSON by a person.
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(d.path().join("3.json")).unwrap()).unwrap();

@@ -610,8 +610,11 @@ fn fresh_disk_round(refuse_exchange: bool) {
         rt.block_on(store.put(&rec(id, attempts))).unwrap().unwrap();
     }
     fs.power_cut();
-    let loaded = cybd::store::Store::open(&jobs).unwrap().load();
-    let got: Vec<(u64, u32)> = loaded.records.iter().map(|r| (r.id, r.attempts)).collect();
+    let mut got: Vec<(u64, u32)> = Vec::new();
+    let loaded = cybd::store::Store::open(&jobs)
+        .unwrap()
+        .load(|r| got.push((r.id, r.attempts)));
+    got.sort();
     assert_eq!(got, [(1, 2), (2, 1)], "quarantined: {:?}", loaded.quarantined);
     assert!(loaded.quarantined.is_empty(), "{:?}", loaded.quarantined);
     let exchanges = fs.stats().exchanges;
