@@ -20,7 +20,7 @@ use cyb_proto::rpc::{ClassStats, JobSummary, ListFilter, Stats};
 use cyb_proto::spec::Backend;
 use cyb_proto::{Class, JobId, JobRecord, JobSpec, RpcError, SpecError};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::gpu::GpuLease;
@@ -727,6 +727,7 @@ impl Scheduler {
             && !self.waiters.contains_key(&id)
             && !self.reviving.contains_key(&id);
         if settled && let Some(rec) = self.jobs.remove(&id) {
+            debug!(job_id = id, "ended job kept as a summary");
             self.history.insert(&rec);
         }
     }
@@ -740,6 +741,7 @@ impl Scheduler {
             return;
         }
         self.reviving.insert(id, vec![m]);
+        debug!(job_id = id, "reading the record of an ended job back");
         let (store, tx) = (self.store.clone(), self.tx.clone());
         tokio::spawn(async move {
             let rec = tokio::task::spawn_blocking(move || store.read(id).map(Box::new))

@@ -98,7 +98,12 @@ fn ended_jobs_answer_every_request_in_the_daemon_that_ran_them_and_after_a_resta
     let bad = d.submit(&["--name", "history-bad"], &["sh", "-c", "exit 3"]);
     d.wait_result(ok, LONG);
     d.wait_result(bad, LONG);
+    // Both are summaries now (the daemon logs each it keeps so, at debug level).
+    let summaries = |d: &Daemon| d.log().matches("ended job kept as a summary").count();
+    assert!(wait_until(LONG, || summaries(&d) >= 2), "{}", d.log());
     check_ended_jobs(&d, ok, bad, "same daemon");
+    let read_back = d.log().matches("reading the record of an ended job back").count();
+    assert!(read_back >= 2, "show and wait read the records back: {read_back}");
     let total = d.ctl_json(&["stats"])["total_jobs"].clone();
     d.restart();
     assert_eq!(d.ctl_json(&["stats"])["total_jobs"], total, "after restart");
