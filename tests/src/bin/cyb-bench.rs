@@ -1605,7 +1605,21 @@ struct History {
     ready: Duration,
     rss_mib: f64,
     ls: Duration,
+    /// What a running daemon's RSS grows by per job it finishes, in bytes, measured over
+    /// the jobs after the first [`HISTORY_WARMUP`].
+    grows_per_job: f64,
+    /// Jobs that measure ran.
+    grown_over: usize,
 }
+
+/// Jobs a daemon runs before its growth per finished job is measured: its buffers, caches
+/// and the allocator's arenas are grown by then.
+const HISTORY_WARMUP: usize = 1000;
+/// Jobs over which the growth is measured.
+const HISTORY_GROWTH_JOBS: usize = 8000;
+/// The jobs are submitted in rounds of this many, each waited for before the next, so the
+/// queue's peak is the same in the warm-up and the measurement and what grows is history.
+const HISTORY_ROUND: usize = 500;
 
 /// Fills a stopped daemon's store with `--history` finished records (copies of one real
 /// record with their own ids; they share that job's run directory, which has its
@@ -1613,6 +1627,27 @@ struct History {
 async fn cybd_history(o: &Opts) -> anyhow::Result<History> {
     let mut c = Cybd::start(o);
     let client = connect(&c.d.socket()).await?;
+    // First: what each finished job costs a daemon that keeps running.
+    let mut done = 0;
+    let mut rounds = |n: usize| {
+        let (c, client) = (&c, &client);
+        let start = done;
+        done += n;
+        async move {
+            let mut ran = start;
+            while ran < start + n {
+                let k = HISTORY_ROUND.min(start + n - ran);
+                submit_many(client, k, o.rpc_concurrency).await?;
+                ran += k;
+                wait_all_done(c, client, ran).await?;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            proc_mem_mib(c.pid(), "VmRSS:")
+        }
+    };
+    let before = rounds(HISTORY_WARMUP).await?;
+    let after = rounds(HISTORY_GROWTH_JOBS).await?;
+    let grows_per_job = (after - before) * 1024.0 * 1024.0 / HISTORY_GROWTH_JOBS as f64;
     let id = client
         .submit(ctx(Duration::from_secs(10)), trivial_request())
         .await??;
@@ -1648,7 +1683,13 @@ async fn cybd_history(o: &Opts) -> anyhow::Result<History> {
     let listed = client.list(ctx(Duration::from_secs(30)), filter).await?;
     let ls = t.elapsed();
     ensure!(listed.len() == 20, "ls returned {} jobs", listed.len());
-    Ok(History { ready, rss_mib, ls })
+    Ok(History {
+        ready,
+        rss_mib,
+        ls,
+        grows_per_job,
+        grown_over: HISTORY_GROWTH_JOBS,
+    })
 }
 
 fn main() -> std::process::ExitCode {
@@ -1985,11 +2026,18 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             "",
             None,
         ));
+        rows.push(row(
+            format!("RSS growth per finished job, over {} jobs (bytes)", h.grown_over),
+            format!("{:.0}", h.grows_per_job),
+            "",
+            None,
+        ));
         out["cybd"]["history"] = json!({
             "records": o.history,
             "ready_s": h.ready.as_secs_f64(),
             "rss_mib": h.rss_mib,
             "ls_ms": ms(h.ls),
+            "grows_per_job_bytes": h.grows_per_job,
         });
     }
     for r in &rows {
