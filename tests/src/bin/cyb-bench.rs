@@ -39,6 +39,9 @@ use cyb_tests::{Daemon, bin, bin_dir, is_root};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
+#[path = "cyb-bench/abuse.rs"]
+mod abuse;
+
 // ---------------------------------------------------------------------------------------
 // Targets
 
@@ -130,6 +133,8 @@ struct Opts {
     /// (uid, gid) the spool jobs' files are given, from `--spool-owner`.
     #[arg(skip)]
     job_owner: Option<(u32, u32)>,
+    #[command(flatten)]
+    abuse: abuse::AbuseOpts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -1615,6 +1620,17 @@ fn main() -> std::process::ExitCode {
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("CYB_BIN_DIR", snapshot.path()) };
     let _undo_snapshot = on_signal(Undo::RemoveDir(snapshot.path().to_path_buf()));
+    if o.abuse.abuse {
+        let res = install_signal_cleanup().and_then(|()| abuse::run(&o));
+        empty_trash();
+        return match res {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cyb-bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
