@@ -30,10 +30,14 @@ use crate::config::Config;
 use crate::host::Host;
 use crate::scheduler::{Action, Handle, Msg, Peer};
 use crate::users;
-use limits::{Activity, Expired, LogLimiter, Misbehaviour, Paced, Registry, Slot, Watched};
+use limits::{Activity, Expired, LogLimiter, Misbehaviour, Paced, Registry, Slot, User, Watched};
 
 /// Requests of one connection handled at once; the next is read when one of them ends.
 const REQUESTS_PER_CONNECTION: usize = 64;
+/// Requests of one capped user handled at once, on all its connections together: its
+/// `list`s of a large queue cannot keep the scheduler from others for long, nor their
+/// replies take much memory.
+const REQUESTS_PER_USER: usize = 64;
 /// Refused connections answered with an error at once; beyond that they are only closed.
 const REFUSALS_AT_ONCE: usize = 8;
 /// How long a refused connection has to send its request and read the refusal.
@@ -297,7 +301,10 @@ pub async fn serve(listener: UnixListener, live: crate::config::Live, sched: Han
         let uid = cred.uid();
         let exempt = uid == 0 || uid == shared.own_uid;
         let cap = (!exempt).then_some(cfg.rpc.max_connections_per_user);
-        match shared.registry.admit(uid, cap) {
+        match shared
+            .registry
+            .admit(uid, cap, (!exempt).then_some(REQUESTS_PER_USER))
+        {
             Ok(slot) => {
                 tokio::spawn(connection(
                     stream,
@@ -363,7 +370,7 @@ async fn connection(
     // Until the client sends something its connection has no buffers, no tarpc state and
     // no user looked up: an idle connection costs this small task and its socket.
     match tokio::time::timeout(cfg.rpc.idle_timeout, first_byte(&stream)).await {
-        Ok(Ok(true)) => Box::pin(session(stream, cred, cfg, sched, host, &shared)).await,
+        Ok(Ok(true)) => Box::pin(session(stream, cred, slot.user(), cfg, sched, host, &shared)).await,
         Ok(Ok(false)) => debug!(uid, "rpc client hung up without a request"),
         Ok(Err(e)) => debug!(uid, "rpc connection failed: {e}"),
         Err(_) => debug!(uid, "closed an rpc connection that sent nothing"),
@@ -400,6 +407,7 @@ async fn first_byte(stream: &UnixStream) -> io::Result<bool> {
 async fn session(
     stream: UnixStream,
     cred: tokio::net::unix::UCred,
+    user: Arc<User>,
     cfg: Arc<Config>,
     sched: Handle,
     host: Arc<Host>,
@@ -434,7 +442,7 @@ async fn session(
         sched,
         host,
     };
-    let activity = Activity::new();
+    let activity = Activity::new(Some(user));
     let io = Watched::new(stream, activity.clone(), max_frame);
     let transport = Paced::new(
         cyb_proto::rpc::transport_with_limit(io, max_frame),

@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
@@ -41,28 +41,84 @@ fn instant_of(ms: u64) -> tokio::time::Instant {
 /// Live connections per uid, for `max_connections_per_user`.
 #[derive(Default)]
 pub struct Registry {
-    per_uid: Mutex<HashMap<u32, usize>>,
+    per_uid: Mutex<HashMap<u32, Arc<User>>>,
+}
+
+/// One uid's share of the daemon: its connections, and its requests being handled on all
+/// of them together.
+pub struct User {
+    /// Connections (changed under the registry's lock).
+    conns: AtomicUsize,
+    busy: AtomicUsize,
+    /// The most requests of this uid handled at once (`None`: no limit).
+    max_busy: Option<usize>,
+    /// Connections of this uid waiting for one of its requests to end.
+    waiting: Mutex<Vec<Waker>>,
+}
+
+impl User {
+    fn over_budget(&self) -> bool {
+        self.max_busy
+            .is_some_and(|m| self.busy.load(Ordering::Relaxed) >= m)
+    }
+
+    fn wait(&self, w: &Waker) {
+        let mut v = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
+        }
+    }
+
+    fn wake_all(&self) {
+        let v = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        for w in v {
+            w.wake();
+        }
+    }
 }
 
 /// One admitted connection; dropping it gives its place back.
 pub struct Slot {
     registry: Arc<Registry>,
     uid: u32,
+    user: Arc<User>,
+}
+
+impl Slot {
+    /// The uid's share, for the connection's [`Activity`].
+    pub fn user(&self) -> Arc<User> {
+        self.user.clone()
+    }
 }
 
 impl Registry {
-    /// Admits a connection of `uid` unless it already has `cap` (`None`: no cap for it).
-    /// On refusal, returns how many it holds.
-    pub fn admit(self: &Arc<Self>, uid: u32, cap: Option<usize>) -> Result<Slot, usize> {
+    /// Admits a connection of `uid` unless it already has `cap` (`None`: no cap for it);
+    /// the uid may have `max_busy` requests handled at once. On refusal, returns how many
+    /// connections it holds.
+    pub fn admit(
+        self: &Arc<Self>,
+        uid: u32,
+        cap: Option<usize>,
+        max_busy: Option<usize>,
+    ) -> Result<Slot, usize> {
         let mut m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(uid).or_insert(0);
-        if cap.is_some_and(|c| *n >= c) {
-            return Err(*n);
+        let user = m.entry(uid).or_insert_with(|| {
+            Arc::new(User {
+                conns: AtomicUsize::new(0),
+                busy: AtomicUsize::new(0),
+                max_busy,
+                waiting: Mutex::new(Vec::new()),
+            })
+        });
+        let n = user.conns.load(Ordering::Relaxed);
+        if cap.is_some_and(|c| n >= c) {
+            return Err(n);
         }
-        *n += 1;
+        user.conns.store(n + 1, Ordering::Relaxed);
         Ok(Slot {
             registry: self.clone(),
             uid,
+            user: user.clone(),
         })
     }
 
@@ -70,24 +126,23 @@ impl Registry {
     #[cfg(test)]
     pub fn count(&self, uid: u32) -> usize {
         let m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(&uid).copied().unwrap_or(0)
+        m.get(&uid).map_or(0, |u| u.conns.load(Ordering::Relaxed))
     }
 
     /// Live connections in all.
     pub fn total(&self) -> usize {
         let m = self.per_uid.lock().unwrap_or_else(|e| e.into_inner());
-        m.values().sum()
+        m.values().map(|u| u.conns.load(Ordering::Relaxed)).sum()
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut m = self.registry.per_uid.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                m.remove(&self.uid);
-            }
+        let left = self.user.conns.load(Ordering::Relaxed).saturating_sub(1);
+        self.user.conns.store(left, Ordering::Relaxed);
+        if left == 0 {
+            m.remove(&self.uid);
         }
     }
 }
@@ -112,6 +167,8 @@ pub struct Activity {
     paused: std::sync::atomic::AtomicBool,
     /// Woken when a paused connection may read again.
     resume: AtomicWaker,
+    /// The uid's share, whose request budget the connection draws on.
+    user: Option<Arc<User>>,
     /// Woken when a deadline starts that the watchdog may be sleeping past (a frame, a
     /// stalled write) and when the client hangs up.
     changed: tokio::sync::Notify,
@@ -132,8 +189,11 @@ pub enum Expired {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Activity> {
-        let a = Activity::default();
+    pub fn new(user: Option<Arc<User>>) -> Arc<Activity> {
+        let a = Activity {
+            user,
+            ..Activity::default()
+        };
         a.last_active.store(now_ms(), Ordering::Relaxed);
         Arc::new(a)
     }
@@ -145,6 +205,9 @@ impl Activity {
     /// Marks a request handler running until the guard is dropped.
     pub fn busy(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
+        if let Some(u) = &self.user {
+            u.busy.fetch_add(1, Ordering::Relaxed);
+        }
         Busy(self.clone())
     }
 
@@ -205,9 +268,11 @@ impl Activity {
     }
 
     /// Whether reading requests must wait: the client does not take its replies, or
-    /// `max_busy` of its requests are being handled.
+    /// `max_busy` of its requests are being handled, or as many as its uid may have.
     fn must_pause(&self, max_busy: usize) -> bool {
-        self.write_stalled_since.load(Ordering::Relaxed) != 0 || self.busy.load(Ordering::Relaxed) >= max_busy
+        self.write_stalled_since.load(Ordering::Relaxed) != 0
+            || self.busy.load(Ordering::Relaxed) >= max_busy
+            || self.user.as_ref().is_some_and(|u| u.over_budget())
     }
 }
 
@@ -219,6 +284,10 @@ impl Drop for Busy {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
         self.0.resume.wake();
+        if let Some(u) = &self.0.user {
+            u.busy.fetch_sub(1, Ordering::Relaxed);
+            u.wake_all();
+        }
     }
 }
 
@@ -358,7 +427,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 }
 
 /// A connection's message transport, paced: no new request is read while the client
-/// leaves its replies unread or `max_busy` of its requests are being handled. So a client
+/// leaves its replies unread, or `max_busy` of its requests are being handled, or as many
+/// of its uid's as that uid may have. So a client
 /// cannot pile up replies the daemon must hold, and replies keep flowing meanwhile (tarpc
 /// writes them only while the request stream is polled, which is why the limit is here and
 /// not in how many handlers are polled).
@@ -386,6 +456,9 @@ impl<T: Stream + Unpin> Stream for Paced<T> {
         let a = &this.activity;
         if a.must_pause(this.max_busy) {
             a.resume.register(cx.waker());
+            if let Some(u) = &a.user {
+                u.wait(cx.waker());
+            }
             // Looked at again after registering, so a wake in between is not lost.
             if a.must_pause(this.max_busy) {
                 a.paused.store(true, Ordering::Relaxed);
@@ -487,7 +560,7 @@ mod tests {
     use super::*;
 
     fn watched(max: usize) -> Watched<tokio::io::Empty> {
-        Watched::new(tokio::io::empty(), Activity::new(), max)
+        Watched::new(tokio::io::empty(), Activity::new(None), max)
     }
 
     #[test]
@@ -554,14 +627,33 @@ mod tests {
     #[test]
     fn registry_caps_per_uid() {
         let r = Arc::new(Registry::default());
-        let a = r.admit(1000, Some(2)).unwrap();
-        let _b = r.admit(1000, Some(2)).unwrap();
-        assert_eq!(r.admit(1000, Some(2)).err(), Some(2));
-        let _c = r.admit(1001, Some(2)).unwrap();
-        let _root = r.admit(0, None).unwrap();
+        let a = r.admit(1000, Some(2), None).unwrap();
+        let _b = r.admit(1000, Some(2), None).unwrap();
+        assert_eq!(r.admit(1000, Some(2), None).err(), Some(2));
+        let _c = r.admit(1001, Some(2), None).unwrap();
+        let _root = r.admit(0, None, None).unwrap();
         assert_eq!((r.count(1000), r.total()), (2, 4));
         drop(a);
-        assert!(r.admit(1000, Some(2)).is_ok());
+        assert!(r.admit(1000, Some(2), None).is_ok());
+    }
+
+    #[test]
+    fn a_uids_requests_share_one_budget() {
+        let r = Arc::new(Registry::default());
+        let s1 = r.admit(1000, None, Some(2)).unwrap();
+        let s2 = r.admit(1000, None, Some(2)).unwrap();
+        let other = r.admit(1001, None, Some(2)).unwrap();
+        let (a1, a2) = (Activity::new(Some(s1.user())), Activity::new(Some(s2.user())));
+        let a3 = Activity::new(Some(other.user()));
+        let b1 = a1.busy();
+        assert!(!a2.must_pause(64));
+        let _b2 = a2.busy();
+        assert!(a1.must_pause(64) && a2.must_pause(64), "the uid has 2 running");
+        assert!(!a3.must_pause(64), "another uid has its own budget");
+        drop(b1);
+        assert!(!a1.must_pause(64));
+        // The connection's own limit.
+        assert!(a3.must_pause(0));
     }
 
     #[test]
