@@ -16,6 +16,8 @@ pub const SYSTEM_SOCKET: &str = "/run/cyb/cybd.sock";
 pub const USER_SOCKET: &str = "cyb/cybd.sock";
 /// How long an ordinary call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to keep trying while the daemon's queue of connections to accept is full.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
 
 /// Where the socket path came from; it decides the hint given when nothing answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +117,18 @@ impl Conn {
     /// Connects, or fails with exit code 69 and a hint.
     pub async fn connect(socket: &Socket) -> anyhow::Result<Conn> {
         let path = socket.path.display();
-        let stream = match tokio::net::UnixStream::connect(&socket.path).await {
+        // A full accept queue (thousands of connections arriving at once) refuses a
+        // connect with EAGAIN: the daemon is busy, not gone, so try again for a while.
+        let busy_until = Instant::now() + CONNECT_RETRY;
+        let connected = loop {
+            match tokio::net::UnixStream::connect(&socket.path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < busy_until => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r,
+            }
+        };
+        let stream = match connected {
             Ok(s) => s,
             Err(e)
                 if matches!(
