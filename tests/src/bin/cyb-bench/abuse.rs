@@ -190,32 +190,18 @@ impl Sampler {
     }
 }
 
-/// Runs `f` on a thread of its own with effective ids `uid:gid` (root's when `None`); the
-/// sockets it connects carry those credentials.
+/// Runs `f` as `uid:gid` (as root when `None`): the sockets it connects carry those
+/// credentials.
 fn as_user<T: Send + 'static>(
     owner: Option<(u32, u32)>,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    std::thread::spawn(move || -> anyhow::Result<T> {
-        let Some((uid, gid)) = owner else {
-            return Ok(f());
-        };
-        let keep = libc::uid_t::MAX;
-        // SAFETY: setresgid/setresuid of this thread only (raw syscalls, not libc's
-        // wrappers, which switch every thread); real and saved ids stay 0, so switching
-        // back is allowed.
-        let set = |nr: libc::c_long, e: u32| unsafe { libc::syscall(nr, keep, e, keep) };
-        if set(libc::SYS_setresgid, gid) != 0 || set(libc::SYS_setresuid, uid) != 0 {
-            bail!("cannot switch to uid {uid}: {}", std::io::Error::last_os_error());
+    match owner {
+        None => Ok(f()),
+        Some((uid, gid)) => {
+            cyb_tests::as_user(uid, gid, f).with_context(|| format!("cannot act as uid {uid}"))
         }
-        let v = f();
-        if set(libc::SYS_setresuid, 0) != 0 || set(libc::SYS_setresgid, 0) != 0 {
-            bail!("cannot switch back to root: {}", std::io::Error::last_os_error());
-        }
-        Ok(v)
-    })
-    .join()
-    .map_err(|_| anyhow!("attacker thread panicked"))?
+    }
 }
 
 /// Connects `n` sockets to `sock` (stops at the first failure, e.g. EMFILE here).
