@@ -173,6 +173,7 @@ impl Cyb for Fake {
             total_jobs: 1,
             next_id: 2,
             quarantined: Vec::new(),
+            store_error: None,
         }
     }
 }

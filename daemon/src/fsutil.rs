@@ -293,6 +293,32 @@ pub fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
     nix::unistd::fsync(dir).map_err(nix_io)
 }
 
+/// Makes `dir` itself durable, not only what is in it: fsyncs `dir` and every directory
+/// above it, up to `/`. A directory made by mkdir exists after a power cut only once the
+/// directory holding it has been fsynced, and that one only once its own parent has, and
+/// so on; a record fsynced into a directory whose name never reached the disk is lost with
+/// it. The daemon makes its spool and record directories itself, and may have made them
+/// just before a crash in an earlier run, so the whole path is synced at every start, before
+/// anything in it is acknowledged: a handful of fsyncs of directories with nothing to write
+/// once the path is durable.
+///
+/// `dir`'s own fsync must succeed; a directory above it that cannot be opened or synced
+/// (another user's, a read-only mount, a file system that refuses fsync on directories) is
+/// skipped: what could be synced was.
+pub fn sync_dir_path(dir: &Path) -> io::Result<()> {
+    // Symlinks resolved, so that the directories synced are those that hold the entries.
+    let real = std::fs::canonicalize(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {}: {e}", dir.display())))?;
+    sync_dir(&open_dir(&real)?)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot fsync {}: {e}", real.display())))?;
+    for above in real.ancestors().skip(1) {
+        if let Ok(fd) = open_dir(above) {
+            let _ = sync_dir(&fd);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,6 +449,16 @@ mod tests {
         spares.settle(&fd, true);
         assert_eq!(std::fs::read(d.path().join("2.json")).unwrap(), b"2c");
         assert!(!std::fs::read_to_string("/etc/passwd").unwrap().contains("2c"));
+    }
+
+    #[test]
+    fn sync_dir_path_syncs_through_symlinks_and_refuses_a_missing_dir() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("l")).unwrap();
+        sync_dir_path(&d.path().join("a/b")).unwrap();
+        sync_dir_path(&d.path().join("l/b")).unwrap();
+        assert!(sync_dir_path(&d.path().join("missing")).is_err());
     }
 
     #[test]

@@ -6,8 +6,11 @@
 //! one link and at most `max_job_bytes`; its owner, read from the open descriptor, becomes
 //! the job's user. An accepted file is removed only after its job's record is durable; a
 //! refused one is moved to `rejected/` with an `.error.json` beside it that says why.
-//! A file whose job was recorded just before a crash is recognised by its identity
-//! (device, inode, mtime) and not taken twice.
+//! A file whose job was recorded just before a crash is recognised by its identity (inode
+//! and mtime) and not taken twice. Its removal is not fsynced, so after a power cut it may
+//! be back; the device number is not part of the identity, since a disk need not keep its
+//! device number across a reboot (btrfs subvolumes, device-mapper and NVMe numbering), and
+//! every file in `incoming/` is on the one file system anyway.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -30,7 +33,8 @@ use crate::users;
 /// Files looked at per batch.
 const BATCH: usize = 512;
 
-type Identity = (u64, u64, i64);
+/// What recognises a spool file already taken: its inode number and mtime (ns).
+pub type Identity = (u64, i64);
 
 /// A file taken from incoming/ and checked.
 enum Taken {
@@ -54,12 +58,19 @@ enum Taken {
 pub struct Intake {
     cfg: crate::config::Live,
     sched: Handle,
-    known: HashSet<Identity>,
+    /// Files whose jobs are recorded but which are still in incoming/. Shared with the
+    /// blocking task that takes a batch, never moved into it: whatever happens to that task,
+    /// the set stays, and no file is taken twice.
+    known: Arc<HashSet<Identity>>,
 }
 
 impl Intake {
     pub fn new(cfg: crate::config::Live, sched: Handle, known: HashSet<Identity>) -> Self {
-        Intake { cfg, sched, known }
+        Intake {
+            cfg,
+            sched,
+            known: Arc::new(known),
+        }
     }
 
     fn cfg(&self) -> Arc<Config> {
@@ -146,24 +157,22 @@ impl Intake {
     /// Takes one batch of files.
     async fn take_batch(&mut self, names: Vec<String>) {
         let cfg = self.cfg();
-        let known = std::mem::take(&mut self.known);
+        let known = Arc::clone(&self.known);
         let res = tokio::task::spawn_blocking(move || {
             let dir = cfg.paths.incoming();
-            let taken: Vec<Taken> = names
+            names
                 .into_iter()
-                .map(|n| take_file(&cfg, &dir, n, &known))
-                .collect();
-            (taken, known)
+                .map(|n| guarded(n, |n| take_file(&cfg, &dir, n, &known)))
+                .collect::<Vec<Taken>>()
         })
         .await;
-        let (taken, known) = match res {
+        let taken = match res {
             Ok(r) => r,
             Err(e) => {
                 error!("intake batch failed: {e}");
                 return;
             }
         };
-        self.known = known;
         let mut pending = FuturesUnordered::new();
         let mut to_remove: Vec<(String, Option<Identity>)> = Vec::new();
         let mut to_reject: Vec<(String, SpecError, Option<u32>)> = Vec::new();
@@ -176,9 +185,7 @@ impl Intake {
                     origin,
                 } => {
                     let ident = match &origin {
-                        Origin::Spool {
-                            dev, ino, mtime_ns, ..
-                        } => Some((*dev, *ino, *mtime_ns)),
+                        Origin::Spool { ino, mtime_ns, .. } => Some((*ino, *mtime_ns)),
                         Origin::Rpc { .. } => None,
                     };
                     let uid = owner.uid;
@@ -205,7 +212,7 @@ impl Intake {
                 Ok(id) => {
                     debug!(job_id = id, file = %name, "accepted spool file");
                     if let Some(i) = ident {
-                        self.known.insert(i);
+                        Arc::make_mut(&mut self.known).insert(i);
                     }
                     to_remove.push((name, ident));
                 }
@@ -235,8 +242,11 @@ impl Intake {
         })
         .await
         .unwrap_or_default();
-        for i in removed {
-            self.known.remove(&i);
+        if !removed.is_empty() {
+            let known = Arc::make_mut(&mut self.known);
+            for i in removed {
+                known.remove(&i);
+            }
         }
     }
 }
@@ -276,6 +286,23 @@ fn list_incoming(cfg: &Config) -> Vec<String> {
     names.into_iter().map(|(_, n)| n).collect()
 }
 
+/// Takes one file with `take`; should that panic (a bug in cybd), the file is refused with
+/// an error that says so, and the rest of its batch goes on.
+fn guarded(name: String, take: impl FnOnce(String) -> Taken) -> Taken {
+    let kept = name.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| take(name))).unwrap_or_else(|panic| {
+        let why = cyb_proto::spec::panic_message(&*panic);
+        error!(file = %kept, "intake failed on this job file: {why}");
+        Taken::Refused {
+            name: kept,
+            error: SpecError::general(format!(
+                "cybd could not take this job file: it failed while reading it ({why}); this is a bug in cybd, please report it with the file"
+            )),
+            uid: None,
+        }
+    })
+}
+
 fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) -> Taken {
     let path = dir.join(&name);
     let refuse = |error: SpecError, uid: Option<u32>| Taken::Refused {
@@ -312,11 +339,7 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
             None,
         );
     }
-    let ident: Identity = (
-        meta.dev(),
-        meta.ino(),
-        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-    );
+    let ident: Identity = (meta.ino(), meta.mtime() * 1_000_000_000 + meta.mtime_nsec());
     if known.contains(&ident) {
         return Taken::Known { name, ident };
     }
@@ -361,9 +384,9 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
         },
         origin: Origin::Spool {
             file: name,
-            dev: ident.0,
-            ino: ident.1,
-            mtime_ns: ident.2,
+            dev: meta.dev(),
+            ino: ident.0,
+            mtime_ns: ident.1,
         },
     }
 }
@@ -371,7 +394,9 @@ fn take_file(cfg: &Config, dir: &Path, name: String, known: &HashSet<Identity>) 
 /// Removes an accepted file, unless what is there now is a different file.
 fn remove_if_same(path: &Path, ident: Option<Identity>) {
     let same = match (std::fs::symlink_metadata(path), ident) {
-        (Ok(m), Some((dev, ino, _))) => m.dev() == dev && m.ino() == ino,
+        (Ok(m), Some((ino, mtime_ns))) => {
+            m.ino() == ino && m.mtime() * 1_000_000_000 + m.mtime_nsec() == mtime_ns
+        }
         (Ok(_), None) => true,
         (Err(_), _) => return,
     };
@@ -443,4 +468,40 @@ fn unique_name(dir: &Path, name: &str) -> String {
         .map(|i| format!("{name}.{i}"))
         .find(|n| !taken(n))
         .unwrap_or_else(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_taking_a_file_refuses_that_file_only() {
+        let taken: Vec<Taken> = ["a.json", "bad.json", "c.json"]
+            .into_iter()
+            .map(|n| {
+                guarded(n.to_string(), |n| {
+                    if n == "bad.json" {
+                        panic!("index out of bounds in {n}");
+                    }
+                    Taken::Skip
+                })
+            })
+            .collect();
+        assert!(matches!(taken[0], Taken::Skip));
+        assert!(matches!(taken[2], Taken::Skip));
+        let Taken::Refused { name, error, uid } = &taken[1] else {
+            panic!("the panicking file was not refused");
+        };
+        assert_eq!(name, "bad.json");
+        assert_eq!(*uid, None);
+        assert_eq!(error.field, None);
+        assert!(
+            error.message.starts_with("cybd could not take this job file"),
+            "{error}"
+        );
+        assert!(
+            error.message.contains("index out of bounds in bad.json"),
+            "{error}"
+        );
+    }
 }

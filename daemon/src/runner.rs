@@ -267,6 +267,52 @@ pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
     fsutil::write_at(&dir, "result.json", &bytes, file_opts(rec))
 }
 
+/// The run directories under `logs`: the highest id among them, and those whose id is not in
+/// `known` and that hold nothing but what a job's start writes before its running record
+/// is durable (`job.json`, empty logs, an empty `artifacts/`). Those are left by a crash of
+/// an earlier build between the two; no job ever ran in them.
+pub fn scan_run_dirs(logs: &Path, known: &std::collections::HashSet<u64>) -> (u64, Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(logs) else {
+        return (0, Vec::new());
+    };
+    let mut max = 0;
+    let mut orphans = Vec::new();
+    for e in rd.flatten() {
+        let Some(id) = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix("run_"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        max = max.max(id);
+        if !known.contains(&id) && e.file_type().is_ok_and(|t| t.is_dir()) && only_start_files(&e.path()) {
+            orphans.push(e.path());
+        }
+    }
+    (max, orphans)
+}
+
+fn only_start_files(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().all(|e| {
+        let Ok(meta) = e.path().symlink_metadata() else {
+            return false;
+        };
+        match e.file_name().to_str() {
+            Some("job.json") => meta.is_file(),
+            Some("stdout.log" | "stderr.log") => meta.is_file() && meta.len() == 0,
+            Some("artifacts") => {
+                meta.is_dir() && std::fs::read_dir(e.path()).is_ok_and(|mut a| a.next().is_none())
+            }
+            _ => false,
+        }
+    })
+}
+
 /// Builds the launch description of attempt `attempt`.
 /// `gpu_env` is what [`crate::host::Host::gpu_env`] gives for the job's GPUs.
 pub fn launch_for(

@@ -99,9 +99,9 @@ pub enum Msg {
     Stats {
         reply: Reply<Stats>,
     },
-    /// Origins of spool files already accepted (for intake after a restart).
+    /// Identities of spool files already accepted (for intake after a restart).
     SpoolOrigins {
-        reply: Reply<HashSet<(u64, u64, i64)>>,
+        reply: Reply<HashSet<crate::intake::Identity>>,
     },
     // Internal.
     Launched {
@@ -132,6 +132,24 @@ pub enum Msg {
     ResultWritten {
         id: JobId,
     },
+    /// The first write of a submitted job's record ended: the job joins the queue (and
+    /// the submitter gets its id) only if it is durable.
+    Recorded {
+        id: JobId,
+        res: Result<(), String>,
+        reply: Reply<Result<JobId, RpcError>>,
+    },
+    /// Writes the job's record again (its last write failed); answers with the new ack.
+    Persist {
+        id: JobId,
+        reply: Reply<Durable>,
+    },
+    /// Record writes of recorded jobs that failed (disk full...): written again later.
+    NotDurable(Vec<(JobId, String)>),
+    /// Time to write again the records whose writes failed.
+    Rewrite,
+    /// Every record write of a flush succeeded (clears a store error).
+    StoreOk,
     Kick,
     /// A new configuration (SIGHUP); paths keep their old values.
     Reload(Arc<Config>),
@@ -162,7 +180,10 @@ impl Handle {
 }
 
 /// Resolves once a record write is durable (or says why it failed).
-type Durable = oneshot::Receiver<Result<(), String>>;
+pub type Durable = oneshot::Receiver<Result<(), String>>;
+
+/// How long a record whose write failed waits before it is written again.
+const REWRITE_AFTER: Duration = Duration::from_secs(1);
 
 /// Writes deferred to the end of the scheduler's loop iteration: a job that is accepted and
 /// started in the same iteration is written once, in its running state, which is as durable
@@ -246,6 +267,13 @@ pub struct Scheduler {
     store: Store,
     tx: mpsc::UnboundedSender<Msg>,
     jobs: HashMap<JobId, JobRecord>,
+    /// Submitted jobs whose first record write is under way: in no queue, list or count
+    /// until it is durable, and forgotten without a trace if it fails.
+    unrecorded: HashMap<JobId, JobRecord>,
+    /// Recorded jobs whose last record write failed, written again after [`REWRITE_AFTER`].
+    rewrite: BTreeSet<JobId>,
+    /// Why record writes fail now (`None` while they succeed), for stats and STATUS=.
+    store_error: Option<String>,
     ready: BTreeMap<Class, BTreeSet<(Reverse<i32>, JobId)>>,
     running: HashMap<JobId, Slot>,
     running_per_class: HashMap<Class, usize>,
@@ -298,6 +326,9 @@ impl Scheduler {
             store,
             tx: tx.clone(),
             jobs: HashMap::new(),
+            unrecorded: HashMap::new(),
+            rewrite: BTreeSet::new(),
+            store_error: None,
             ready: BTreeMap::new(),
             running: HashMap::new(),
             running_per_class: HashMap::new(),
@@ -331,8 +362,7 @@ impl Scheduler {
                 }
             },
         };
-        let max_run_dir = max_run_dir_id(&s.cfg.paths.logs);
-        s.next_id = s.next_id.max(max_run_dir + 1);
+        s.next_id = s.next_id.max(recover_run_dirs(&s.cfg, &loaded) + 1);
         let mut to_adopt = Vec::new();
         let mut missing_results = Vec::new();
         for rec in loaded.records {
@@ -506,23 +536,45 @@ impl Scheduler {
     }
 
     /// Sends this iteration's record writes to the store (one per job, its latest state),
-    /// then its read barriers, and passes each write's acknowledgement on to who waits.
+    /// then its read barriers, and passes each write's acknowledgement on to who waits. A
+    /// write of a recorded job that fails is reported back ([`Msg::NotDurable`]) and made
+    /// again later, so an end recorded while the disk is full reaches it once there is room.
     fn flush(&mut self) {
+        let mut acks = Vec::with_capacity(self.pending.dirty.len());
         for (id, waiting) in self.pending.dirty.drain() {
-            let Some(rec) = self.jobs.get(&id) else { continue };
-            self.tally.note(rec);
-            let ack = self.store.put(rec);
-            if waiting.is_empty() {
-                continue;
-            }
+            let rec = match self.jobs.get(&id) {
+                Some(rec) => {
+                    self.tally.note(rec);
+                    rec
+                }
+                None => match self.unrecorded.get(&id) {
+                    Some(rec) => rec,
+                    None => continue,
+                },
+            };
+            acks.push((id, self.store.put(rec), waiting));
+        }
+        if !acks.is_empty() {
+            let (tx, failing) = (self.tx.clone(), self.store_error.is_some());
             tokio::spawn(async move {
-                let res = match ack.await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("the store writer stopped".to_string()),
-                };
-                for w in waiting {
-                    let _ = w.send(res.clone());
+                let mut failed = Vec::new();
+                for (id, ack, waiting) in acks {
+                    let res = match ack.await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err("the store writer stopped".to_string()),
+                    };
+                    if let Err(e) = &res {
+                        failed.push((id, e.clone()));
+                    }
+                    for w in waiting {
+                        let _ = w.send(res.clone());
+                    }
+                }
+                if !failed.is_empty() {
+                    let _ = tx.send(Msg::NotDurable(failed));
+                } else if failing {
+                    let _ = tx.send(Msg::StoreOk);
                 }
             });
         }
@@ -534,6 +586,29 @@ impl Scheduler {
                 for b in barriers {
                     let _ = b.send(());
                 }
+            });
+        }
+    }
+
+    /// Record writes that failed: the jobs' latest states are written again after
+    /// [`REWRITE_AFTER`]. A submission's first write is settled by [`Msg::Recorded`] and an
+    /// end's by [`until_durable`], so neither is written again here.
+    fn not_durable(&mut self, failed: Vec<(JobId, String)>) {
+        let arm = self.rewrite.is_empty();
+        for (id, why) in failed {
+            if self.store_error.is_none() {
+                error!("cannot write job records ({why}); cybd keeps trying");
+            }
+            self.store_error = Some(why);
+            if self.jobs.contains_key(&id) && !self.writing_results.contains_key(&id) {
+                self.rewrite.insert(id);
+            }
+        }
+        if arm && !self.rewrite.is_empty() {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(REWRITE_AFTER).await;
+                let _ = tx.send(Msg::Rewrite);
             });
         }
     }
@@ -556,6 +631,9 @@ impl Scheduler {
         }
         if self.paused {
             line.push_str(", paused");
+        }
+        if let Some(why) = &self.store_error {
+            line.push_str(&format!("; cannot write job records: {why}"));
         }
         line
     }
@@ -663,9 +741,7 @@ impl Scheduler {
                     .jobs
                     .values()
                     .filter_map(|r| match &r.origin {
-                        Origin::Spool {
-                            dev, ino, mtime_ns, ..
-                        } => Some((*dev, *ino, *mtime_ns)),
+                        Origin::Spool { ino, mtime_ns, .. } => Some((*ino, *mtime_ns)),
                         Origin::Rpc { .. } => None,
                     })
                     .collect();
@@ -695,6 +771,21 @@ impl Scheduler {
                 }
             }
             Msg::Kick => {}
+            Msg::Recorded { id, res, reply } => self.recorded(id, res, reply),
+            Msg::Persist { id, reply } => {
+                let _ = reply.send(self.pending.persist(id));
+            }
+            Msg::NotDurable(failed) => self.not_durable(failed),
+            Msg::Rewrite => {
+                for id in std::mem::take(&mut self.rewrite) {
+                    self.pending.persist_detached(id);
+                }
+            }
+            Msg::StoreOk => {
+                if self.store_error.take().is_some() {
+                    info!("job records are written again");
+                }
+            }
             Msg::GpusClaimed { id, res } => self.gpus_claimed(id, res),
             Msg::Cleaned { id } => {
                 self.cleaning.remove(&id);
@@ -842,6 +933,31 @@ impl Scheduler {
             state: JobState::Queued { since: now },
         };
         let ack = self.pending.persist(id);
+        self.unrecorded.insert(id, rec);
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let res = match ack.await {
+                Ok(res) => res,
+                Err(_) => Err("the store writer stopped".into()),
+            };
+            let _ = tx.send(Msg::Recorded { id, res, reply });
+        });
+    }
+
+    /// A submission's record is durable (the job joins the queue) or could not be written
+    /// (the job is forgotten, and the submitter is told why).
+    fn recorded(&mut self, id: JobId, res: Result<(), String>, reply: Reply<Result<JobId, RpcError>>) {
+        let Some(rec) = self.unrecorded.remove(&id) else {
+            return;
+        };
+        if let Err(why) = res {
+            error!(job_id = id, "cannot record job: {why}");
+            self.store_error = Some(why.clone());
+            let _ = reply.send(Err(RpcError::Unavailable(format!(
+                "cannot record the job: {why}"
+            ))));
+            return;
+        }
         info!(
             event = "submitted",
             job_id = id,
@@ -850,37 +966,10 @@ impl Scheduler {
             tenant = rec.spec.tenant.as_deref().unwrap_or(""),
             "job {id} submitted by {}", rec.owner.user
         );
+        self.tally.note(&rec);
         self.jobs.insert(id, rec);
         self.enqueue(id);
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            match ack.await {
-                Ok(Ok(())) => {
-                    let _ = reply.send(Ok(id));
-                }
-                res => {
-                    let why = match res {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "the store writer stopped".into(),
-                    };
-                    error!(job_id = id, "cannot record job: {why}");
-                    let _ = reply.send(Err(RpcError::Unavailable(format!(
-                        "cannot record the job: {why}"
-                    ))));
-                    let _ = tx.send(Msg::Act {
-                        id,
-                        action: Action::Cancel,
-                        peer: Peer {
-                            uid: 0,
-                            pid: None,
-                            name: "cybd (store failure)".into(),
-                            admin: true,
-                        },
-                        reply: oneshot::channel().0,
-                    });
-                }
-            }
-        });
+        let _ = reply.send(Ok(id));
     }
 
     /// Puts a queued job where it belongs: ready, waiting for dependencies, or failed
@@ -1405,21 +1494,38 @@ impl Scheduler {
         let tx = self.tx.clone();
         let files = runner::SupFiles::new(&self.cfg, id);
         tokio::spawn(async move {
-            let durable = matches!(ack.await, Ok(Ok(())));
-            if !durable {
-                error!(job_id = id, "cannot record the end of job {id}");
+            // result.json follows the durable end; until then a restarted daemon still
+            // needs the supervisor's files.
+            if !until_durable(&tx, id, ack).await {
+                return;
             }
-            let r2 = rec.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = runner::write_result(&r2) {
-                    warn!(job_id = r2.id, "cannot write result.json in {}: {e}", r2.run_dir);
+            let rec = Arc::new(rec);
+            let mut told = false;
+            loop {
+                let r = rec.clone();
+                let res = tokio::task::spawn_blocking(move || runner::write_result(&r))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                match res {
+                    Ok(()) => break,
+                    // No room for it now: it is written once there is.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                        if !told {
+                            warn!(
+                                job_id = id,
+                                "cannot write result.json in {} ({e}); retrying until it is", rec.run_dir
+                            );
+                            told = true;
+                        }
+                        tokio::time::sleep(REWRITE_AFTER).await;
+                    }
+                    Err(e) => {
+                        warn!(job_id = id, "cannot write result.json in {}: {e}", rec.run_dir);
+                        break;
+                    }
                 }
-                // Until the end is durable, a restarted daemon still needs them.
-                if durable {
-                    files.remove();
-                }
-            })
-            .await;
+            }
+            let _ = tokio::task::spawn_blocking(move || files.remove()).await;
             let _ = tx.send(Msg::ResultWritten { id });
         });
         // Jobs waiting for this one.
@@ -1639,6 +1745,43 @@ impl Scheduler {
             total_jobs: self.jobs.len(),
             next_id: self.next_id,
             quarantined: self.quarantined.clone(),
+            store_error: self.store_error.clone(),
+        }
+    }
+}
+
+/// Waits until job `id`'s record is durable, asking the scheduler to write it again (its
+/// latest state) every [`REWRITE_AFTER`] while writes fail, as they do while the disk is
+/// full. False if the scheduler went away first.
+async fn until_durable(tx: &mpsc::UnboundedSender<Msg>, id: JobId, mut ack: Durable) -> bool {
+    let mut told = false;
+    loop {
+        match ack.await {
+            Ok(Ok(())) => {
+                if told {
+                    info!(job_id = id, "the end of job {id} is recorded");
+                }
+                return true;
+            }
+            Ok(Err(why)) => {
+                if !told {
+                    error!(
+                        job_id = id,
+                        "cannot record the end of job {id} ({why}); retrying until it is"
+                    );
+                    told = true;
+                }
+            }
+            Err(_) => return false,
+        }
+        tokio::time::sleep(REWRITE_AFTER).await;
+        let (reply, rx) = oneshot::channel();
+        if tx.send(Msg::Persist { id, reply }).is_err() {
+            return false;
+        }
+        match rx.await {
+            Ok(next) => ack = next,
+            Err(_) => return false,
         }
     }
 }
@@ -1654,19 +1797,54 @@ fn default_name(spec: &JobSpec, origin: &Origin) -> String {
     }
 }
 
-fn max_run_dir_id(logs: &std::path::Path) -> JobId {
-    std::fs::read_dir(logs)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()?
-                        .strip_prefix("run_")?
-                        .parse::<JobId>()
-                        .ok()
-                })
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
+/// Removes the run directories that a crash left for ids that were never recorded (see
+/// [`runner::scan_run_dirs`]) and returns the highest id ever handed out: of records, the
+/// quarantine, run directories, and the high-water mark `<spool>/jobs/max_id`, which is
+/// made durable before any directory is removed, so a removed directory's id is never given
+/// out again.
+fn recover_run_dirs(cfg: &Config, loaded: &Loaded) -> JobId {
+    let jobs = cfg.paths.spool.join("jobs");
+    let mark: JobId = std::fs::read_to_string(jobs.join("max_id"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let mut known: HashSet<JobId> = loaded.records.iter().map(|r| r.id).collect();
+    known.extend(loaded.quarantined.iter().filter_map(|(p, _)| {
+        let name = p.file_name()?.to_str()?;
+        name.split('.').next()?.parse::<JobId>().ok()
+    }));
+    let (max_dir, orphans) = runner::scan_run_dirs(&cfg.paths.logs, &known);
+    let max = loaded.max_id.max(max_dir).max(mark);
+    if orphans.is_empty() {
+        return max;
+    }
+    let marked = crate::fsutil::open_dir(&jobs).and_then(|dir| {
+        crate::fsutil::write_at(
+            &dir,
+            "max_id",
+            format!("{max}\n").as_bytes(),
+            crate::fsutil::WriteOpts {
+                sync: true,
+                ..Default::default()
+            },
+        )?;
+        crate::fsutil::sync_dir(&dir)
+    });
+    if let Err(e) = marked {
+        warn!(
+            "cannot record the highest job id in {}/max_id ({e}); leaving run directories of unrecorded jobs",
+            jobs.display()
+        );
+        return max;
+    }
+    for dir in orphans {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => info!("removed {}: its job was never recorded", dir.display()),
+            Err(e) => warn!(
+                "cannot remove {} (its job was never recorded): {e}",
+                dir.display()
+            ),
+        }
+    }
+    max
 }

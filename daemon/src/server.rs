@@ -191,6 +191,7 @@ impl Cyb for Conn {
                 total_jobs: 0,
                 next_id: 0,
                 quarantined: Vec::new(),
+                store_error: None,
             },
         }
     }
@@ -340,7 +341,7 @@ fn refuse(stream: UnixStream, uid: u32, held: usize, cfg: &Config, shared: &Arc<
     );
     tokio::spawn(async move {
         let _permit = permit;
-        let transport = cyb_proto::rpc::transport_with_limit(stream, REFUSAL_FRAME);
+        let transport = cyb_proto::rpc::server_transport(stream, REFUSAL_FRAME);
         let refusal = tarpc::server::serve(move |_, _: CybRequest| {
             let e = ServerError::new(io::ErrorKind::ConnectionRefused, message.clone());
             async move { Err::<CybResponse, _>(e) }
@@ -445,7 +446,7 @@ async fn session(
     let activity = Activity::new(Some(user));
     let io = Watched::new(stream, activity.clone(), max_frame);
     let transport = Paced::new(
-        cyb_proto::rpc::transport_with_limit(io, max_frame),
+        cyb_proto::rpc::server_transport(io, max_frame),
         activity.clone(),
         REQUESTS_PER_CONNECTION,
     );

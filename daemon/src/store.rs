@@ -1,7 +1,8 @@
 //! Store: one durable JSON record per job in `<spool>/jobs/<id>.json`, the source of truth.
 //!
 //! A record reaches the disk as a temp file, fsync, rename, fsync of the directory, and only
-//! then is anyone told. Writes from many jobs are committed in groups by one writer thread
+//! then is anyone told. The directory itself, and every one above it, is fsynced once when
+//! the store opens, so that it cannot vanish with its records in a power cut. Writes from many jobs are committed in groups by one writer thread
 //! (group commit): every write waiting when a group starts shares its directory fsync, so the
 //! cost per transition falls as the load rises while the guarantee stays the same. Each write
 //! touches one small file, so submitting does not slow down as the queue grows.
@@ -78,6 +79,9 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         std::fs::create_dir_all(dir.join("quarantine")).map_err(dir_err)?;
+        // The records' directory, quarantine/ in it, and the path to it must be on the disk
+        // before the first record written into it is acknowledged.
+        fsutil::sync_dir_path(dir).map_err(dir_err)?;
         let fd = fsutil::open_dir(dir).map_err(dir_err)?;
         let (tx, rx) = std_mpsc::channel::<WriteReq>();
         let wdir = dir.to_path_buf();

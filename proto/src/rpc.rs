@@ -95,6 +95,10 @@ pub struct Stats {
     pub next_id: JobId,
     /// Records that could not be read and were moved aside at startup.
     pub quarantined: Vec<String>,
+    /// Why job records cannot be written now (disk full...): submissions are refused and
+    /// ended jobs wait for their end to be recorded until this clears.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// What this host lets cybd enforce, for `cybctl health`.
@@ -185,6 +189,15 @@ pub fn max_request_frame(max_job_bytes: u64) -> usize {
         .saturating_add(REQUEST_OVERHEAD_BYTES)
 }
 
+/// The frame codec both sides speak: a 4-byte length prefix, frames of at most
+/// `max_frame` bytes. A longer frame is an error as soon as its length is read, before its
+/// body is buffered.
+pub fn codec(max_frame: usize) -> tarpc::tokio_util::codec::LengthDelimitedCodec {
+    tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
+        .max_frame_length(max_frame)
+        .new_codec()
+}
+
 /// Wraps a connected stream in the transport both sides speak (length-delimited JSON
 /// frames), as a client: frames of up to [`MAX_REPLY_BYTES`].
 pub fn transport<S, Item, SinkItem>(
@@ -195,32 +208,152 @@ where
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
-    transport_with_limit(io, MAX_REPLY_BYTES)
+    let framed = tarpc::tokio_util::codec::Framed::new(io, codec(MAX_REPLY_BYTES));
+    tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Json::default())
 }
 
-/// The same transport with frames of at most `max_frame` bytes either way; a longer frame
-/// ends the stream with an error before its body is buffered.
-pub fn transport_with_limit<S, Item, SinkItem>(
+/// What the server reads from a connection: a frame's JSON is one of these.
+pub type ServerItem = tarpc::ClientMessage<CybRequest>;
+/// What the server writes.
+pub type ServerSinkItem = tarpc::Response<CybResponse>;
+
+/// The server's side of [`transport`]: the same frames and JSON, but a request whose deadline
+/// lies past what an `Instant` can hold is an error of that frame. tarpc reads a deadline
+/// as `Instant::now() + duration`, which panics on such a duration (`{"secs":
+/// 18446744073709551615}`), and any local user can send one. Frames are at most
+/// `max_frame` bytes either way ([`max_request_frame`]).
+pub fn server_transport<S>(
     io: S,
     max_frame: usize,
-) -> tarpc::serde_transport::Transport<S, Item, SinkItem, tarpc::tokio_serde::formats::Json<Item, SinkItem>>
+) -> tarpc::serde_transport::Transport<S, ServerItem, ServerSinkItem, ServerJson>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
-    Item: for<'de> Deserialize<'de>,
-    SinkItem: Serialize,
 {
-    let framed = tarpc::tokio_util::codec::Framed::new(
-        io,
-        tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
-            .max_frame_length(max_frame)
-            .new_codec(),
-    );
-    tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Json::default())
+    let framed = tarpc::tokio_util::codec::Framed::new(io, codec(max_frame));
+    tarpc::serde_transport::new(framed, ServerJson::default())
+}
+
+/// The JSON format of [`server_transport`].
+#[derive(Debug, Default)]
+pub struct ServerJson(tarpc::tokio_serde::formats::Json<ServerItem, ServerSinkItem>);
+
+impl tarpc::tokio_serde::Deserializer<ServerItem> for ServerJson {
+    type Error = serde_json::Error;
+
+    fn deserialize(
+        mut self: std::pin::Pin<&mut Self>,
+        src: &tarpc::tokio_util::bytes::BytesMut,
+    ) -> Result<ServerItem, serde_json::Error> {
+        check_deadline(src)?;
+        std::pin::Pin::new(&mut self.0).deserialize(src)
+    }
+}
+
+impl tarpc::tokio_serde::Serializer<ServerSinkItem> for ServerJson {
+    type Error = serde_json::Error;
+
+    fn serialize(
+        mut self: std::pin::Pin<&mut Self>,
+        item: &ServerSinkItem,
+    ) -> Result<tarpc::tokio_util::bytes::Bytes, serde_json::Error> {
+        std::pin::Pin::new(&mut self.0).serialize(item)
+    }
+}
+
+/// How [`check_deadline`] knows its own error among the others.
+const DEADLINE_OUT_OF_RANGE: &str = "the request's deadline is further away than the clock can count";
+
+/// Refuses a request frame whose deadline no `Instant` can hold. The frame is read as
+/// tarpc reads it, in the same order, but for the deadline only: the deadline is checked
+/// where tarpc would add it to the clock, so wherever the frame goes wrong before or after
+/// that point, the check comes first exactly when tarpc's panic would. Any other problem
+/// is left to tarpc's own reader to report.
+fn check_deadline(src: &[u8]) -> Result<(), serde_json::Error> {
+    use serde::de::IgnoredAny;
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    enum Message {
+        #[allow(dead_code)]
+        Request(Request),
+        #[allow(dead_code)]
+        Cancel(IgnoredAny),
+    }
+    #[derive(Deserialize)]
+    struct Request {
+        #[allow(dead_code)]
+        context: Context,
+        #[allow(dead_code)]
+        id: IgnoredAny,
+        #[allow(dead_code)]
+        message: IgnoredAny,
+    }
+    #[derive(Deserialize)]
+    struct Context {
+        #[allow(dead_code)]
+        deadline: Option<Deadline>,
+        #[allow(dead_code)]
+        trace_context: IgnoredAny,
+    }
+    struct Deadline;
+    impl<'de> Deserialize<'de> for Deadline {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let after = Duration::deserialize(d)?;
+            match std::time::Instant::now().checked_add(after) {
+                Some(_) => Ok(Deadline),
+                None => Err(serde::de::Error::custom(DEADLINE_OUT_OF_RANGE)),
+            }
+        }
+    }
+    match serde_json::from_slice::<Message>(src) {
+        Err(e) if e.to_string().starts_with(DEADLINE_OUT_OF_RANGE) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::pin::Pin;
+
+    use tarpc::tokio_serde::{Deserializer as _, formats::Json};
+    use tarpc::tokio_util::bytes::BytesMut;
+
     use super::*;
+
+    fn frame(deadline: &str) -> BytesMut {
+        BytesMut::from(
+            format!(
+                r#"{{"Request":{{"context":{{"deadline":{deadline},"trace_context":{{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}}}},"id":1,"message":{{"Stats":{{}}}}}}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_deadline_no_instant_holds_is_an_error_not_a_panic() {
+        let huge = frame(r#"{"secs":18446744073709551615,"nanos":0}"#);
+        // tarpc's own reader panics on it.
+        let plain = std::panic::catch_unwind(|| {
+            let mut json = Json::<ServerItem, ServerSinkItem>::default();
+            let _ = Pin::new(&mut json).deserialize(&huge);
+        });
+        assert!(plain.is_err(), "tarpc no longer panics: the check may go");
+        let mut json = ServerJson::default();
+        let e = Pin::new(&mut json).deserialize(&huge).unwrap_err();
+        assert!(e.to_string().contains("deadline"), "{e}");
+        // Found by the fuzz target: the frame goes wrong after the deadline, where tarpc
+        // has already added it to the clock.
+        let broken_later = BytesMut::from(
+            &br#"{"Request":{"context":{"deadline":{"secs":18446744073709551615,"nanos":999999999},"trace_context":{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}},"id":5,"message":{"Check":{"req":{"spec_""sn:oj{\"shell\":\"x\"}"}}}}}"#[..],
+        );
+        let e = Pin::new(&mut json).deserialize(&broken_later).unwrap_err();
+        assert!(e.to_string().contains("deadline"), "{e}");
+        // The same frame as a sequence, and a cancel, are read as before.
+        let seq = BytesMut::from(
+            &br#"{"Request":[[[18446744073709551615,0],{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}],1,{"Stats":{}}]}"#[..],
+        );
+        assert!(Pin::new(&mut json).deserialize(&seq).is_err());
+    }
 
     #[test]
     fn request_frame_fits_the_largest_job_escaped() {
@@ -234,5 +367,26 @@ mod tests {
         let json = serde_json::to_vec(&req).unwrap();
         assert!(json.len() <= max_request_frame(max_job), "{}", json.len());
         assert_eq!(max_request_frame(u64::MAX), usize::MAX);
+    }
+
+    #[test]
+    fn requests_from_a_client_are_read() {
+        let msg: ServerItem = tarpc::ClientMessage::Request(tarpc::Request {
+            context: tarpc::context::current(),
+            id: 7,
+            message: CybRequest::Stats {},
+        });
+        let bytes = BytesMut::from(serde_json::to_vec(&msg).unwrap().as_slice());
+        let mut json = ServerJson::default();
+        match Pin::new(&mut json).deserialize(&bytes).unwrap() {
+            tarpc::ClientMessage::Request(r) => assert_eq!(r.id, 7),
+            other => panic!("read as {other:?}"),
+        }
+        let ok = frame(r#"{"secs":10,"nanos":0}"#);
+        assert!(Pin::new(&mut json).deserialize(&ok).is_ok());
+        let missing = BytesMut::from(
+            &br#"{"Request":{"context":{"trace_context":{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}},"id":1,"message":{"Stats":{}}}}"#[..],
+        );
+        assert!(Pin::new(&mut json).deserialize(&missing).is_ok());
     }
 }

@@ -18,6 +18,26 @@ pub const MAX_CONTEXT_BYTES: usize = 64 * 1024;
 /// The longest job name.
 pub const MAX_NAME_CHARS: usize = 256;
 
+// The ranges of the spec's numbers (docs/job-spec.md, "Ranges"). Each is checked at intake
+// by [`JobSpec::validate`], so whatever is accepted can be enforced and read back.
+
+/// The longest `timeout`, `retry.backoff` and `retry.max_backoff`: one year (humantime's
+/// `1y`, 365.25 days).
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The most GPUs one job may ask for.
+pub const MAX_GPUS: i64 = 1024;
+/// The smallest CPU quota, in cores: the kernel's smallest CFS quota is 1 ms per 100 ms.
+pub const MIN_CPUS: f64 = 0.01;
+/// The largest CPU quota, in cores (as for a class's `cpus` in the config).
+pub const MAX_CPUS: f64 = 4096.0;
+/// The largest memory limit, in bytes: what a signed 64-bit number holds (8 EiB - 1), the
+/// kernel's and the record reader's limit.
+pub const MAX_MEMORY_BYTES: u64 = i64::MAX as u64;
+/// The largest `pids` limit: the kernel's `PID_MAX_LIMIT` (pids.max refuses more).
+pub const MAX_PIDS: i64 = 4 * 1024 * 1024;
+/// The most attempts a retry policy may ask for, the first one included.
+pub const MAX_ATTEMPTS: i64 = 100;
+
 /// Job classes. Each has its own concurrency slots and default time limit.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -75,24 +95,61 @@ impl Serialize for Dur {
 }
 
 impl<'de> Deserialize<'de> for Dur {
+    /// Refuses only what no [`Duration`] can hold (negative, not a number, 2^64 s or more):
+    /// the reader of records must take back everything earlier builds wrote. The range a
+    /// job may ask for is [`JobSpec::validate`]'s business.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(f64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"90s\" or a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|v| Dur(Duration::from_secs(v)))
+                    .map_err(|_| E::custom(format!("duration must not be negative (got {v})")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dur, E> {
+                if v.is_nan() {
+                    return Err(E::custom("duration must be a number of seconds (got NaN)"));
+                }
+                // -0.0 is zero, not negative.
+                if v < 0.0 {
+                    return Err(E::custom(format!(
+                        "duration must not be negative (got {})",
+                        show_f64(v)
+                    )));
+                }
+                Duration::try_from_secs_f64(v).map(Dur).map_err(|_| {
+                    E::custom(format!(
+                        "{}s is out of range (at most {})",
+                        show_f64(v),
+                        humantime::format_duration(MAX_DURATION)
+                    ))
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Dur, E> {
+                humantime::parse_duration(t.trim()).map(Dur).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration `{t}`: {e} (write e.g. \"90s\", \"10m\", \"1h 30m\")"
+                    ))
+                })
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) if s.is_finite() && s >= 0.0 => Ok(Dur(Duration::from_secs_f64(s))),
-            Raw::Secs(s) => Err(serde::de::Error::custom(format!(
-                "duration must not be negative (got {s})"
-            ))),
-            Raw::Text(t) => humantime::parse_duration(t.trim()).map(Dur).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration `{t}`: {e} (write e.g. \"90s\", \"10m\", \"1h 30m\")"
-                ))
-            }),
-        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A number as a person would write it: `1e20` rather than twenty-one digits.
+fn show_f64(v: f64) -> String {
+    if v != 0.0 && !(1e-4..1e16).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
     }
 }
 
@@ -119,35 +176,51 @@ impl Serialize for Size {
 }
 
 impl<'de> Deserialize<'de> for Size {
+    /// Takes any `u64` back (the reader of records must take what earlier builds wrote); the
+    /// range a job may ask for is [`JobSpec::validate`]'s business.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(i64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(b) if b >= 0 => Ok(Size(b as u64)),
-            Raw::Bytes(b) => Err(serde::de::Error::custom(format!(
-                "size must not be negative (got {b})"
-            ))),
-            Raw::Text(t) => {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"512MiB\" or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("size must not be negative (got {v})")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Size, E> {
+                if v < 0.0 {
+                    return Err(E::custom(format!(
+                        "size must not be negative (got {})",
+                        show_f64(v)
+                    )));
+                }
+                Err(E::custom(format!(
+                    "a size is a whole number of bytes or a string such as \"512MiB\" (got {})",
+                    show_f64(v)
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Size, E> {
                 let trimmed = t.trim();
                 if trimmed.starts_with('-') {
-                    return Err(serde::de::Error::custom(format!(
-                        "size must not be negative (got `{t}`)"
-                    )));
+                    return Err(E::custom(format!("size must not be negative (got `{t}`)")));
                 }
                 trimmed
                     .parse::<bytesize::ByteSize>()
                     .map(|b| Size(b.as_u64()))
                     .map_err(|e| {
-                        serde::de::Error::custom(format!(
+                        E::custom(format!(
                             "invalid size `{t}`: {e} (write e.g. \"512MiB\", \"2GiB\")"
                         ))
                     })
             }
         }
+        d.deserialize_any(V)
     }
 }
 
@@ -308,9 +381,9 @@ pub struct JobSpec {
     pub tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
-    /// Free-form data kept with the job as given (at most 64 KiB of JSON).
+    /// Free-form data kept with the job byte for byte as given (at most 64 KiB of JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub context: Option<serde_json::Value>,
+    pub context: Option<RawJson>,
     /// argv, run without a shell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
@@ -318,8 +391,10 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub docker: Option<DockerSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub task: Option<TaskSpec>,
     /// Absolute working directory (default: the owner's home; cybctl sends its own cwd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -328,11 +403,13 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub resources: Option<Resources>,
     /// Wall-clock limit: TERM, grace period, then KILL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub retry: Option<RetrySpec>,
     /// Job ids that must succeed first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -344,7 +421,86 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "opt_object")]
     pub slurm: Option<SlurmSpec>,
+}
+
+/// Deserializes a struct from a JSON object only. serde's derived structs also take a JSON
+/// array, field by field in order (`[null, "x", ...]` would be a job); a job file and every
+/// object in it must be written as an object.
+pub fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(V(std::marker::PhantomData))
+}
+
+/// [`object`] for an optional field: `null` is none.
+fn opt_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+            object(d).map(Some)
+        }
+    }
+    d.deserialize_option(V(std::marker::PhantomData))
+}
+
+/// A piece of JSON kept exactly as it was written: `context` is the submitter's, and a
+/// number such as `9.7e+25` must not come back as `9.699999999999999e+25`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl RawJson {
+    /// The JSON text, as written.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Checks `text` is one JSON value and keeps it as it is.
+    pub fn from_text(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(RawJson)
+    }
+
+    /// The value, parsed.
+    pub fn to_value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(self.get())
+    }
+}
+
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl JsonSchema for RawJson {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AnyJson".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "any JSON value, kept byte for byte as written"
+        })
+    }
 }
 
 /// What a job runs: the one of `command`, `shell`, `docker`, `task` that is set.
@@ -470,7 +626,7 @@ impl JobSpec {
             check_label("workflow_id", w, 256)?;
         }
         if let Some(ctx) = &self.context {
-            let n = serde_json::to_vec(ctx).map_or(usize::MAX, |v| v.len());
+            let n = ctx.get().len();
             if n > MAX_CONTEXT_BYTES {
                 return Err(SpecError::field(
                     "context",
@@ -567,6 +723,12 @@ impl JobSpec {
                         format!("must not be negative (got {g})"),
                     ));
                 }
+                if g > MAX_GPUS {
+                    return Err(SpecError::field(
+                        "resources.gpus",
+                        format!("{g} is out of range (at most {MAX_GPUS})"),
+                    ));
+                }
                 if g > 0 && !matches!(self.class(), Class::Gpu | Class::GpuSlurm) {
                     return Err(SpecError::field(
                         "resources.gpus",
@@ -582,34 +744,60 @@ impl JobSpec {
             {
                 return Err(SpecError::field(
                     "resources.cpus",
-                    format!("must be a positive number of cores (got {c})"),
+                    format!("must be a positive number of cores (got {})", show_f64(c)),
                 ));
             }
-            if let Some(m) = r.memory
-                && m.0 == 0
+            if let Some(c) = r.cpus
+                && !(MIN_CPUS..=MAX_CPUS).contains(&c)
             {
-                return Err(SpecError::field("resources.memory", "must be more than 0 bytes"));
+                return Err(SpecError::field(
+                    "resources.cpus",
+                    format!("{} cores is out of range ({MIN_CPUS} to {MAX_CPUS})", show_f64(c)),
+                ));
+            }
+            if let Some(m) = r.memory {
+                if m.0 == 0 {
+                    return Err(SpecError::field("resources.memory", "must be more than 0 bytes"));
+                }
+                if m.0 > MAX_MEMORY_BYTES {
+                    return Err(SpecError::field(
+                        "resources.memory",
+                        format!(
+                            "{} bytes ({m}) is out of range (at most {MAX_MEMORY_BYTES} bytes, 8 EiB - 1)",
+                            m.0
+                        ),
+                    ));
+                }
             }
             if let Some(p) = r.pids
-                && p < 1
+                && !(1..=MAX_PIDS).contains(&p)
             {
-                return Err(SpecError::field(
-                    "resources.pids",
-                    format!("must be at least 1 (got {p})"),
-                ));
+                let why = if p < 1 {
+                    format!("must be at least 1 (got {p})")
+                } else {
+                    format!("{p} is out of range (at most {MAX_PIDS}, the kernel's limit)")
+                };
+                return Err(SpecError::field("resources.pids", why));
             }
         }
-        if let Some(t) = self.timeout
-            && t.0.is_zero()
-        {
-            return Err(SpecError::field("timeout", "must be longer than 0s"));
+        if let Some(t) = self.timeout {
+            if t.0.is_zero() {
+                return Err(SpecError::field("timeout", "must be longer than 0s"));
+            }
+            check_duration("timeout", t)?;
         }
         if let Some(r) = &self.retry {
-            if r.max_attempts < 1 || r.max_attempts > 100 {
+            if !(1..=MAX_ATTEMPTS).contains(&r.max_attempts) {
                 return Err(SpecError::field(
                     "retry.max_attempts",
-                    format!("must be between 1 and 100 (got {})", r.max_attempts),
+                    format!("must be between 1 and {MAX_ATTEMPTS} (got {})", r.max_attempts),
                 ));
+            }
+            if let Some(b) = r.backoff {
+                check_duration("retry.backoff", b)?;
+            }
+            if let Some(b) = r.max_backoff {
+                check_duration("retry.max_backoff", b)?;
             }
             for (i, c) in r.on_exit_codes.iter().enumerate() {
                 if !(0..=255).contains(c) {
@@ -660,6 +848,20 @@ impl JobSpec {
     }
 }
 
+fn check_duration(field: &str, d: Dur) -> Result<(), SpecError> {
+    if d.0 > MAX_DURATION {
+        return Err(SpecError::field(
+            field,
+            format!(
+                "{} is out of range (at most {})",
+                humantime::format_duration(d.0),
+                humantime::format_duration(MAX_DURATION)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_label(field: &str, v: &str, max: usize) -> Result<(), SpecError> {
     if v.is_empty() {
         return Err(SpecError::field(field, "must not be empty"));
@@ -693,15 +895,36 @@ pub fn check_artifact_glob(g: &str) -> Result<(), String> {
 
 /// Parses and checks a job file's bytes: the single entry point for intake, RPC and
 /// `cybctl validate`.
+///
+/// It never panics: should a bug in the parser or a library under it panic on some input,
+/// that input is refused with an error saying so, and the caller (intake's batch of files,
+/// an RPC connection, cybctl) goes on.
 pub fn parse_job(bytes: &[u8]) -> Result<JobSpec, SpecError> {
+    std::panic::catch_unwind(|| parse_job_checked(bytes)).unwrap_or_else(|panic| {
+        Err(SpecError::general(format!(
+            "cybd could not parse this job file: its parser failed ({}); this is a bug in cybd, please report it with the file",
+            panic_message(&*panic)
+        )))
+    })
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
+}
+
+fn parse_job_checked(bytes: &[u8]) -> Result<JobSpec, SpecError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| SpecError::general(format!("the job file is not UTF-8 text: {e}")))?;
     let de = &mut serde_json::Deserializer::from_str(text);
-    let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        SpecError::from_json(&path, &inner)
-    })?;
+    let mut track = serde_path_to_error::Track::new();
+    // A job is an object; serde would also take an array of its fields in order.
+    let spec: JobSpec = object(serde_path_to_error::Deserializer::new(de, &mut track))
+        .map_err(|e| SpecError::from_json(&track.path().to_string(), &e))?;
     spec.validate()?;
     Ok(spec)
 }

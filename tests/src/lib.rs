@@ -5,6 +5,8 @@
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
 //! the skip is a failure.
 
+pub mod powerfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -144,11 +146,15 @@ thread_local! {
 /// systemd host.
 pub struct Daemon {
     pub root: tempfile::TempDir,
+    /// Where `spool/` and `logs/` are: `root`, unless started with [`Daemon::start_on`].
+    pub data: PathBuf,
     pub runtime: tempfile::TempDir,
     pub config: PathBuf,
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
     pub log_target: &'static str,
     child: Option<Child>,
+    /// File systems mounted under the data directory for this daemon, unmounted on drop.
+    mounts: Vec<PathBuf>,
 }
 
 impl Daemon {
@@ -172,6 +178,28 @@ impl Daemon {
     /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
     /// refuses a key given twice, so `extra` cannot override it).
     pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
+        Self::start_full(allow, extra, None, |_| {})
+    }
+
+    /// Like [`start_with_root_jobs`](Self::start_with_root_jobs), but runs `prepare` on the
+    /// daemon before it starts (to mount a small file system on `spool/jobs`, say; see
+    /// [`Daemon::mount_tmpfs`]).
+    pub fn start_prepared(allow: bool, extra: &str, prepare: impl FnOnce(&mut Daemon)) -> Daemon {
+        Self::start_full(allow, extra, None, prepare)
+    }
+
+    /// A daemon whose spool and logs are under `data` (another file system, such as a
+    /// [`powerfs`] mount), with its config, socket and log in a temporary directory.
+    pub fn start_on(data: &Path, extra: &str) -> Daemon {
+        Self::start_full(true, extra, Some(data.to_path_buf()), |_| {})
+    }
+
+    fn start_full(
+        allow: bool,
+        extra: &str,
+        data: Option<PathBuf>,
+        prepare: impl FnOnce(&mut Daemon),
+    ) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
             .tempdir()
@@ -179,6 +207,7 @@ impl Daemon {
         // Others must reach the spool and logs (jobs run as the test user).
         std::fs::set_permissions(root.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let r = root.path();
+        let data = data.unwrap_or_else(|| r.to_path_buf());
         let shm = Path::new("/dev/shm");
         let runtime = tempfile::Builder::new()
             .prefix("cybd-test-run-")
@@ -188,8 +217,8 @@ impl Daemon {
         let mut text = format!(
             "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
              [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
-            r.join("spool").display(),
-            r.join("logs").display(),
+            data.join("spool").display(),
+            data.join("logs").display(),
             r.join("cybd.sock").display(),
             runtime.path().display(),
         );
@@ -200,13 +229,31 @@ impl Daemon {
         std::fs::write(&config, text).unwrap();
         let mut d = Daemon {
             root,
+            data,
             runtime,
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
             child: None,
+            mounts: Vec::new(),
         };
+        prepare(&mut d);
         d.spawn();
         d
+    }
+
+    /// Mounts a tmpfs of `size` (mount's syntax: `2m`) on `rel` under the daemon's data
+    /// directory (created first), unmounted when the daemon is dropped. Root only.
+    pub fn mount_tmpfs(&mut self, rel: &str, size: &str) -> PathBuf {
+        let dir = self.data.join(rel);
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "cyb-test"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount tmpfs on {} failed", dir.display());
+        self.mounts.push(dir.clone());
+        dir
     }
 
     /// The name of this daemon's cgroup subtree (`[cgroups] name`): job N's cgroup is a
@@ -222,16 +269,16 @@ impl Daemon {
         self.path().join("cybd.sock")
     }
     pub fn incoming(&self) -> PathBuf {
-        self.path().join("spool/incoming")
+        self.data.join("spool/incoming")
     }
     pub fn rejected(&self) -> PathBuf {
-        self.path().join("spool/rejected")
+        self.data.join("spool/rejected")
     }
     pub fn jobs_dir(&self) -> PathBuf {
-        self.path().join("spool/jobs")
+        self.data.join("spool/jobs")
     }
     pub fn run_dir(&self, id: u64) -> PathBuf {
-        self.path().join(format!("logs/run_{id}"))
+        self.data.join(format!("logs/run_{id}"))
     }
     /// `[paths] runtime`.
     pub fn runtime_dir(&self) -> &Path {
@@ -470,6 +517,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
         // The daemon's (now empty) cgroup subtree: removed so test runs leave nothing behind.
         remove_cgroup_dirs(&self.cgroup_name());
     }
@@ -615,4 +665,38 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Whether process `pid` exists.
 pub fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// A small deterministic PRNG (xorshift64*), seeded from the clock or `CYB_TEST_SEED`
+/// (printed, so a failing run can be repeated).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new() -> Rng {
+        let seed = std::env::var("CYB_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            })
+            | 1;
+        eprintln!("random seed: CYB_TEST_SEED={seed}");
+        Rng(seed)
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1)
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng::new()
+    }
 }

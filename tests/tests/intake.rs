@@ -178,6 +178,45 @@ const BAD_SPECS: &[(&str, &str, Option<&str>, &str)] = &[
         Some("env.CYB_JOB_ID"),
         "CYB_",
     ),
+    // Issue 15: numbers no Duration holds panicked the parser (cybctl validate exited 101).
+    (
+        "huge-timeout.json",
+        r#"{"command":["true"],"timeout":1e20}"#,
+        Some("timeout"),
+        "1e20s is out of range (at most 1year)",
+    ),
+    (
+        "huge-backoff.json",
+        r#"{"command":["true"],"retry":{"max_attempts":2,"backoff":1e20}}"#,
+        Some("retry.backoff"),
+        "out of range",
+    ),
+    (
+        "huge-max-backoff.json",
+        r#"{"command":["true"],"retry":{"max_attempts":2,"max_backoff":18446744073709551616}}"#,
+        Some("retry.max_backoff"),
+        "out of range",
+    ),
+    // Accepted once, then unreadable in the store after a restart.
+    (
+        "huge-memory.json",
+        r#"{"command":["true"],"resources":{"memory":"10EiB"}}"#,
+        Some("resources.memory"),
+        "out of range",
+    ),
+    // A job is an object, not an array of its fields in order.
+    (
+        "array.json",
+        r#"[null,"arr",null,null,null,null,null,["true"]]"#,
+        None,
+        "expected a JSON object",
+    ),
+    (
+        "array-resources.json",
+        r#"{"command":["true"],"resources":[1,2.0]}"#,
+        Some("resources"),
+        "expected a JSON object",
+    ),
 ];
 
 #[test]
@@ -199,6 +238,68 @@ fn invalid_specs_are_rejected_with_reason_and_field() {
         );
     }
     assert_still_accepting(&d);
+}
+
+/// Issue 15: a `"timeout": 1e20` file panicked intake's whole batch on every rescan, so
+/// the good files behind it waited forever, and the set of files already taken was lost
+/// with the batch, so after a restart they were taken (and run) again.
+#[test]
+fn an_out_of_range_file_is_refused_and_the_files_behind_it_run_once() {
+    let mut d = Daemon::start();
+    d.drop_job("a-huge.json", r#"{"command":["true"],"timeout":1e20}"#);
+    // Its mtime is later, so it comes behind the bad one in the same batch.
+    std::thread::sleep(Duration::from_millis(20));
+    let marker = d.path().join("runs");
+    d.drop_job(
+        "b-good.json",
+        &format!(r#"{{"shell":"echo run >> {}"}}"#, marker.display()),
+    );
+    let err = assert_rejected(&d, "a-huge.json", Some("timeout"));
+    assert!(
+        message(&err).starts_with("1e20s is out of range (at most 1year)"),
+        "{err}"
+    );
+    let (id, res) = wait_job(&d, "b-good.json");
+    assert_eq!(res["state"], "succeeded", "{res}");
+    // A kill -9 and a restart later, nothing is taken or run again.
+    d.kill9();
+    d.restart();
+    std::thread::sleep(Duration::from_millis(2500));
+    let recs = d.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["id"], id);
+    assert_eq!(read(&marker), "run\n", "the good job ran more than once");
+    assert!(alive(d.pid().expect("daemon pid") as i32), "log:\n{}", d.log());
+}
+
+/// Issue 15: `context` is kept byte for byte: numbers, spacing and escapes as written (it
+/// was parsed and written back, so 9.7e+25 became 9.699999999999999e+25).
+#[test]
+fn context_is_kept_byte_for_byte_in_the_record_and_job_json() {
+    const CONTEXT: &str = r#"{"n": 9.7e+25, "big": 123456789012345678901234567890,
+  "s": "caf\u00e9 \/", "a": [1, 2.50, -0.0]}"#;
+    let d = Daemon::start();
+    d.drop_job(
+        "ctx.json",
+        &format!(r#"{{"command":["true"],"context":{CONTEXT}}}"#),
+    );
+    let (id, res) = wait_job(&d, "ctx.json");
+    assert_eq!(res["state"], "succeeded", "{res}");
+    let record = read(&d.jobs_dir().join(format!("{id}.json")));
+    assert!(record.contains(CONTEXT), "the record changed context:\n{record}");
+    let job = read(&d.run_dir(id).join("job.json"));
+    assert!(job.contains(CONTEXT), "job.json changed context:\n{job}");
+    // What cybctl shows comes through the RPC unchanged too.
+    let shown = d.ctl_ok(&["--json", "show", &id.to_string()]);
+    assert!(shown.contains(CONTEXT), "cybctl show changed context:\n{shown}");
+    // And so does a job submitted with cybctl.
+    let f = d.path().join("ctx-submit.json");
+    std::fs::write(&f, format!(r#"{{"command":["true"],"context":{CONTEXT}}}"#)).unwrap();
+    let out = d.ctl_ok(&["--json", "submit", "-f", f.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let id2 = v["id"].as_u64().unwrap_or_else(|| panic!("no id in {out}"));
+    let record = read(&d.jobs_dir().join(format!("{id2}.json")));
+    assert!(record.contains(CONTEXT), "the record changed context:\n{record}");
 }
 
 #[test]

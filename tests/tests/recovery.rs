@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, alive, wait_until};
+use cyb_tests::{Daemon, Rng, alive, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -182,33 +182,6 @@ fn run_dir_ids(d: &Daemon) -> Vec<u64> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// A small deterministic PRNG (xorshift64*), seeded from the clock or `CYB_TEST_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("CYB_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        eprintln!("random seed: CYB_TEST_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-    }
 }
 
 // ----- 1. a running job survives a daemon restart and is re-adopted
@@ -597,6 +570,57 @@ fn unreadable_record_is_quarantined_reported_and_its_id_not_reused() {
     let e = d.submit(&[], &["true"]);
     assert!(e > c, "new job {e} reuses or precedes quarantined id {c}");
     assert_eq!(wait_result(&d, e)["state"], "succeeded");
+}
+
+#[test]
+fn run_directory_of_a_job_never_recorded_is_removed_and_its_id_not_reused() {
+    let mut d = Daemon::start();
+    let a = d.submit(&[], &["sh", "-c", "echo kept"]);
+    wait_result(&d, a);
+    d.kill9();
+    // What a crash between a start's run directory and its record left behind (earlier
+    // builds wrote both at once): job.json, empty logs and artifacts/, and no record.
+    let orphan = a + 11;
+    let dir = d.run_dir(orphan);
+    std::fs::create_dir_all(dir.join("artifacts")).unwrap();
+    std::fs::copy(d.run_dir(a).join("job.json"), dir.join("job.json")).unwrap();
+    std::fs::write(dir.join("stdout.log"), b"").unwrap();
+    std::fs::write(dir.join("stderr.log"), b"").unwrap();
+    // A directory with output in it is somebody's data: it stays.
+    let foreign = d.run_dir(a + 5);
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("stdout.log"), b"results\n").unwrap();
+    restart(&mut d);
+    assert!(
+        !dir.exists(),
+        "{} is still there; log:\n{}",
+        dir.display(),
+        d.log()
+    );
+    assert!(
+        foreign.join("stdout.log").exists(),
+        "a run directory with output was removed"
+    );
+    assert!(
+        d.run_dir(a).join("result.json").exists(),
+        "a recorded job's run directory was touched"
+    );
+    // The removed directory's id is never handed out again, restart after restart.
+    let b = d.submit(&[], &["true"]);
+    assert!(
+        b > orphan,
+        "job {b} reuses or precedes the removed run directory's id {orphan}"
+    );
+    wait_result(&d, b);
+    std::fs::remove_dir_all(d.run_dir(b)).unwrap();
+    std::fs::remove_file(d.jobs_dir().join(format!("{b}.json"))).unwrap();
+    d.stop();
+    restart(&mut d);
+    let c = d.submit(&[], &["true"]);
+    assert!(
+        c > orphan,
+        "after restarts job {c} reuses or precedes id {orphan}"
+    );
 }
 
 // ----- 5. a job whose supervisor vanished

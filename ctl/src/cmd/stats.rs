@@ -61,6 +61,11 @@ fn render(s: &Stats, now: OffsetDateTime, tz: UtcOffset) -> String {
         }
         out.push_str(&t.render());
     }
+    if let Some(why) = &s.store_error {
+        out.push_str(&format!(
+            "\njob records cannot be written now: {why}\n  submissions are refused; ends of jobs are recorded once writes succeed again\n"
+        ));
+    }
     if !s.quarantined.is_empty() {
         out.push_str(&format!(
             "\nquarantined records ({}): unreadable at startup, moved aside\n",
@@ -97,6 +102,7 @@ mod tests {
             total_jobs: 20,
             next_id: 21,
             quarantined: vec!["/var/spool/cyb/jobs/7.json".into()],
+            store_error: None,
         };
         let text = render(&s, datetime!(2025-11-23 14:05:00 UTC), UtcOffset::UTC);
         assert!(

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::ArgGroup;
 use cyb_proto::{Class, JobId, SpecError, SubmitRequest};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::{Ctx, logs, validate, wait};
@@ -105,9 +106,12 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         )
         .into());
     }
-    let base = match &args.file {
-        Some(file) => Some(read_spec_object(file)?),
-        None => None,
+    let (base, context) = match &args.file {
+        Some(file) => {
+            let (map, context) = read_spec_object(file)?;
+            (Some(map), context)
+        }
+        None => (None, None),
     };
     let cwd = std::env::current_dir();
     let spec = build_spec(base, &args, cwd.as_deref().ok())?;
@@ -120,7 +124,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         })?;
         Some(utf8(&cwd, "the current directory")?.to_string())
     };
-    let spec_json = serde_json::to_string(&spec)?;
+    let spec_json = serde_json::to_string(&WithContext(&spec, context.as_deref()))?;
 
     let conn = ctx.connect().await?;
     let id = conn
@@ -167,23 +171,60 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     Ok(exit::OK)
 }
 
-/// Reads `-f FILE`: a JSON object, at most [`validate::MAX_JOB_FILE_BYTES`].
-fn read_spec_object(file: &Path) -> anyhow::Result<Map<String, Value>> {
+/// A spec object with its `context` as written: the daemon keeps `context` byte for byte,
+/// so cybctl must not parse and rewrite it on the way.
+struct WithContext<'a>(&'a Map<String, Value>, Option<&'a RawValue>);
+
+impl serde::Serialize for WithContext<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        if let Some(c) = self.1 {
+            m.serialize_entry("context", c)?;
+        }
+        m.end()
+    }
+}
+
+/// A job file's fields but `context`, and its `context` as written.
+type SpecFile = (Map<String, Value>, Option<Box<RawValue>>);
+
+/// Reads `-f FILE`: a JSON object, at most [`validate::MAX_JOB_FILE_BYTES`]. Its `context`
+/// is returned aside, as written.
+fn read_spec_object(file: &Path) -> anyhow::Result<SpecFile> {
     let bytes = validate::read_job_file(file)?;
     let name = file.display();
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Failure::new(
+    let invalid = |field: &str, e: serde_json::Error| -> anyhow::Error {
+        Failure::new(
+            exit::INVALID_SPEC,
+            format!("{name}: {}", SpecError::from_json(field, &e)),
+        )
+        .into()
+    };
+    let whole = serde_json::from_slice::<&RawValue>(&bytes).map_err(|e| invalid(".", e))?;
+    if !whole.get().starts_with('{') {
+        return Err(Failure::new(
             exit::INVALID_SPEC,
             format!("{name}: a job file holds one JSON object"),
         )
-        .into()),
-        Err(e) => Err(Failure::new(
-            exit::INVALID_SPEC,
-            format!("{name}: {}", SpecError::from_json(".", &e)),
-        )
-        .into()),
+        .into());
     }
+    let fields: std::collections::BTreeMap<String, &RawValue> =
+        serde_json::from_str(whole.get()).map_err(|e| invalid(".", e))?;
+    let mut map = Map::new();
+    let mut context = None;
+    for (k, v) in fields {
+        if k == "context" {
+            context = Some(v.to_owned());
+        } else {
+            let v = serde_json::from_str::<Value>(v.get()).map_err(|e| invalid(&k, e))?;
+            map.insert(k, v);
+        }
+    }
+    Ok((map, context))
 }
 
 /// The spec object: `base` (the file's, if any) with the flags' fields put in. Scalars and

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
-use cyb_proto::rpc::SubmitRequest;
+use cyb_proto::rpc::{ListFilter, SubmitRequest};
 use cyb_proto::{CybClient, StateName};
 use cyb_tests::{Daemon, bin, bin_dir, is_root};
 use futures::StreamExt as _;
@@ -50,6 +50,8 @@ const TARGET_ADMISSION_P50_MS: f64 = 5.0;
 const TARGET_SUBMIT_P99_RATIO: f64 = 1.2;
 const TARGET_RSS_IDLE_MIB: f64 = 15.0;
 const TARGET_RSS_QUEUED_MIB: f64 = 40.0;
+const TARGET_RECOVERY_S: f64 = 2.0;
+const TARGET_RSS_HISTORY_MIB: f64 = 64.0;
 
 const TRIVIAL_JOB: &str = r#"{"command":["true"]}"#;
 
@@ -67,6 +69,8 @@ enum Part {
     Submit,
     /// task-spooler and pueue, same jobs and slots.
     Peers,
+    /// Restart on many finished records: time to READY and RSS after recovery.
+    History,
 }
 
 #[derive(Parser, Debug)]
@@ -88,6 +92,9 @@ struct Opts {
     /// samples alternate.
     #[arg(long, default_value_t = 3000)]
     submit_samples: usize,
+    /// Finished job records on disk for the recovery (history) figures.
+    #[arg(long, default_value_t = 100_000)]
+    history: usize,
     /// Jobs queued (paused queue) for the loaded submit latency and RSS figures.
     #[arg(long, default_value_t = 10_000)]
     queued: usize,
@@ -103,7 +110,7 @@ struct Opts {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "spool,rpc,ctl,admission,submit,peers"
+        default_value = "spool,rpc,ctl,admission,submit,history,peers"
     )]
     only: Vec<Part>,
     /// Run cybd's jobs without cgroups (`[cgroups] enabled = false`): what confinement
@@ -1579,6 +1586,56 @@ fn snapshot_binaries() -> anyhow::Result<tempfile::TempDir> {
     Ok(dir)
 }
 
+struct History {
+    ready: Duration,
+    rss_mib: f64,
+    ls: Duration,
+}
+
+/// Fills a stopped daemon's store with `--history` finished records (copies of one real
+/// record with their own ids; they share that job's run directory, which has its
+/// result.json), restarts it, and measures the restart until it answers, then its RSS.
+async fn cybd_history(o: &Opts) -> anyhow::Result<History> {
+    let mut c = Cybd::start(o);
+    let client = connect(&c.d.socket()).await?;
+    let id = client
+        .submit(ctx(Duration::from_secs(10)), trivial_request())
+        .await??;
+    let rec = client.wait(ctx(Duration::from_secs(60)), id, 30_000).await??;
+    ensure!(rec.state.is_terminal(), "the template job did not end");
+    drop(client);
+    c.d.stop();
+    let jobs = c.d.jobs_dir();
+    let template: Value = serde_json::from_slice(&std::fs::read(jobs.join(format!("{id}.json")))?)?;
+    let mut rec = template;
+    for n in 1..=o.history as u64 {
+        let new_id = id + n;
+        rec["id"] = json!(new_id);
+        rec["spec"]["name"] = json!(format!("job-{new_id}"));
+        let mut bytes = serde_json::to_vec_pretty(&rec)?;
+        bytes.push(b'\n');
+        std::fs::write(jobs.join(format!("{new_id}.json")), bytes)?;
+    }
+    settle_fs(&jobs).await;
+    // Cold-ish: what the page cache holds is the records just written, as after a daemon
+    // restart (not a reboot).
+    let t = Instant::now();
+    c.d.restart();
+    let ready = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_mib = proc_mem_mib(c.pid(), "VmRSS")?;
+    let client = connect(&c.d.socket()).await?;
+    let t = Instant::now();
+    let filter = ListFilter {
+        limit: Some(20),
+        ..Default::default()
+    };
+    let listed = client.list(ctx(Duration::from_secs(30)), filter).await?;
+    let ls = t.elapsed();
+    ensure!(listed.len() == 20, "ls returned {} jobs", listed.len());
+    Ok(History { ready, rss_mib, ls })
+}
+
 fn main() -> std::process::ExitCode {
     let mut o = Opts::parse();
     if o.spool_owner == SpoolOwner::User && cyb_tests::is_root() {
@@ -1897,6 +1954,38 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             "queued_mib": s.rss_queued_mib,
             "queued": s.queued,
             "after_samples_mib": s.rss_after_mib,
+        });
+    }
+    if o.runs(Part::History) {
+        wait_quiet(&o).await;
+        progress(format!(
+            "5: restart on {} finished records: time to READY, RSS...",
+            o.history
+        ));
+        let h = cybd_history(&o).await?;
+        rows.push(row(
+            format!("recovery on {} finished records, restart -> READY (s)", o.history),
+            format!("{:.2}", h.ready.as_secs_f64()),
+            format!("<= {TARGET_RECOVERY_S:.0}"),
+            Some(h.ready.as_secs_f64() <= TARGET_RECOVERY_S),
+        ));
+        rows.push(row(
+            format!("RSS after recovery on {} finished records (MiB)", o.history),
+            format!("{:.1}", h.rss_mib),
+            format!("<= {TARGET_RSS_HISTORY_MIB:.0}"),
+            Some(h.rss_mib <= TARGET_RSS_HISTORY_MIB),
+        ));
+        rows.push(row(
+            "  `cybctl ls --limit 20` on them (ms)",
+            format!("{:.1}", ms(h.ls)),
+            "",
+            None,
+        ));
+        out["cybd"]["history"] = json!({
+            "records": o.history,
+            "ready_s": h.ready.as_secs_f64(),
+            "rss_mib": h.rss_mib,
+            "ls_ms": ms(h.ls),
         });
     }
     for r in &rows {
