@@ -16,6 +16,8 @@ pub const SYSTEM_SOCKET: &str = "/run/cyb/cybd.sock";
 pub const USER_SOCKET: &str = "cyb/cybd.sock";
 /// How long an ordinary call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to keep trying while the daemon's queue of connections to accept is full.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
 
 /// Where the socket path came from; it decides the hint given when nothing answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,7 +117,18 @@ impl Conn {
     /// Connects, or fails with exit code 69 and a hint.
     pub async fn connect(socket: &Socket) -> anyhow::Result<Conn> {
         let path = socket.path.display();
-        let stream = match tokio::net::UnixStream::connect(&socket.path).await {
+        // A full accept queue (thousands of connections arriving at once) refuses a
+        // connect with EAGAIN: the daemon is busy, not gone, so try again for a while.
+        let busy_until = Instant::now() + CONNECT_RETRY;
+        let connected = loop {
+            match tokio::net::UnixStream::connect(&socket.path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < busy_until => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                r => break r,
+            }
+        };
+        let stream = match connected {
             Ok(s) => s,
             Err(e)
                 if matches!(
@@ -169,6 +182,12 @@ impl Conn {
                 format!("cybd at {path} closed the connection during `{call}`"),
             )
             .into(),
+            // cybd answers this way when it turns a connection away (too many of yours).
+            CallError::Server(e) => Failure::new(
+                exit::UNREACHABLE,
+                format!("cybd at {path} refused `{call}`: {}", e.detail),
+            )
+            .into(),
             e @ CallError::Channel(_) => anyhow::Error::new(e).context(Failure::new(
                 exit::UNREACHABLE,
                 format!("lost the connection to cybd at {path} during `{call}`"),
@@ -191,13 +210,17 @@ impl Conn {
     }
 
     pub async fn submit(&self, req: SubmitRequest) -> anyhow::Result<JobId> {
+        let len = req.spec_json.len();
         let r = self.client.submit(Self::context(CALL_TIMEOUT), req).await;
         self.answer("submit", CALL_TIMEOUT, r)
+            .map_err(|e| too_big_hint(e, len))
     }
 
     pub async fn check(&self, req: SubmitRequest) -> anyhow::Result<()> {
+        let len = req.spec_json.len();
         let r = self.client.check(Self::context(CALL_TIMEOUT), req).await;
         self.answer("check", CALL_TIMEOUT, r)
+            .map_err(|e| too_big_hint(e, len))
     }
 
     pub async fn list(&self, filter: ListFilter) -> anyhow::Result<Vec<JobSummary>> {
@@ -270,6 +293,20 @@ impl Conn {
         let r = self.client.gpus(Self::context(CALL_TIMEOUT)).await;
         self.answer("gpus", CALL_TIMEOUT, r.map(Ok))
     }
+}
+
+/// A job this large may be why the daemon closed the connection: it reads no request
+/// longer than twice its `max_job_bytes` (1 MiB by default) and 64 KiB.
+const LARGE_JOB: usize = 512 * 1024;
+
+/// Adds to a lost connection during a submission of a `len`-byte job what may have caused it.
+fn too_big_hint(e: anyhow::Error, len: usize) -> anyhow::Error {
+    if len < LARGE_JOB || exit::code_of(&e) != exit::UNREACHABLE || e.to_string().contains("refused") {
+        return e;
+    }
+    e.context(format!(
+        "cannot send a job of {len} bytes (cybd reads no request over twice its max_job_bytes)"
+    ))
 }
 
 #[cfg(test)]

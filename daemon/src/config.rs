@@ -48,6 +48,8 @@ struct RawConfig {
     #[serde(default)]
     cgroups: RawCgroups,
     #[serde(default)]
+    rpc: RawRpc,
+    #[serde(default)]
     classes: BTreeMap<String, RawClass>,
     #[serde(default)]
     gpus: crate::gpu::config::GpusSection,
@@ -60,6 +62,14 @@ struct RawConfig {
 struct RawCgroups {
     enabled: Option<bool>,
     name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRpc {
+    max_connections_per_user: Option<i64>,
+    idle_timeout: Option<Dur>,
+    header_timeout: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -95,6 +105,18 @@ pub struct ClassConfig {
     pub memory: Option<u64>,
     pub cpus: Option<f64>,
     pub pids: Option<u64>,
+}
+
+/// What one RPC client may make the daemon hold (`[rpc]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RpcLimits {
+    /// Connections one uid may hold open at once; root and the daemon's own user are exempt.
+    pub max_connections_per_user: usize,
+    /// A connection with no request in flight that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request frame must arrive whole within this long of its first byte, and a reply
+    /// must be taken within this long, or the connection is closed.
+    pub header_timeout: Duration,
 }
 
 /// Paths the daemon uses.
@@ -146,6 +168,7 @@ pub struct Config {
     /// Name of cybd's subtree inside its own cgroup (`[cgroups] name`).
     pub cgroup_name: String,
     pub gpus: crate::gpu::config::GpuConfig,
+    pub rpc: RpcLimits,
 }
 
 impl Config {
@@ -161,6 +184,11 @@ impl Config {
         } else {
             self.paths.runtime.join("supervisors")
         }
+    }
+
+    /// The largest RPC request frame the daemon reads: what a job of `max_job_bytes` needs.
+    pub fn max_request_frame(&self) -> usize {
+        cyb_proto::rpc::max_request_frame(self.max_job_bytes)
     }
 
     pub fn class(&self, c: Class) -> &ClassConfig {
@@ -290,6 +318,28 @@ impl Config {
                 format!("`{cgroup_name}` is not a plain directory name (letters, digits, - _ .)"),
             ));
         }
+        let rpc = RpcLimits {
+            max_connections_per_user: match raw.rpc.max_connections_per_user {
+                None => 32,
+                Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+                Some(n) => {
+                    return Err(key_err(
+                        "rpc.max_connections_per_user",
+                        format!("must be 1 to 1000000 (got {n})"),
+                    ));
+                }
+            },
+            idle_timeout: raw.rpc.idle_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            header_timeout: raw.rpc.header_timeout.map_or(Duration::from_secs(10), |d| d.0),
+        };
+        for (key, d) in [
+            ("rpc.idle_timeout", rpc.idle_timeout),
+            ("rpc.header_timeout", rpc.header_timeout),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(key_err(key, "must be at least 100ms".into()));
+            }
+        }
         let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
             .map_err(|e| key_err(&e.key(), e.message()))?;
         let mut classes = BTreeMap::new();
@@ -393,6 +443,7 @@ impl Config {
             cgroups_enabled: raw.cgroups.enabled.unwrap_or(true),
             cgroup_name,
             gpus,
+            rpc,
         })
     }
 }
@@ -420,6 +471,15 @@ mod tests {
         assert_eq!(c.class(Class::CpuLong).slots, 2);
         assert_eq!(c.max_job_bytes, 1024 * 1024);
         assert!(!c.allow_root_jobs);
+        assert_eq!(
+            c.rpc,
+            RpcLimits {
+                max_connections_per_user: 32,
+                idle_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_secs(10),
+            }
+        );
+        assert_eq!(c.max_request_frame(), (2 << 20) + (64 << 10));
     }
 
     #[test]
@@ -477,6 +537,13 @@ mod tests {
             ("[classes.cpu_short]\nmemory = \"0B\"", "classes.cpu_short.memory"),
             ("[[gpu]]\nindex = 0\ndevices = [\"nvidia0\"]", "gpu[0]"),
             ("[[gpu]]\nindex = 0\n[[gpu]]\nindex = 0", "gpu[1].index"),
+            (
+                "[rpc]\nmax_connections_per_user = 0",
+                "rpc.max_connections_per_user",
+            ),
+            ("[rpc]\nidle_timeout = \"0s\"", "rpc.idle_timeout"),
+            ("[rpc]\nheader_timeout = \"10ms\"", "rpc.header_timeout"),
+            ("[rpc]\nmax_connections = 5", "max_connections"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text, Path::new("t.toml"), false, &env)

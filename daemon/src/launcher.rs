@@ -107,9 +107,9 @@ impl Launcher {
             &nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0),
         )
         .map_err(|e| io::Error::other(format!("cannot set the launcher socket's timeout: {e}")))?;
-        let child = Command::new("/proc/self/exe")
-            // `ps` shows "cybd launcher", not "/proc/self/exe launcher".
-            .arg0("cybd")
+        let mut cmd = Command::new("/proc/self/exe");
+        // `ps` shows "cybd launcher", not "/proc/self/exe launcher".
+        cmd.arg0("cybd")
             .arg("launcher")
             .env_clear()
             .stdin(Stdio::from(theirs))
@@ -117,7 +117,12 @@ impl Launcher {
             .stderr(Stdio::inherit())
             // Its own process group, like the supervisors it starts: a Ctrl-C meant for the
             // daemon in a terminal does not reach it or them.
-            .process_group(0)
+            .process_group(0);
+        // The daemon raised its own descriptor limit for its connections; the launcher, and
+        // so every supervisor and job, gets the one the daemon was started with.
+        // SAFETY: restore_nofile makes only system calls, which are safe after fork.
+        unsafe { cmd.pre_exec(sys::restore_nofile) };
+        let child = cmd
             .spawn()
             .map_err(|e| io::Error::other(format!("cannot start the launcher: {e}")))?;
         Ok(Conn { sock: ours, child })

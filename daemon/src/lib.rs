@@ -83,6 +83,12 @@ impl ConfigSource {
 /// good are they cancelled first.
 pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
+    // Each RPC connection holds a descriptor; jobs get the starting limit back (launcher).
+    match sys::raise_nofile_limit() {
+        Ok((old, new)) if new > old => info!("descriptor limit raised from {old} to {new}"),
+        Ok(_) => {}
+        Err(e) => warn!("cannot raise the descriptor limit: {e}"),
+    }
     for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }

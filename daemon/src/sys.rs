@@ -90,6 +90,72 @@ pub fn try_wait(pid: i32) -> io::Result<Option<std::process::ExitStatus>> {
     }
 }
 
+/// The soft RLIMIT_NOFILE the daemon started with, which the processes it starts get back
+/// (0 until [`raise_nofile_limit`] changed it).
+static STARTING_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises the soft descriptor limit to the hard one, as systemd advises services that need
+/// many descriptors to do themselves: every RPC connection holds one. Returns the limits
+/// before and after. Children get the old soft limit back ([`restore_nofile`]), since
+/// programs using select(2) break on descriptors past 1024.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = r.rlim_cur;
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        STARTING_NOFILE.store(old, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok((old, r.rlim_cur))
+}
+
+/// Puts the soft descriptor limit back to what the daemon started with, if
+/// [`raise_nofile_limit`] raised it. Only a system call: safe between fork and exec.
+pub fn restore_nofile() -> io::Result<()> {
+    let soft = STARTING_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+    if soft == 0 {
+        return Ok(());
+    }
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read the struct they are given; both are plain
+    // system calls, async-signal-safe.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        r.rlim_cur = soft.min(r.rlim_max);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Asks the allocator to give the memory it holds free back to the system. glibc's malloc
+/// keeps freed memory in its heaps unless it lies at their very top, so after thousands of
+/// connections have come and gone the daemon would stay as large as at their peak.
+/// Blocking (it walks the heaps): call it from `spawn_blocking`.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions; it takes the allocator's own locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use tarpc::tokio_util::bytes::BytesMut;
 use tarpc::tokio_util::codec::Decoder as _;
 
 fuzz_target!(|data: &[u8]| {
-    let mut codec = cyb_proto::rpc::codec();
+    let mut codec = cyb_proto::rpc::codec(cyb_proto::rpc::max_request_frame(1 << 20));
     let mut json = cyb_proto::rpc::ServerJson::default();
     let mut buf = BytesMut::from(data);
     // Frames until the input runs out, then what the codec makes of the rest at EOF.

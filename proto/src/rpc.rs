@@ -169,18 +169,37 @@ pub trait Cyb {
     async fn gpus() -> crate::gpu::GpuReport;
 }
 
-/// Largest RPC frame either side accepts (a job spec is at most a few MiB; `list` of a large
-/// queue is the biggest answer).
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// Largest frame a client accepts: the daemon's replies, of which `list` of a large queue is
+/// the biggest (about 300 bytes a job). Clients trust the daemon they connect to.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
 
-/// The frame codec both sides speak: a length prefix, at most [`MAX_FRAME_BYTES`].
-pub fn codec() -> tarpc::tokio_util::codec::LengthDelimitedCodec {
+/// Room a request frame needs beside the job itself: the envelope (request id, deadline,
+/// trace context) and `default_cwd` (a path of up to 4 KiB, each byte escaped to at most 6).
+pub const REQUEST_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// The largest request frame a daemon that accepts jobs of up to `max_job_bytes` needs to
+/// read. The job travels as a JSON string, where escaping at most doubles a valid job
+/// (every `"`, `\` and line break becomes two bytes; other control characters cannot occur
+/// in a valid job). Anything longer cannot be a request the daemon would accept, and the
+/// daemon closes the connection instead of buffering it.
+pub fn max_request_frame(max_job_bytes: u64) -> usize {
+    usize::try_from(max_job_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(2)
+        .saturating_add(REQUEST_OVERHEAD_BYTES)
+}
+
+/// The frame codec both sides speak: a 4-byte length prefix, frames of at most
+/// `max_frame` bytes. A longer frame is an error as soon as its length is read, before its
+/// body is buffered.
+pub fn codec(max_frame: usize) -> tarpc::tokio_util::codec::LengthDelimitedCodec {
     tarpc::tokio_util::codec::LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME_BYTES)
+        .max_frame_length(max_frame)
         .new_codec()
 }
 
-/// Wraps a connected stream in the transport both sides speak: length-delimited JSON frames.
+/// Wraps a connected stream in the transport both sides speak (length-delimited JSON
+/// frames), as a client: frames of up to [`MAX_REPLY_BYTES`].
 pub fn transport<S, Item, SinkItem>(
     io: S,
 ) -> tarpc::serde_transport::Transport<S, Item, SinkItem, tarpc::tokio_serde::formats::Json<Item, SinkItem>>
@@ -189,7 +208,7 @@ where
     Item: for<'de> Deserialize<'de>,
     SinkItem: Serialize,
 {
-    let framed = tarpc::tokio_util::codec::Framed::new(io, codec());
+    let framed = tarpc::tokio_util::codec::Framed::new(io, codec(MAX_REPLY_BYTES));
     tarpc::serde_transport::new(framed, tarpc::tokio_serde::formats::Json::default())
 }
 
@@ -201,14 +220,16 @@ pub type ServerSinkItem = tarpc::Response<CybResponse>;
 /// The server's side of [`transport`]: the same frames and JSON, but a request whose deadline
 /// lies past what an `Instant` can hold is an error of that frame. tarpc reads a deadline
 /// as `Instant::now() + duration`, which panics on such a duration (`{"secs":
-/// 18446744073709551615}`), and any local user can send one.
+/// 18446744073709551615}`), and any local user can send one. Frames are at most
+/// `max_frame` bytes either way ([`max_request_frame`]).
 pub fn server_transport<S>(
     io: S,
+    max_frame: usize,
 ) -> tarpc::serde_transport::Transport<S, ServerItem, ServerSinkItem, ServerJson>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
 {
-    let framed = tarpc::tokio_util::codec::Framed::new(io, codec());
+    let framed = tarpc::tokio_util::codec::Framed::new(io, codec(max_frame));
     tarpc::serde_transport::new(framed, ServerJson::default())
 }
 
@@ -332,6 +353,20 @@ mod tests {
             &br#"{"Request":[[[18446744073709551615,0],{"trace_id":[0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0],"span_id":0,"sampling_decision":"Unsampled"}],1,{"Stats":{}}]}"#[..],
         );
         assert!(Pin::new(&mut json).deserialize(&seq).is_err());
+    }
+
+    #[test]
+    fn request_frame_fits_the_largest_job_escaped() {
+        let max_job = 1000u64;
+        // The worst valid job: nothing but characters JSON escapes with two bytes.
+        let spec = "\"\\\n".repeat(max_job as usize / 3);
+        let req = SubmitRequest {
+            spec_json: spec,
+            default_cwd: Some(format!("/{}", "\u{1}".repeat(4095))),
+        };
+        let json = serde_json::to_vec(&req).unwrap();
+        assert!(json.len() <= max_request_frame(max_job), "{}", json.len());
+        assert_eq!(max_request_frame(u64::MAX), usize::MAX);
     }
 
     #[test]

@@ -109,6 +109,33 @@ pub fn test_user() -> (u32, u32) {
     (u.uid.as_raw(), u.gid.as_raw())
 }
 
+/// Runs `f` on a thread of its own whose effective ids are `uid:gid` (needs root), so the
+/// sockets it connects carry those credentials (SO_PEERCRED) while the rest of the process
+/// stays root. The thread switches with the raw system calls: libc's wrappers would switch
+/// every thread of the process.
+pub fn as_user<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    std::thread::spawn(move || -> std::io::Result<T> {
+        let keep = libc::uid_t::MAX; // -1: leave that id as it is
+        // SAFETY: setresgid/setresuid of this thread only; the real and saved ids stay 0,
+        // so switching back is allowed.
+        let set = |nr: libc::c_long, e: u32| unsafe { libc::syscall(nr, keep, e, keep) };
+        if set(libc::SYS_setresgid, gid) != 0 || set(libc::SYS_setresuid, uid) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let v = f();
+        if set(libc::SYS_setresuid, 0) != 0 || set(libc::SYS_setresgid, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(v)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the thread running as another user panicked"))?
+}
+
 thread_local! {
     /// `--log-target` for daemons this thread starts (see [`Daemon::logging_to`]).
     static LOG_TARGET: std::cell::Cell<&'static str> = const { std::cell::Cell::new("stderr") };

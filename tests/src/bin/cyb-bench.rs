@@ -39,6 +39,9 @@ use cyb_tests::{Daemon, bin, bin_dir, is_root};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
+#[path = "cyb-bench/abuse.rs"]
+mod abuse;
+
 // ---------------------------------------------------------------------------------------
 // Targets
 
@@ -137,6 +140,8 @@ struct Opts {
     /// (uid, gid) the spool jobs' files are given, from `--spool-owner`.
     #[arg(skip)]
     job_owner: Option<(u32, u32)>,
+    #[command(flatten)]
+    abuse: abuse::AbuseOpts,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -715,36 +720,16 @@ async fn connect(sock: &Path) -> anyhow::Result<CybClient> {
 }
 
 /// Like [`connect`], but as `owner` (uid, gid) when given: the daemon takes the peer
-/// credentials of the thread that connects, so a thread of our own switches its effective
-/// ids for the connect alone (the raw syscalls, not libc's wrappers, which would switch
-/// every thread) and back.
+/// credentials of the thread that connects, so a thread of our own connects with those
+/// effective ids ([`cyb_tests::as_user`]).
 async fn connect_as(sock: &Path, owner: Option<(u32, u32)>) -> anyhow::Result<CybClient> {
     let Some((uid, gid)) = owner else {
         return connect(sock).await;
     };
     let path = sock.to_path_buf();
-    let std_stream = std::thread::spawn(move || -> anyhow::Result<std::os::unix::net::UnixStream> {
-        let keep = libc::uid_t::MAX; // -1: leave that id as it is
-        // SAFETY: setresgid/setresuid on this thread only (raw syscalls); the real and
-        // saved ids stay 0, so the switch back below is allowed.
-        let set = |nr: libc::c_long, e: u32| unsafe { libc::syscall(nr, keep, e, keep) };
-        if set(libc::SYS_setresgid, gid) != 0 || set(libc::SYS_setresuid, uid) != 0 {
-            return Err(anyhow!(
-                "cannot switch to uid {uid}: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let s = std::os::unix::net::UnixStream::connect(&path);
-        if set(libc::SYS_setresuid, 0) != 0 || set(libc::SYS_setresgid, 0) != 0 {
-            return Err(anyhow!(
-                "cannot switch back to root: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        s.with_context(|| format!("cannot connect to {} as uid {uid}", path.display()))
-    })
-    .join()
-    .map_err(|_| anyhow!("connect thread panicked"))??;
+    let std_stream = cyb_tests::as_user(uid, gid, move || std::os::unix::net::UnixStream::connect(&path))
+        .with_context(|| format!("cannot switch to uid {uid}"))?
+        .with_context(|| format!("cannot connect to {} as uid {uid}", sock.display()))?;
     std_stream.set_nonblocking(true)?;
     let stream = tokio::net::UnixStream::from_std(std_stream)?;
     Ok(CybClient::new(
@@ -1713,6 +1698,17 @@ fn main() -> std::process::ExitCode {
     // SAFETY: no other thread exists yet.
     unsafe { std::env::set_var("CYB_BIN_DIR", snapshot.path()) };
     let _undo_snapshot = on_signal(Undo::RemoveDir(snapshot.path().to_path_buf()));
+    if o.abuse.abuse {
+        let res = install_signal_cleanup().and_then(|()| abuse::run(&o));
+        empty_trash();
+        return match res {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cyb-bench: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
