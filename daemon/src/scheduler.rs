@@ -399,11 +399,12 @@ impl Recovered {
         }
     }
 
-    /// Records read, and those moved aside as unreadable.
+    /// Records read.
     pub fn records(&self) -> usize {
         self.loaded.records
     }
 
+    /// Records moved aside as unreadable: where to, and why.
     pub fn quarantined(&self) -> &[(std::path::PathBuf, String)] {
         &self.loaded.quarantined
     }
