@@ -728,7 +728,7 @@ impl Scheduler {
             && !self.waiters.contains_key(&id)
             && !self.reviving.contains_key(&id);
         if settled && let Some(rec) = self.jobs.remove(&id) {
-            debug!(job_id = id, "ended job kept as a summary");
+            debug!(job_id = id, job_user = %rec.owner.user, "ended job kept as a summary");
             self.history.insert(&rec);
         }
     }
@@ -742,7 +742,8 @@ impl Scheduler {
             return;
         }
         self.reviving.insert(id, vec![m]);
-        debug!(job_id = id, "reading the record of an ended job back");
+        let user = self.history.get(id).map(|p| p.user.clone()).unwrap_or_default();
+        debug!(job_id = id, job_user = %user, "reading the record of an ended job back");
         let (store, tx) = (self.store.clone(), self.tx.clone());
         tokio::spawn(async move {
             let rec = tokio::task::spawn_blocking(move || store.read(id).map(Box::new))
