@@ -63,9 +63,11 @@ pub fn running_job(run_dir: &Path) -> JobRecord {
         state: JobState::Running {
             started_at: Timestamp::now(),
             attempt: 1,
-            supervisor: None,
             gpus: Vec::new(),
-            boot_id: None,
+            handle: cyb_proto::job::RunHandle::Native {
+                supervisor: None,
+                boot_id: None,
+            },
         },
     }
 }
@@ -73,14 +75,8 @@ pub fn running_job(run_dir: &Path) -> JobRecord {
 fn succeed(job: &mut JobRecord) {
     job.state = JobState::Succeeded {
         outcome: Outcome {
-            reason: Reason::Success,
-            message: "exited with status 0".into(),
             exit_code: Some(0),
-            signal: None,
-            started_at: None,
-            finished_at: Timestamp::now(),
-            peak_memory_bytes: None,
-            cpu_usage_ms: None,
+            ..Outcome::now(Reason::Success, "exited with status 0")
         },
     };
 }

@@ -145,6 +145,8 @@ mod tests {
                     finished_at: now,
                     peak_memory_bytes: None,
                     cpu_usage_ms: None,
+                    gpus: Vec::new(),
+                    errors: Vec::new(),
                 },
             },
         }

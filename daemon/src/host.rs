@@ -16,6 +16,32 @@ use crate::cgroup::{Cgroups, DeviceAllow, DeviceProbe, DeviceRule, JobCgroup, Li
 use crate::config::Config;
 use crate::gpu::{GpuLease, GpuLocks, Holder, Inventory, LockStatus};
 
+/// What this host cannot do for a job, naming the field, GPU or cgroup involved.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("no cgroup device control ({0})")]
+    NoDeviceControl(String),
+    #[error("device denial does not work on this host ({0})")]
+    DenialBroken(String),
+    #[error("device denial was not probed")]
+    NotProbed,
+    #[error("a GPU job is not started without device control: {0}")]
+    Unfenced(Box<HostError>),
+    #[error("require_limits is set and this host cannot enforce: {}", .0.join(", "))]
+    Unenforceable(Vec<&'static str>),
+    /// Under `require_limits`: `field` of the spec asks for what this host cannot enforce.
+    #[error("{why}")]
+    NotEnforceable { field: &'static str, why: String },
+    #[error("cannot confine the job: {0}")]
+    Confine(#[source] crate::cgroup::CgroupError),
+    #[error(
+        "cannot create the job's cgroup, and on a host with GPUs a job is not started without device control: {0}"
+    )]
+    UnconfinedOnGpuHost(#[source] crate::cgroup::CgroupError),
+    #[error("gpu {gpu} is held outside cybd")]
+    GpuHeldOutside { gpu: u32 },
+}
+
 /// What confines and equips jobs on this host.
 pub struct Host {
     pub cgroups: Cgroups,
@@ -78,15 +104,24 @@ impl Host {
 
     /// Whether a job can be kept to its own GPUs here: a cgroup device filter exists and the
     /// start-up probe saw it deny; `Err` says why not.
-    pub fn gpu_fencing(&self) -> Result<(), String> {
+    pub fn gpu_fencing(&self) -> Result<(), HostError> {
         if self.cgroups.mode() == Mode::None || !self.cgroups.capabilities().devices {
-            return Err(format!("no cgroup device control ({})", self.cgroups.describe()));
+            return Err(HostError::NoDeviceControl(self.cgroups.describe()));
         }
         match &self.probe {
             Some(p) if p.enforced() => Ok(()),
-            Some(p) => Err(format!("device denial does not work on this host ({p})")),
-            None => Err("device denial was not probed".into()),
+            Some(p) => Err(HostError::DenialBroken(p.to_string())),
+            None => Err(HostError::NotProbed),
         }
+    }
+
+    /// The UUID of each GPU the inventory knows one for, by index.
+    pub fn gpu_uuids(&self) -> std::collections::HashMap<u32, String> {
+        self.inventory()
+            .gpus
+            .iter()
+            .filter_map(|g| Some((g.index, g.uuid.clone()?)))
+            .collect()
     }
 
     /// Indices of the GPUs jobs can be given.
@@ -176,20 +211,16 @@ impl Host {
 
     /// Under `require_limits`: whether every limit `spec` asks for (or its class gives it)
     /// can be enforced here; the error names the field and what is missing.
-    pub fn check_enforceable(
-        &self,
-        cfg: &Config,
-        spec: &cyb_proto::JobSpec,
-    ) -> Result<(), (&'static str, String)> {
+    pub fn check_enforceable(&self, cfg: &Config, spec: &cyb_proto::JobSpec) -> Result<(), HostError> {
         let caps = self.cgroups.capabilities();
         if self.cgroups.mode() == Mode::None {
-            return Err((
-                "resources",
-                format!(
+            return Err(HostError::NotEnforceable {
+                field: "resources",
+                why: format!(
                     "this host cannot confine jobs ({}) and require_limits is set",
                     self.cgroups.describe()
                 ),
-            ));
+            });
         }
         let class = cfg.class(spec.class());
         let r = spec.resources.as_ref();
@@ -213,13 +244,13 @@ impl Host {
         ];
         for (field, asked, can) in checks {
             if asked && !can {
-                return Err((
+                return Err(HostError::NotEnforceable {
                     field,
-                    format!(
+                    why: format!(
                         "this host cannot enforce it ({}) and require_limits is set",
                         self.cgroups.describe()
                     ),
-                ));
+                });
             }
         }
         Ok(())
@@ -227,7 +258,7 @@ impl Host {
 
     /// Takes the locks of `gpus` for job `id` (all or nothing); `Err` names a GPU whose
     /// lock something else holds.
-    pub fn acquire_gpus(&self, id: u64, user: &str, gpus: &[u32]) -> Result<Vec<GpuLease>, u32> {
+    pub fn acquire_gpus(&self, id: u64, user: &str, gpus: &[u32]) -> Result<Vec<GpuLease>, HostError> {
         let mut leases = Vec::new();
         let holder = Holder::new(id, user.to_string());
         for &i in gpus {
@@ -245,12 +276,12 @@ impl Host {
                 Ok(Some(l)) => leases.push(l),
                 Ok(None) => {
                     release_gpus(leases);
-                    return Err(i);
+                    return Err(HostError::GpuHeldOutside { gpu: i });
                 }
                 Err(e) => {
                     warn!(job_id = id, "gpu {i}: {e}");
                     release_gpus(leases);
-                    return Err(i);
+                    return Err(HostError::GpuHeldOutside { gpu: i });
                 }
             }
         }
@@ -265,21 +296,18 @@ impl Host {
         gpus: &[u32],
         leases: Vec<GpuLease>,
         attempt: u32,
-    ) -> Result<Confinement, String> {
+    ) -> Result<Confinement, HostError> {
         if !gpus.is_empty()
             && let Err(why) = self.gpu_fencing()
         {
             release_gpus(leases);
-            return Err(format!("a GPU job is not started without device control: {why}"));
+            return Err(HostError::Unfenced(Box::new(why)));
         }
         let limits = self.limits_for(cfg, rec, gpus);
         let missing = self.unenforceable(&limits, gpus);
         if cfg.require_limits && !missing.is_empty() {
             release_gpus(leases);
-            return Err(format!(
-                "require_limits is set and this host cannot enforce: {}",
-                missing.join(", ")
-            ));
+            return Err(HostError::Unenforceable(missing));
         }
         // Limits the job asked for (or its class gives it) that it will not get; that this
         // host has no cgroups at all is said once, at start-up and in `cybctl health`.
@@ -309,16 +337,14 @@ impl Host {
                 Ok(cg) => Some(cg),
                 Err(e) if cfg.require_limits => {
                     release_gpus(leases);
-                    return Err(format!("cannot confine the job: {e}"));
+                    return Err(HostError::Confine(e));
                 }
                 Err(e) => {
                     if !gpus.is_empty() || !self.usable_gpus().is_empty() {
                         // Without its cgroup's device filter a job could open every GPU,
                         // its own or another job's.
                         release_gpus(leases);
-                        return Err(format!(
-                            "cannot create the job's cgroup, and on a host with GPUs a job is not started without device control: {e}"
-                        ));
+                        return Err(HostError::UnconfinedOnGpuHost(e));
                     }
                     warn!(
                         job_id = rec.id,

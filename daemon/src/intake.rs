@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::fsutil::{self, WriteOpts};
-use crate::scheduler::{Handle, Msg};
+use crate::scheduler::{Handle, Request};
 use crate::users;
 
 /// Files looked at per batch.
@@ -133,7 +133,7 @@ impl Intake {
                 ev = ev_rx.recv() => if ev.is_none() { break },
             }
             self.scan().await;
-            if self.sched.send(Msg::Kick).is_err() {
+            if self.sched.send(Request::Kick).is_err() {
                 break;
             }
         }
@@ -192,7 +192,7 @@ impl Intake {
                     let sched = self.sched.clone();
                     pending.push(async move {
                         let r = sched
-                            .ask(|reply| Msg::Submit {
+                            .ask(|reply| Request::Submit {
                                 spec,
                                 owner,
                                 origin,

@@ -1,14 +1,15 @@
 //! cybd, the job daemon, as a library: [`run`] starts every stage of the data flow
 //!
 //! ```text
-//! incoming/*.json ──► intake ──► scheduler (owns the queue) ──► runner ──► supervisor
+//! incoming/*.json ──► intake ──► scheduler (owns the queue) ──► backend ──► supervisor
 //! cybctl ──RPC──► server ──┘          │ ▲                                  └──► <logs>/run_<id>/
-//!                                     ▼ └──── exits ◄── pidfd watch
-//!                                   store (one durable record per job)
+//!                                     ▼ └──── typed ends ◄── backend watch
+//!                                   store (one durable record per job)    results ──► result.json
 //! ```
 //!
 //! so tests can start a daemon in-process, while `main.rs` is only argument parsing.
 
+pub mod backend;
 pub mod cgroup;
 pub mod config;
 pub mod fsutil;
@@ -16,14 +17,11 @@ pub mod gpu;
 pub mod history;
 pub mod host;
 pub mod intake;
-pub mod launcher;
 pub mod logging;
-pub mod runner;
+pub mod results;
 pub mod scheduler;
 pub mod server;
-pub mod spawn;
 pub mod store;
-pub mod supervisor;
 pub mod sys;
 pub mod systemd;
 pub mod users;
@@ -94,7 +92,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
     }
     intake::Intake::prepare_dirs(&cfg).context("cannot prepare the spool")?;
     let c = cfg.clone();
-    tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&c))
+    tokio::task::spawn_blocking(move || backend::native::runner::prepare_sup_dir(&c))
         .await?
         .context("cannot prepare the supervisors' directory")?;
     let store = store::Store::open(&cfg.paths.jobs())?;
@@ -112,10 +110,15 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
             .await
             .context("cannot inspect this host's cgroups and GPUs")?,
     );
-    let (sched, handle, rx) = scheduler::Scheduler::recover(cfg.clone(), store, found, host.clone()).await;
+    let backends = backend::Backends::new(vec![Arc::new(backend::native::Native::new(
+        cfg.clone(),
+        host.clone(),
+    ))]);
+    let (sched, handle, rx) =
+        scheduler::Scheduler::recover(cfg.clone(), store, found, host.clone(), backends).await;
     let sched_task = tokio::spawn(sched.run(rx));
     let known = handle
-        .ask(|reply| scheduler::Msg::SpoolOrigins { reply })
+        .ask(|reply| scheduler::Request::SpoolOrigins { reply })
         .await
         .unwrap_or_default();
     let (cfg_tx, live) = tokio::sync::watch::channel(cfg.clone());
@@ -156,7 +159,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
                         }
                         let new = Arc::new(new);
                         let _ = cfg_tx.send(new.clone());
-                        let _ = handle.send(scheduler::Msg::Reload(new));
+                        let _ = handle.send(scheduler::Request::Reload(new));
                     }
                     Ok(Err(e)) => error!("configuration not reloaded, keeping the old one: {e}"),
                     Err(e) => error!("configuration not reloaded: {e}"),
@@ -172,7 +175,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
             .unwrap_or(false);
     if stopping_for_good {
         let grace = cfg_tx.borrow().kill_grace + std::time::Duration::from_secs(15);
-        match tokio::time::timeout(grace, handle.ask(scheduler::Msg::Shutdown)).await {
+        match tokio::time::timeout(grace, handle.ask(scheduler::Request::Shutdown)).await {
             Ok(_) => info!("stopping: every job has ended"),
             Err(_) => warn!("stopping: jobs still running after {grace:?}"),
         }

@@ -56,10 +56,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.mode {
         Some(Mode::Launcher) => {
-            return exit_code(cybd::launcher::main());
+            return exit_code(cybd::backend::native::launcher::main());
         }
         Some(Mode::CollectArtifacts { cwd, dest, globs }) => {
-            return exit_code(cybd::supervisor::collect_main(&cwd, &dest, &globs));
+            return exit_code(cybd::backend::native::supervisor::collect_main(
+                &cwd, &dest, &globs,
+            ));
         }
         Some(Mode::GenerateDocs { out }) => {
             return match generate_docs(&out) {

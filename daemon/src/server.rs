@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::host::Host;
-use crate::scheduler::{Action, Handle, Msg, Peer};
+use crate::scheduler::{Action, Handle, Peer, Request};
 use crate::users;
 use limits::{Activity, Expired, LogLimiter, Misbehaviour, Paced, Registry, Slot, User, Watched};
 
@@ -61,7 +61,7 @@ impl Conn {
     async fn act(self, id: JobId, action: Action) -> Result<JobRecord, RpcError> {
         let peer = self.peer.clone();
         self.sched
-            .ask(|reply| Msg::Act {
+            .ask(|reply| Request::Act {
                 id,
                 action,
                 peer,
@@ -101,7 +101,7 @@ impl Cyb for Conn {
         let (spec, owner) = self.parse(req)?;
         let origin = Origin::Rpc { pid: self.peer.pid };
         self.sched
-            .ask(|reply| Msg::Submit {
+            .ask(|reply| Request::Submit {
                 spec,
                 owner,
                 origin,
@@ -112,27 +112,29 @@ impl Cyb for Conn {
 
     async fn check(self, _: Context, req: SubmitRequest) -> Result<(), RpcError> {
         let (spec, owner) = self.parse(req)?;
-        self.sched.ask(|reply| Msg::Check { spec, owner, reply }).await?
+        self.sched
+            .ask(|reply| Request::Check { spec, owner, reply })
+            .await?
     }
 
     async fn list(self, _: Context, filter: ListFilter) -> Vec<JobSummary> {
         self.sched
-            .ask(|reply| Msg::List { filter, reply })
+            .ask(|reply| Request::List { filter, reply })
             .await
             .unwrap_or_default()
     }
 
     async fn show(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {
-        self.sched.ask(|reply| Msg::Show { id, reply }).await?
+        self.sched.ask(|reply| Request::Show { id, reply }).await?
     }
 
     async fn wait(self, _: Context, id: JobId, timeout_ms: u64) -> Result<JobRecord, RpcError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.sched.send(Msg::Wait { id, reply: tx })?;
+        self.sched.send(Request::Wait { id, reply: tx })?;
         match tokio::time::timeout(Duration::from_millis(timeout_ms.min(300_000)), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RpcError::Unavailable("cybd is shutting down".into())),
-            Err(_) => self.sched.ask(|reply| Msg::Show { id, reply }).await?,
+            Err(_) => self.sched.ask(|reply| Request::Show { id, reply }).await?,
         }
     }
 
@@ -159,7 +161,7 @@ impl Cyb for Conn {
     async fn pause(self, _: Context) -> Result<(), RpcError> {
         let peer = self.peer.clone();
         self.sched
-            .ask(|reply| Msg::Pause {
+            .ask(|reply| Request::Pause {
                 pause: true,
                 peer,
                 reply,
@@ -170,7 +172,7 @@ impl Cyb for Conn {
     async fn resume(self, _: Context) -> Result<(), RpcError> {
         let peer = self.peer.clone();
         self.sched
-            .ask(|reply| Msg::Pause {
+            .ask(|reply| Request::Pause {
                 pause: false,
                 peer,
                 reply,
@@ -179,7 +181,7 @@ impl Cyb for Conn {
     }
 
     async fn stats(self, _: Context) -> Stats {
-        match self.sched.ask(|reply| Msg::Stats { reply }).await {
+        match self.sched.ask(|reply| Request::Stats { reply }).await {
             Ok(s) => s,
             Err(_) => Stats {
                 version: env!("CARGO_PKG_VERSION").into(),

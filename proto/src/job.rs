@@ -194,6 +194,69 @@ pub struct Outcome {
     /// CPU time of every process of the job's cgroup, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_usage_ms: Option<u64>,
+    /// The GPUs the attempt held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<HeldGpu>,
+    /// What went wrong around the job without deciding how it ended: artifacts that could
+    /// not be collected, a cgroup that could not be cleaned up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+}
+
+impl Outcome {
+    /// An outcome that finished now, with nothing measured.
+    pub fn now(reason: Reason, message: impl Into<String>) -> Outcome {
+        Outcome {
+            reason,
+            message: message.into(),
+            exit_code: None,
+            signal: None,
+            started_at: None,
+            finished_at: Timestamp::now(),
+            peak_memory_bytes: None,
+            cpu_usage_ms: None,
+            gpus: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// How a running attempt is found again, by the backend that runs it.
+///
+/// Flattened into the `running` record, its fields tell the backends apart (`untagged`):
+/// a native attempt has `supervisor` and `boot_id`, which is exactly what records written
+/// before backends existed hold, so they load as native. Later backends add variants with
+/// a required field of their own (a container id, a Slurm job id) ahead of `Native`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RunHandle {
+    Native {
+        /// The attempt's supervisor, once it has been handed the job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        supervisor: Option<ProcRef>,
+        /// The kernel's boot id when the attempt started: a daemon that finds another one
+        /// knows the host restarted and the attempt's supervisor is gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<String>,
+    },
+}
+
+impl RunHandle {
+    /// The backend this handle belongs to.
+    pub fn backend(&self) -> crate::spec::Backend {
+        match self {
+            RunHandle::Native { .. } => crate::spec::Backend::Native,
+        }
+    }
+}
+
+/// A GPU an attempt held: its index on this host and, when the inventory knows it, its
+/// UUID (indices can change across reboots and driver reloads; UUIDs do not).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldGpu {
+    pub index: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
 }
 
 /// The state of a job, with the data that state has.
@@ -216,16 +279,13 @@ pub enum JobState {
     Running {
         started_at: Timestamp,
         attempt: u32,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        supervisor: Option<ProcRef>,
-        /// Indices of the GPUs this attempt holds (their lockfiles are held by its
-        /// supervisor).
+        /// Indices of the GPUs this attempt holds (their lockfiles stay locked for as long
+        /// as it runs).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         gpus: Vec<u32>,
-        /// The kernel's boot id when the attempt started: a daemon that finds another one
-        /// knows the host restarted and the attempt's supervisor is gone.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        boot_id: Option<String>,
+        /// What the job's backend needs to find the attempt again after a daemon restart.
+        #[serde(flatten)]
+        handle: RunHandle,
     },
     Succeeded {
         outcome: Outcome,
@@ -349,6 +409,14 @@ pub struct RunResult {
     /// CPU time of all the job's processes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_usage_ms: Option<u64>,
+    /// The backend that ran the job (`native`, `docker`, `slurm`, `builtin`).
+    pub backend: crate::spec::Backend,
+    /// The GPUs the last attempt held, by index and UUID.
+    #[serde(default)]
+    pub gpus: Vec<HeldGpu>,
+    /// Artifact collection and cleanup failures of the last attempt (empty when none).
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 impl RunResult {
@@ -388,6 +456,78 @@ impl RunResult {
             },
             peak_memory_bytes: outcome.peak_memory_bytes,
             cpu_usage_ms: outcome.cpu_usage_ms,
+            backend: rec.spec.backend(),
+            gpus: outcome.gpus.clone(),
+            errors: outcome.errors.clone(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `running` record as the build before backends wrote it (cybd 0.1, commit 4734c81).
+    const OLD_RUNNING: &str = r#"{"id":7,"spec":{"command":["sleep","600"],"name":"s","class":"cpu_short"},
+        "owner":{"uid":1000,"gid":1000,"user":"alice"},"origin":{"via":"rpc"},
+        "submitted_at":"2026-12-06T10:00:00Z","priority":0,"attempts":1,
+        "first_started_at":"2026-12-06T10:00:01Z","run_dir":"/logs/run_7","state":"running",
+        "started_at":"2026-12-06T10:00:01Z","attempt":1,
+        "supervisor":{"pid":4242,"start_ticks":99},"gpus":[0,1],"boot_id":"b-1"}"#;
+
+    #[test]
+    fn a_running_record_of_the_build_before_backends_loads_as_native_and_writes_back_the_same() {
+        let rec: JobRecord = serde_json::from_str(OLD_RUNNING).unwrap();
+        let JobState::Running { gpus, handle, .. } = &rec.state else {
+            panic!("not running: {:?}", rec.state)
+        };
+        assert_eq!(gpus, &[0, 1]);
+        assert_eq!(
+            handle,
+            &RunHandle::Native {
+                supervisor: Some(ProcRef {
+                    pid: 4242,
+                    start_ticks: 99
+                }),
+                boot_id: Some("b-1".into()),
+            }
+        );
+        let again: serde_json::Value = serde_json::to_value(&rec).unwrap();
+        let old: serde_json::Value = serde_json::from_str(OLD_RUNNING).unwrap();
+        for key in ["supervisor", "boot_id", "gpus", "attempt", "state"] {
+            assert_eq!(again[key], old[key], "{key}");
+        }
+        // Nothing about the supervisor yet (the attempt was being started).
+        let bare = OLD_RUNNING
+            .replace(r#""supervisor":{"pid":4242,"start_ticks":99},"#, "")
+            .replace(r#","boot_id":"b-1""#, "");
+        let rec: JobRecord = serde_json::from_str(&bare).unwrap();
+        assert!(matches!(
+            rec.state,
+            JobState::Running {
+                handle: RunHandle::Native {
+                    supervisor: None,
+                    boot_id: None
+                },
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_outcome_without_gpus_or_errors_reads_and_one_with_them_round_trips() {
+        let o: Outcome = serde_json::from_str(
+            r#"{"reason":"success","message":"ok","finished_at":"2026-12-06T10:00:01Z"}"#,
+        )
+        .unwrap();
+        assert!(o.gpus.is_empty() && o.errors.is_empty());
+        let mut o2 = o.clone();
+        o2.gpus.push(HeldGpu {
+            index: 1,
+            uuid: Some("GPU-1".into()),
+        });
+        o2.errors.push("cannot collect artifacts: x".into());
+        let back: Outcome = serde_json::from_str(&serde_json::to_string(&o2).unwrap()).unwrap();
+        assert_eq!(back, o2);
     }
 }

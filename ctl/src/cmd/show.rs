@@ -75,13 +75,15 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
         JobState::Running {
             started_at,
             attempt,
-            supervisor,
             gpus,
-            ..
+            handle,
         } => {
-            let sup = supervisor
-                .map(|s| format!(", supervisor pid {}", s.pid))
-                .unwrap_or_default();
+            let sup = match handle {
+                cyb_proto::job::RunHandle::Native {
+                    supervisor: Some(s), ..
+                } => format!(", supervisor pid {}", s.pid),
+                _ => String::new(),
+            };
             l.add("state", format!("running (attempt {attempt}{sup})"));
             l.add("started", at(*started_at));
             if !gpus.is_empty() {
@@ -114,6 +116,20 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
             }
             if let Some(ms) = outcome.cpu_usage_ms {
                 l.add("cpu time", format!("{:.2}s", ms as f64 / 1000.0));
+            }
+            if !outcome.gpus.is_empty() {
+                let list: Vec<String> = outcome
+                    .gpus
+                    .iter()
+                    .map(|g| match &g.uuid {
+                        Some(u) => format!("{} ({u})", g.index),
+                        None => g.index.to_string(),
+                    })
+                    .collect();
+                l.add("gpus", list.join(", "));
+            }
+            for e in &outcome.errors {
+                l.add("error", e.clone());
             }
         }
     }
@@ -227,6 +243,11 @@ mod tests {
                     finished_at: ts(datetime!(2025-11-23 14:00:05 UTC)),
                     peak_memory_bytes: None,
                     cpu_usage_ms: None,
+                    gpus: vec![cyb_proto::job::HeldGpu {
+                        index: 1,
+                        uuid: Some("GPU-5e1c".into()),
+                    }],
+                    errors: vec!["artifacts not collected: no space left on device".into()],
                 },
             },
         };
@@ -236,6 +257,8 @@ mod tests {
             "state        failed (exit_code)\n",
             "message      exited with status 2\n",
             "exit code    2\n",
+            "gpus         1 (GPU-5e1c)\n",
+            "error        artifacts not collected: no space left on device\n",
             "class        cpu_short, priority 5, backend native\n",
             "finished     2025-11-23 14:00:05 +00:00 (9m 55s ago), ran 4.0s\n",
             "run dir      /logs/run_7\n",

@@ -315,7 +315,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         }
     };
     let procs_raw: Vec<std::os::fd::RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
-    let creds = crate::spawn::Creds {
+    let creds = super::spawn::Creds {
         uid: l.uid,
         gid: l.gid,
         groups: &l.groups,
@@ -325,7 +325,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
         return;
     }
     exit.started_at = Some(Timestamp::now());
-    let spawned = crate::spawn::spawn(&crate::spawn::Job {
+    let spawned = super::spawn::spawn(&super::spawn::Job {
         argv: &l.argv,
         env: &l.env,
         cwd: &l.cwd,
@@ -501,7 +501,7 @@ impl Watch<'_> {
     /// deadline as the timeout.
     fn run(
         &self,
-        job: crate::spawn::Spawned,
+        job: super::spawn::Spawned,
         mut outs: [LogSink; 2],
         signals: &SignalFd,
     ) -> (io::Result<std::process::ExitStatus>, Option<EndedBy>) {

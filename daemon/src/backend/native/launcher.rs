@@ -318,8 +318,8 @@ pub fn main() -> i32 {
         return 1;
     }
     // The jobs' stack and the signals to reset, once here for every supervisor forked.
-    crate::spawn::prepare();
-    crate::supervisor::prepare();
+    super::spawn::prepare();
+    super::supervisor::prepare();
     // SAFETY: fd 0 is the socket the daemon gave us; this function owns it from here on.
     let sock = unsafe { OwnedFd::from_raw_fd(0) };
     loop {
@@ -423,5 +423,5 @@ fn supervisor_child(stdin: OwnedFd, req: &Request, held: Vec<OwnedFd>) -> i32 {
         return 1;
     }
     drop(stdin);
-    crate::supervisor::main(&req.run_dir, &req.exit_file, req.attempt, held)
+    super::supervisor::main(&req.run_dir, &req.exit_file, req.attempt, held)
 }

@@ -1,8 +1,6 @@
-//! Runner: turns a job into a running thing. For native jobs (the only backend on this host
-//! so far) it prepares the run directory, starts a supervisor (forked by the launcher), records
-//! the supervisor's identity before handing it the job, watches it through a pidfd, and
-//! adopts supervisors left running by an earlier daemon. It also writes `job.json` and
-//! `result.json`.
+//! The native runner's mechanics: it starts a supervisor (forked by the launcher) in the
+//! job's run directory, records the supervisor's identity before handing it the job,
+//! watches it through a pidfd, and adopts supervisors left running by an earlier daemon.
 //!
 //! The daemon and a job's supervisor leave word for each other in two small files under
 //! `<runtime>/supervisors/` ([`SupFiles`]), not in the run directory: they matter only while
@@ -16,16 +14,17 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cyb_proto::JobRecord;
 use cyb_proto::job::ProcRef;
-use cyb_proto::{JobRecord, RunResult};
-use serde::Serialize;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+use super::launcher::Launcher;
+use super::supervisor::{ExitRecord, Launch, SupervisorRef};
+use crate::backend::BackendError;
 use crate::config::Config;
 use crate::fsutil::{self, WriteOpts};
-use crate::launcher::Launcher;
-use crate::supervisor::{ExitRecord, Launch, SupervisorRef};
+use crate::results::{prepare_run_dir, write_job_json};
 use crate::sys;
 use crate::users::Account;
 
@@ -157,9 +156,19 @@ impl Running {
     }
 }
 
-/// Asks a supervisor to cancel its job (TERM, grace, KILL).
-pub fn cancel(pidfd: &OwnedFd) -> std::io::Result<()> {
-    sys::pidfd_send_signal(pidfd.as_raw_fd(), libc::SIGTERM)
+/// Asks supervisor `sup` to cancel its job (TERM, grace, KILL), if it still runs
+/// (blocking: reads /proc). The pidfd is opened first and the start time checked after, so
+/// the signal cannot reach another process that reused the pid.
+pub fn cancel(sup: ProcRef) -> std::io::Result<()> {
+    let fd = match sys::pidfd_open(sup.pid) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if sys::proc_start_ticks(sup.pid).ok() != Some(sup.start_ticks) {
+        return Ok(());
+    }
+    sys::pidfd_send_signal(fd.as_raw_fd(), libc::SIGTERM)
 }
 
 /// What became of a supervisor found at startup.
@@ -172,147 +181,6 @@ pub enum Adopted {
     Lost(String),
 }
 
-#[derive(Serialize)]
-struct JobFile<'a> {
-    id: u64,
-    spec: &'a cyb_proto::JobSpec,
-    user: &'a str,
-    uid: u32,
-    submitted_at: cyb_proto::Timestamp,
-    origin: &'a cyb_proto::job::Origin,
-}
-
-fn as_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-/// Creates (or reopens) the run directory: owned by root and the job user's group, mode
-/// 0750, so the user can read it and nobody else can, and the user cannot tamper with it.
-pub fn prepare_run_dir(rec: &JobRecord) -> std::io::Result<OwnedFd> {
-    let path = Path::new(&rec.run_dir);
-    let mut made = std::fs::create_dir(path);
-    if let (Err(e), Some(parent)) = (&made, path.parent())
-        && e.kind() == std::io::ErrorKind::NotFound
-    {
-        // The logs directory itself is missing (removed while the daemon ran).
-        std::fs::create_dir_all(parent)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot create {}: {e}", parent.display())))?;
-        made = std::fs::create_dir(path);
-    }
-    match made {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => {
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("cannot create {}: {e}", path.display()),
-            ));
-        }
-    }
-    let fd = fsutil::open_dir(path)?;
-    if as_root() {
-        nix::unistd::fchown(
-            &fd,
-            Some(nix::unistd::Uid::from_raw(0)),
-            Some(nix::unistd::Gid::from_raw(rec.owner.gid)),
-        )
-        .map_err(|e| std::io::Error::other(format!("cannot chown {}: {e}", path.display())))?;
-    }
-    nix::sys::stat::fchmod(&fd, nix::sys::stat::Mode::from_bits_truncate(0o750))
-        .map_err(|e| std::io::Error::other(format!("cannot chmod {}: {e}", path.display())))?;
-    Ok(fd)
-}
-
-fn file_opts(rec: &JobRecord) -> WriteOpts {
-    WriteOpts {
-        mode: 0o640,
-        owner: as_root().then_some((0, rec.owner.gid)),
-        sync: false,
-    }
-}
-
-/// Writes `job.json`: the accepted spec, submitter and submit time.
-pub fn write_job_json(dir: &OwnedFd, rec: &JobRecord) -> std::io::Result<()> {
-    let jf = JobFile {
-        id: rec.id,
-        spec: &rec.spec,
-        user: &rec.owner.user,
-        uid: rec.owner.uid,
-        submitted_at: rec.submitted_at,
-        origin: &rec.origin,
-    };
-    let mut bytes = serde_json::to_vec_pretty(&jf).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    fsutil::write_at(dir, "job.json", &bytes, file_opts(rec))
-}
-
-/// Writes `result.json` for a job in a terminal state (blocking).
-pub fn write_result(rec: &JobRecord) -> std::io::Result<()> {
-    let Some(result) = RunResult::of(rec) else {
-        return Ok(());
-    };
-    // A job that ran has its run directory (and job.json, written before its supervisor was
-    // handed the job); one that never ran (cancelled, dependency failed) gets them now.
-    let dir = match fsutil::open_dir(Path::new(&rec.run_dir)) {
-        Ok(d) => d,
-        Err(_) => prepare_run_dir(rec)?,
-    };
-    let has_job_json =
-        nix::sys::stat::fstatat(&dir, "job.json", nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok();
-    if !has_job_json {
-        write_job_json(&dir, rec)?;
-    }
-    let mut bytes = serde_json::to_vec_pretty(&result).map_err(std::io::Error::other)?;
-    bytes.push(b'\n');
-    fsutil::write_at(&dir, "result.json", &bytes, file_opts(rec))
-}
-
-/// The run directories under `logs`: the highest id among them, and those whose id is not
-/// `known` and that hold nothing but what a job's start writes before its running record
-/// is durable (`job.json`, empty logs, an empty `artifacts/`). Those are left by a crash of
-/// an earlier build between the two; no job ever ran in them.
-pub fn scan_run_dirs(logs: &Path, known: impl Fn(u64) -> bool) -> (u64, Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(logs) else {
-        return (0, Vec::new());
-    };
-    let mut max = 0;
-    let mut orphans = Vec::new();
-    for e in rd.flatten() {
-        let Some(id) = e
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("run_"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        max = max.max(id);
-        if !known(id) && e.file_type().is_ok_and(|t| t.is_dir()) && only_start_files(&e.path()) {
-            orphans.push(e.path());
-        }
-    }
-    (max, orphans)
-}
-
-fn only_start_files(dir: &Path) -> bool {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    rd.flatten().all(|e| {
-        let Ok(meta) = e.path().symlink_metadata() else {
-            return false;
-        };
-        match e.file_name().to_str() {
-            Some("job.json") => meta.is_file(),
-            Some("stdout.log" | "stderr.log") => meta.is_file() && meta.len() == 0,
-            Some("artifacts") => {
-                meta.is_dir() && std::fs::read_dir(e.path()).is_ok_and(|mut a| a.next().is_none())
-            }
-            _ => false,
-        }
-    })
-}
-
 /// Builds the launch description of attempt `attempt`.
 /// `gpu_env` is what [`crate::host::Host::gpu_env`] gives for the job's GPUs.
 pub fn launch_for(
@@ -322,11 +190,11 @@ pub fn launch_for(
     attempt: u32,
     gpus: &[u32],
     gpu_env: Vec<(String, String)>,
-) -> Result<Launch, String> {
-    let argv = rec
-        .spec
-        .argv()
-        .ok_or_else(|| format!("job {} is not a native job", rec.id))?;
+) -> Result<Launch, BackendError> {
+    let argv = rec.spec.argv().ok_or(BackendError::WrongBackend {
+        id: rec.id,
+        backend: cyb_proto::spec::Backend::Native,
+    })?;
     let run_dir = &rec.run_dir;
     let mut env: Vec<(String, String)> = vec![
         ("HOME".into(), acct.home.clone()),
@@ -384,15 +252,15 @@ pub fn spawn_supervisor(
     rec: &JobRecord,
     launch: &Launch,
     held: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<Spawned, String> {
-    let dir = prepare_run_dir(rec).map_err(|e| e.to_string())?;
+) -> Result<Spawned, BackendError> {
+    let id = rec.id;
+    let io = |path: String| move |source| BackendError::Io { id, path, source };
+    let dir = prepare_run_dir(rec).map_err(io(rec.run_dir.clone()))?;
     if launch.attempt <= 1 || fsutil::open_read_at(&dir, "job.json").is_err() {
-        write_job_json(&dir, rec).map_err(|e| format!("cannot write job.json in {}: {e}", rec.run_dir))?;
+        write_job_json(&dir, rec).map_err(io(format!("{}/job.json", rec.run_dir)))?;
     }
     drop(dir);
-    let sup_dir = files
-        .open_dir()
-        .map_err(|e| format!("cannot open {}: {e}", files.dir.display()))?;
+    let sup_dir = files.open_dir().map_err(io(files.dir.display().to_string()))?;
     // An earlier attempt's files (one that failed, or was never handed its job).
     files.unlink(&sup_dir);
     // A second pipe only if the launcher took the first request without answering: a
@@ -401,8 +269,10 @@ pub fn spawn_supervisor(
     let mut tries = 0;
     let (started, write_end) = loop {
         tries += 1;
-        let (read_end, write_end) =
-            std::io::pipe().map_err(|e| format!("cannot create a pipe for job {}: {e}", rec.id))?;
+        let (read_end, write_end) = std::io::pipe().map_err(|e| BackendError::Supervisor {
+            id,
+            why: format!("cannot create a pipe: {e}"),
+        })?;
         let read_end = OwnedFd::from(read_end);
         match launcher.start(
             Path::new(&rec.run_dir),
@@ -413,7 +283,12 @@ pub fn spawn_supervisor(
         ) {
             Ok(s) => break (s, write_end),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted && tries < 2 => continue,
-            Err(e) => return Err(format!("cannot start the supervisor of job {}: {e}", rec.id)),
+            Err(e) => {
+                return Err(BackendError::Supervisor {
+                    id,
+                    why: e.to_string(),
+                });
+            }
         }
     };
     let (pid, start_ticks) = (started.pid, started.start_ticks);
@@ -433,7 +308,7 @@ pub fn spawn_supervisor(
         .map_err(std::io::Error::other)
         // Read only after a restart, and only trusted whole: the launch is sent after it.
         .and_then(|b| fsutil::write_new_at(&sup_dir, &files.sup_name, &b, opts))
-        .map_err(|e| format!("cannot write {}: {e}", files.dir.join(&files.sup_name).display()))?;
+        .map_err(io(files.dir.join(&files.sup_name).display().to_string()))?;
     let running = Running {
         sup,
         pidfd: Arc::new(started.pidfd),
@@ -577,6 +452,7 @@ impl AsRawFd for PidFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Serialize;
     use std::collections::BTreeSet;
     use std::os::unix::fs::PermissionsExt;
 
