@@ -883,3 +883,80 @@ fn queue_on_disk_is_plain_json_with_id_and_state_and_survives_restart() {
     d.ctl_ok(&["cancel", &long.to_string()]);
     assert_eq!(wait_result(&d, long)["state"], "cancelled");
 }
+
+/// A `running` record exactly as cybd 0.1 before the backend seam (commit 4734c81) wrote
+/// it, captured from that build; `@...@` are filled in from the job at hand.
+const RECORD_BEFORE_BACKENDS: &str = r#"{
+  "id": @ID@,
+  "spec": {
+    "name": "sh -c upgrade",
+    "class": "cpu_short",
+    "command": ["sh", "-c", @SCRIPT@],
+    "cwd": "/tmp"
+  },
+  "owner": {"uid": 0, "gid": 0, "user": "root"},
+  "origin": {"via": "rpc", "pid": 21379},
+  "submitted_at": "2026-12-07T10:52:01.733224089Z",
+  "priority": 0,
+  "attempts": 1,
+  "first_started_at": "2026-12-07T10:52:01.73643361Z",
+  "run_dir": @RUN_DIR@,
+  "state": "running",
+  "started_at": "2026-12-07T10:52:01.73643361Z",
+  "attempt": 1,
+  "boot_id": @BOOT_ID@
+}"#;
+
+/// The supervisor file of the same build (`<runtime>/supervisors/<id>.json`).
+const SUPERVISOR_BEFORE_BACKENDS: &str = r#"{"attempt":1,"pid":@PID@,"start_ticks":@TICKS@}"#;
+
+#[test]
+fn a_job_running_under_the_build_before_backends_is_re_adopted_after_the_upgrade() {
+    let mut d = Daemon::start();
+    let shared = shared_dir();
+    let pidfile = shared.path().join("pid");
+    let runs = shared.path().join("runs");
+    let script = format!(
+        "echo $$ > {}; echo run >> {}; sleep 3; exit 6",
+        pidfile.display(),
+        runs.display()
+    );
+    let id = d.submit(&[], &["sh", "-c", &script]);
+    assert!(
+        wait_until(LONG, || read_pid(&pidfile).is_some()),
+        "job {id} never started"
+    );
+    d.kill9();
+    // What the old build left on disk: its record and its supervisor's file, in its format.
+    let now = d.record(id);
+    let sup: Value = serde_json::from_str(&std::fs::read_to_string(d.supervisor_file(id)).unwrap()).unwrap();
+    let q = |v: &Value| serde_json::to_string(v).unwrap();
+    let record = RECORD_BEFORE_BACKENDS
+        .replace("@ID@", &id.to_string())
+        .replace("@SCRIPT@", &q(&json!(script)))
+        .replace("@RUN_DIR@", &q(&now["run_dir"]))
+        .replace("@BOOT_ID@", &q(&now["boot_id"]));
+    std::fs::write(d.jobs_dir().join(format!("{id}.json")), record).unwrap();
+    let sup_text = SUPERVISOR_BEFORE_BACKENDS
+        .replace("@PID@", &sup["pid"].to_string())
+        .replace("@TICKS@", &sup["start_ticks"].to_string());
+    std::fs::write(d.supervisor_file(id), sup_text).unwrap();
+
+    restart(&mut d);
+    assert_eq!(state_of(&d, id), "running", "log:\n{}", tail(&d.log(), 20));
+    assert!(
+        d.log().contains("re-adopted running job"),
+        "log:\n{}",
+        tail(&d.log(), 20)
+    );
+    let shown = d.ctl_json(&["show", &id.to_string()]);
+    assert_eq!(shown["supervisor"]["pid"], sup["pid"], "{shown}");
+    let result = wait_result(&d, id);
+    assert_eq!(
+        (result["state"].as_str(), result["exit_code"].as_i64()),
+        (Some("failed"), Some(6)),
+        "{result}"
+    );
+    assert_eq!(result["backend"], "native", "{result}");
+    assert_eq!(lines(&runs), ["run"], "the job ran more or less than once");
+}
