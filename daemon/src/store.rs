@@ -33,6 +33,15 @@ pub enum StoreError {
     Encode { id: JobId, source: serde_json::Error },
     #[error("the store writer has stopped")]
     Closed,
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} holds job {found}, not job {id}")]
+    Mismatch { path: PathBuf, id: JobId, found: JobId },
+    #[error("{path} is not a valid job record: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// What [`Store::load`] found besides the records it handed on.
@@ -209,13 +218,20 @@ impl Store {
 
     /// Reads the record of job `id` (blocking). Records are replaced by rename, so this
     /// sees one whole version: the latest one written, once its write is acknowledged.
-    pub fn read(&self, id: JobId) -> Result<JobRecord, String> {
+    pub fn read(&self, id: JobId) -> Result<JobRecord, StoreError> {
         let path = self.dir.join(format!("{id}.json"));
-        let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
         match serde_json::from_slice::<JobRecord>(&bytes) {
             Ok(rec) if rec.id == id => Ok(rec),
-            Ok(rec) => Err(format!("{} holds job {}", path.display(), rec.id)),
-            Err(e) => Err(format!("{} is not a valid job record: {e}", path.display())),
+            Ok(rec) => Err(StoreError::Mismatch {
+                path,
+                id,
+                found: rec.id,
+            }),
+            Err(source) => Err(StoreError::Decode { path, source }),
         }
     }
 }
@@ -427,7 +443,10 @@ mod tests {
         assert_eq!(ids, (1..=50).collect::<Vec<_>>());
         assert_eq!(loaded.records, 50);
         assert_eq!(store.read(3).unwrap().id, 3);
-        assert!(store.read(51).unwrap_err().contains("51.json"), "quarantined");
+        assert!(
+            store.read(51).unwrap_err().to_string().contains("51.json"),
+            "quarantined"
+        );
         assert_eq!(loaded.max_id, 51);
         assert_eq!(loaded.quarantined.len(), 1);
         assert!(d.path().join("quarantine/51.json").exists());

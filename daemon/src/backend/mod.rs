@@ -134,7 +134,10 @@ pub enum Adoption {
 pub enum StartError {
     /// Its running record could not be made durable: nothing ran, try again later.
     #[error("cannot record the start of job {id}: {why}")]
-    NotDurable { id: JobId, why: String },
+    NotDurable {
+        id: JobId,
+        why: crate::scheduler::NotDurable,
+    },
     /// It cannot start as asked.
     #[error(transparent)]
     Failed(#[from] BackendError),

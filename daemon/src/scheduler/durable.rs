@@ -5,6 +5,7 @@
 //! ([`Scheduler::revive`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cyb_proto::{JobId, JobRecord, RpcError};
@@ -13,9 +14,20 @@ use tracing::{debug, error, info};
 
 use super::msg::{Event, Msg, Request};
 use super::{Phase, Scheduler};
+use crate::store::StoreError;
 
 /// Resolves once a record write is durable (or says why it failed).
-pub type Durable = oneshot::Receiver<Result<(), String>>;
+pub type Durable = oneshot::Receiver<Result<(), NotDurable>>;
+
+/// Why a record write is not durable: what the store said (shared by everyone who waits
+/// for that write).
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum NotDurable {
+    #[error("{0}")]
+    Store(Arc<StoreError>),
+    #[error("the store writer stopped")]
+    Stopped,
+}
 
 /// How long a record whose write failed waits before it is written again.
 pub const REWRITE_AFTER: Duration = Duration::from_secs(1);
@@ -25,7 +37,7 @@ pub const REWRITE_AFTER: Duration = Duration::from_secs(1);
 /// a statement of its acceptance as the queued one would have been.
 #[derive(Default)]
 pub struct Pending {
-    pub dirty: HashMap<JobId, Vec<oneshot::Sender<Result<(), String>>>>,
+    pub dirty: HashMap<JobId, Vec<oneshot::Sender<Result<(), NotDurable>>>>,
     pub barriers: Vec<oneshot::Sender<()>>,
 }
 
@@ -77,8 +89,8 @@ impl Scheduler {
                 for (id, ack, waiting) in acks {
                     let res = match ack.await {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(_) => Err("the store writer stopped".to_string()),
+                        Ok(Err(e)) => Err(NotDurable::Store(Arc::new(e))),
+                        Err(_) => Err(NotDurable::Stopped),
                     };
                     if let Err(e) = &res {
                         failed.push((id, e.clone()));
@@ -104,7 +116,7 @@ impl Scheduler {
 
     /// The writes of one flush are done. Ended jobs with no write left to make are
     /// compacted; writes that failed are made again.
-    pub(super) fn settled(&mut self, ids: Vec<JobId>, failed: Vec<(JobId, String)>) {
+    pub(super) fn settled(&mut self, ids: Vec<JobId>, failed: Vec<(JobId, NotDurable)>) {
         if failed.is_empty() {
             if self.store_error.take().is_some() {
                 info!("job records are written again");
@@ -156,12 +168,13 @@ impl Scheduler {
         tokio::spawn(async move {
             let rec = tokio::task::spawn_blocking(move || store.read(id).map(Box::new))
                 .await
-                .unwrap_or_else(|e| Err(format!("reading it failed: {e}")));
+                .unwrap_or(Err(StoreError::Closed))
+                .map_err(Arc::new);
             let _ = tx.send(Event::Revived { id, rec }.into());
         });
     }
 
-    pub(super) fn revived(&mut self, id: JobId, rec: Result<Box<JobRecord>, String>) {
+    pub(super) fn revived(&mut self, id: JobId, rec: Result<Box<JobRecord>, Arc<StoreError>>) {
         let waiting = self.reviving.remove(&id).unwrap_or_default();
         match rec {
             Ok(rec) if self.history.remove(id).is_some() => {
@@ -187,13 +200,13 @@ impl Scheduler {
     /// Record writes that failed: the jobs' latest states are written again after
     /// [`REWRITE_AFTER`]. A submission's first write is settled by [`Event::Recorded`] and
     /// an end's by [`until_durable`], so neither is written again here.
-    fn not_durable(&mut self, failed: Vec<(JobId, String)>) {
+    fn not_durable(&mut self, failed: Vec<(JobId, NotDurable)>) {
         let arm = self.rewrite.is_empty();
         for (id, why) in failed {
             if self.store_error.is_none() {
                 error!("cannot write job records ({why}); cybd keeps trying");
             }
-            self.store_error = Some(why);
+            self.store_error = Some(why.to_string());
             let finishing = matches!(self.phases.get(&id), Some(Phase::Finishing { .. }));
             if self.jobs.contains_key(&id) && !finishing {
                 self.rewrite.insert(id);

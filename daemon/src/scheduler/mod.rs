@@ -35,8 +35,8 @@ use cyb_proto::{JobId, JobRecord, RpcError};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-pub use durable::Durable;
 use durable::Pending;
+pub use durable::{Durable, NotDurable};
 use gpu_pool::GpuPool;
 use msg::{Event, Msg};
 pub use msg::{Reply, Request};

@@ -10,6 +10,7 @@ use cyb_proto::rpc::{JobSummary, ListFilter, Stats};
 use cyb_proto::{JobId, JobRecord, JobSpec, RpcError};
 use tokio::sync::oneshot;
 
+use super::durable::NotDurable;
 use super::{Action, Durable, Peer};
 use crate::backend::{AttemptEnd, StartError, Started};
 use crate::config::Config;
@@ -121,7 +122,7 @@ pub enum Event {
     /// the submitter gets its id) only if it is durable.
     Recorded {
         id: JobId,
-        res: Result<(), String>,
+        res: Result<(), NotDurable>,
         reply: Reply<Result<JobId, RpcError>>,
     },
     /// Writes the job's record again (its last write failed); answers with the new ack.
@@ -130,7 +131,7 @@ pub enum Event {
     /// failed (disk full...), which are written again later.
     Settled {
         ids: Vec<JobId>,
-        failed: Vec<(JobId, String)>,
+        failed: Vec<(JobId, NotDurable)>,
     },
     /// Time to write again the records whose writes failed.
     Rewrite,
@@ -138,7 +139,7 @@ pub enum Event {
     /// that came meanwhile (see `Scheduler::revive`).
     Revived {
         id: JobId,
-        rec: Result<Box<JobRecord>, String>,
+        rec: Result<Box<JobRecord>, Arc<crate::store::StoreError>>,
     },
 }
 

@@ -196,7 +196,7 @@ impl Scheduler {
                 Ok(Err(why)) => Err(StartError::NotDurable { id, why }),
                 Err(_) => Err(StartError::NotDurable {
                     id,
-                    why: "the store writer stopped".into(),
+                    why: super::NotDurable::Stopped,
                 }),
             };
             let prepared = prepared.await;
@@ -231,7 +231,7 @@ impl Scheduler {
                     rec.state = JobState::Waiting {
                         until: Timestamp::now(),
                         next_attempt: attempt,
-                        last: Outcome::now(Reason::SpawnFailed, why),
+                        last: Outcome::now(Reason::SpawnFailed, format!("cannot record the start: {why}")),
                     };
                 }
                 self.wake_after(id, Duration::from_secs(5));

@@ -6,6 +6,7 @@ use cyb_proto::{Class, JobId, JobRecord, JobSpec, RpcError, SpecError};
 use tracing::{error, info};
 
 use super::Scheduler;
+use super::durable::NotDurable;
 use super::msg::{Event, Reply};
 
 impl Scheduler {
@@ -110,7 +111,7 @@ impl Scheduler {
         tokio::spawn(async move {
             let res = match ack.await {
                 Ok(res) => res,
-                Err(_) => Err("the store writer stopped".into()),
+                Err(_) => Err(NotDurable::Stopped),
             };
             let _ = tx.send(Event::Recorded { id, res, reply }.into());
         });
@@ -121,7 +122,7 @@ impl Scheduler {
     pub(super) fn recorded(
         &mut self,
         id: JobId,
-        res: Result<(), String>,
+        res: Result<(), NotDurable>,
         reply: Reply<Result<JobId, RpcError>>,
     ) {
         let Some(rec) = self.unrecorded.remove(&id) else {
@@ -129,7 +130,7 @@ impl Scheduler {
         };
         if let Err(why) = res {
             error!(job_id = id, job_user = %rec.owner.user, "cannot record job: {why}");
-            self.store_error = Some(why.clone());
+            self.store_error = Some(why.to_string());
             let _ = reply.send(Err(RpcError::Unavailable(format!(
                 "cannot record the job: {why}"
             ))));

@@ -351,13 +351,11 @@ pub fn main() -> i32 {
                 let stdin = fds.remove(0);
                 fork_supervisor(&req, stdin, fds)
             }
-            Ok(req) => Err(format!(
-                "request with {} descriptors, expected {} more than the {} held",
-                fds.len(),
-                1,
-                req.held
-            )),
-            Err(e) => Err(format!("bad request: {e}")),
+            Ok(req) => Err(ForkError::Descriptors {
+                got: fds.len(),
+                held: req.held,
+            }),
+            Err(e) => Err(ForkError::BadRequest(e)),
         };
         let sent = match reply {
             Ok((pid, start_ticks, pidfd)) => send_reply(
@@ -365,7 +363,7 @@ pub fn main() -> i32 {
                 &Reply::Started { pid, start_ticks },
                 Some(&pidfd),
             ),
-            Err(error) => send_reply(sock.as_raw_fd(), &Reply::Failed { error }, None),
+            Err(e) => send_reply(sock.as_raw_fd(), &Reply::Failed { error: e.to_string() }, None),
         };
         if let Err(e) = sent {
             eprintln!("cybd launcher: cannot answer the daemon: {e}");
@@ -384,7 +382,26 @@ fn reap_exited() {
     }
 }
 
-fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<(i32, u64, OwnedFd), String> {
+/// Why the launcher could not start a supervisor.
+#[derive(Debug, thiserror::Error)]
+enum ForkError {
+    #[error("cannot fork a supervisor: {0}")]
+    Fork(#[source] nix::Error),
+    #[error("cannot open a pidfd for supervisor {pid}: {source}")]
+    Pidfd { pid: i32, source: io::Error },
+    #[error("cannot read the start time of supervisor {pid}: {source}")]
+    StartTime { pid: i32, source: io::Error },
+    #[error("request with {got} descriptors, expected 1 more than the {held} held")]
+    Descriptors { got: usize, held: usize },
+    #[error("bad request: {0}")]
+    BadRequest(#[source] serde_json::Error),
+}
+
+fn fork_supervisor(
+    req: &Request,
+    stdin: OwnedFd,
+    held: Vec<OwnedFd>,
+) -> Result<(i32, u64, OwnedFd), ForkError> {
     // SAFETY: the launcher has a single thread, so the child inherits no lock held by
     // another thread and may run ordinary code (it never returns into this loop).
     match unsafe { nix::unistd::fork() } {
@@ -401,13 +418,12 @@ fn fork_supervisor(req: &Request, stdin: OwnedFd, held: Vec<OwnedFd>) -> Result<
             drop(held);
             // The child is not reaped before the next loop iteration, so even one that
             // exited at once is still there (a zombie) for pidfd_open.
-            let pidfd = sys::pidfd_open(child.as_raw())
-                .map_err(|e| format!("cannot open a pidfd for supervisor {child}: {e}"))?;
-            let ticks = sys::proc_start_ticks(child.as_raw())
-                .map_err(|e| format!("cannot read the start time of supervisor {child}: {e}"))?;
-            Ok((child.as_raw(), ticks, pidfd))
+            let pid = child.as_raw();
+            let pidfd = sys::pidfd_open(pid).map_err(|source| ForkError::Pidfd { pid, source })?;
+            let ticks = sys::proc_start_ticks(pid).map_err(|source| ForkError::StartTime { pid, source })?;
+            Ok((pid, ticks, pidfd))
         }
-        Err(e) => Err(format!("cannot fork a supervisor: {e}")),
+        Err(e) => Err(ForkError::Fork(e)),
     }
 }
 
