@@ -540,6 +540,15 @@ fn one_gpu_two_jobs_serialize() {
     let rb = result_of(&d, b, LONG);
     println!("{ra}\n{rb}");
     assert_eq!(ra["state"], "succeeded", "{ra}\n{}", logs(&d, a));
+    // The GPU a job held is in its result, by index and UUID, and in `cybctl show`.
+    assert_eq!(ra["gpus"], json!([{"index": 0, "uuid": "GPU-test-0"}]), "{ra}");
+    assert_eq!(ra["backend"], "native", "{ra}");
+    let shown = d.ctl(&["show", &a.to_string()]);
+    assert!(
+        cyb_tests::text(&shown.stdout).contains("0 (GPU-test-0)"),
+        "{}",
+        cyb_tests::shown(&shown)
+    );
     assert_eq!(rb["state"], "succeeded", "{rb}\n{}", logs(&d, b));
     let (a0, a1) = (epoch(&ra["started_at"]), epoch(&ra["finished_at"]));
     let (b0, b1) = (epoch(&rb["started_at"]), epoch(&rb["finished_at"]));
