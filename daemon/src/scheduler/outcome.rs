@@ -415,14 +415,14 @@ mod tests {
     fn lost_fails_or_is_retried_by_the_policy() {
         let lost = || {
             end(Exit::Lost {
-                why: "supervisor (pid 9) is gone".into(),
+                why: "whatever ran it is gone".into(),
             })
         };
         let s = finished(next(lost(), attempt(1, None)));
         let o = s.outcome().unwrap();
         assert_eq!(
             (o.reason, o.message.as_str()),
-            (Reason::Lost, "supervisor (pid 9) is gone")
+            (Reason::Lost, "whatever ran it is gone")
         );
         let r = retry(2, &[]);
         assert!(matches!(
