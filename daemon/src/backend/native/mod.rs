@@ -363,3 +363,118 @@ impl Backend for Native {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(f: impl FnOnce(&mut ExitRecord)) -> ExitRecord {
+        let mut e = ExitRecord {
+            attempt: 1,
+            pid: 10,
+            started: true,
+            ..Default::default()
+        };
+        f(&mut e);
+        e
+    }
+
+    #[test]
+    fn a_supervisors_exit_record_becomes_a_typed_end() {
+        let cases: Vec<(ExitRecord, Exit)> = vec![
+            (
+                rec(|e| {
+                    e.not_launched = true;
+                    e.started = false
+                }),
+                Exit::NotStarted(NotStarted::Interrupted),
+            ),
+            (
+                rec(|e| {
+                    e.started = false;
+                    e.error = Some("no such file: ./x".into())
+                }),
+                Exit::NotStarted(NotStarted::Failed("no such file: ./x".into())),
+            ),
+            (rec(|e| e.exit_code = Some(0)), Exit::Exited { code: 0 }),
+            (rec(|e| e.exit_code = Some(3)), Exit::Exited { code: 3 }),
+            (rec(|e| e.signal = Some(11)), Exit::Signaled { signal: 11 }),
+            (
+                rec(|e| {
+                    e.timed_out = true;
+                    e.signal = Some(9)
+                }),
+                Exit::TimedOut {
+                    code: None,
+                    signal: Some(9),
+                },
+            ),
+            (
+                rec(|e| {
+                    e.cancelled = true;
+                    e.signal = Some(15)
+                }),
+                Exit::Cancelled {
+                    by: None,
+                    code: None,
+                    signal: Some(15),
+                },
+            ),
+            (
+                rec(|e| {
+                    e.oom_killed = true;
+                    e.signal = Some(9)
+                }),
+                Exit::OomKilled {
+                    code: None,
+                    signal: Some(9),
+                },
+            ),
+            // The OOM killer took a helper process; the job itself still succeeded.
+            (
+                rec(|e| {
+                    e.oom_killed = true;
+                    e.exit_code = Some(0)
+                }),
+                Exit::Exited { code: 0 },
+            ),
+            (
+                rec(|e| e.error = Some("cannot wait for the job".into())),
+                Exit::Lost {
+                    why: "cannot wait for the job".into(),
+                },
+            ),
+            (
+                rec(|_| {}),
+                Exit::Lost {
+                    why: "the job ended without an exit status".into(),
+                },
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(attempt_end(e.clone()).exit, want, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn usage_and_every_error_around_the_job_are_kept() {
+        let end = attempt_end(rec(|e| {
+            e.exit_code = Some(0);
+            e.peak_memory_bytes = Some(4096);
+            e.cpu_usage_ms = Some(12);
+            e.artifacts_error = Some("out/a.txt: is a directory".into());
+            e.cgroup_error = Some("cannot remove job_4: busy".into());
+        }));
+        assert_eq!(
+            (end.usage.peak_memory_bytes, end.usage.cpu_ms),
+            (Some(4096), Some(12))
+        );
+        assert_eq!(
+            end.errors,
+            [
+                "artifacts not collected: out/a.txt: is a directory",
+                "cgroup not cleaned up: cannot remove job_4: busy"
+            ]
+        );
+    }
+}
