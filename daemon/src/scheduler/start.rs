@@ -182,13 +182,14 @@ impl Scheduler {
         let ack = self.pending.persist(id);
         // The backend prepares the attempt while its running record is made durable; it
         // is committed only once that record is on disk.
-        let prepared = backend.prepare(Attempt {
+        // (Spawned, so it starts now rather than when the durable record is awaited.)
+        let prepared = tokio::spawn(backend.prepare(Attempt {
             rec,
             attempt,
             gpus,
             leases,
             cfg: self.cfg.clone(),
-        });
+        }));
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let durable = match ack.await {
@@ -199,7 +200,12 @@ impl Scheduler {
                     why: super::NotDurable::Stopped,
                 }),
             };
-            let prepared = prepared.await;
+            let prepared = prepared.await.unwrap_or_else(|e| {
+                Err(crate::backend::BackendError::Task {
+                    id,
+                    why: e.to_string(),
+                })
+            });
             let res = match (durable, prepared) {
                 (Ok(()), Ok(p)) => backend.commit(p).await.map_err(StartError::from),
                 (Ok(()), Err(e)) => Err(e.into()),
