@@ -1,12 +1,13 @@
 //! RPC server: tarpc over the Unix socket. Each connection's peer credentials (SO_PEERCRED)
 //! decide what it may do and what it may read (a record is answered without its `env` values
 //! and `context` to anyone but the job's owner and admins, [`Conn::visible`]); requests
-//! are parsed and checked here, then handed to the scheduler as typed messages. A client that sends garbage or hangs up only ends its own
-//! connection, and what one client can make the daemon hold is bounded ([`limits`]): a
-//! user's connections are counted and capped (`[rpc] max_connections_per_user`; root and
-//! the daemon's own user exempt), request frames are limited by `max_job_bytes`, a frame
-//! begun or a reply unread for `header_timeout` and a connection idle for `idle_timeout`
-//! are closed, and the log says so at most once a minute per user and kind.
+//! are parsed and checked here, then handed to the scheduler as typed messages. A client
+//! that sends garbage or hangs up only ends its own connection, and what one client can make
+//! the daemon hold is bounded ([`limits`]): a user's connections are counted and capped
+//! (`[rpc] max_connections_per_user`; root and the daemon's own user exempt), request frames
+//! are limited by `max_job_bytes`, a frame begun or a reply unread for `header_timeout` and
+//! a connection idle for `idle_timeout` are closed, and the log says so at most once a
+//! minute per user and kind.
 
 mod limits;
 
