@@ -1,11 +1,13 @@
 //! RPC server: tarpc over the Unix socket. Each connection's peer credentials (SO_PEERCRED)
-//! decide what it may do; requests are parsed and checked here, then handed to the
-//! scheduler as typed messages. A client that sends garbage or hangs up only ends its own
-//! connection, and what one client can make the daemon hold is bounded ([`limits`]): a
-//! user's connections are counted and capped (`[rpc] max_connections_per_user`; root and
-//! the daemon's own user exempt), request frames are limited by `max_job_bytes`, a frame
-//! begun or a reply unread for `header_timeout` and a connection idle for `idle_timeout`
-//! are closed, and the log says so at most once a minute per user and kind.
+//! decide what it may do and what it may read (a record is answered without its `env` values
+//! and `context` to anyone but the job's owner and admins, [`Conn::visible`]); requests
+//! are parsed and checked here, then handed to the scheduler as typed messages. A client
+//! that sends garbage or hangs up only ends its own connection, and what one client can make
+//! the daemon hold is bounded ([`limits`]): a user's connections are counted and capped
+//! (`[rpc] max_connections_per_user`; root and the daemon's own user exempt), request frames
+//! are limited by `max_job_bytes`, a frame begun or a reply unread for `header_timeout` and
+//! a connection idle for `idle_timeout` are closed, and the log says so at most once a
+//! minute per user and kind.
 
 mod limits;
 
@@ -60,14 +62,22 @@ struct Conn {
 impl Conn {
     async fn act(self, id: JobId, action: Action) -> Result<JobRecord, RpcError> {
         let peer = self.peer.clone();
-        self.sched
+        let r = self
+            .sched
             .ask(|reply| Request::Act {
                 id,
                 action,
                 peer,
                 reply,
             })
-            .await?
+            .await?;
+        self.visible(r)
+    }
+
+    /// A record answered to this caller: without `env` values and `context` unless the
+    /// caller owns the job or is an admin ([`JobRecord::seen_by`]).
+    fn visible(&self, r: Result<JobRecord, RpcError>) -> Result<JobRecord, RpcError> {
+        r.map(|rec| rec.seen_by(self.peer.uid, self.peer.admin))
     }
 }
 
@@ -117,6 +127,7 @@ impl Cyb for Conn {
             .await?
     }
 
+    /// A summary carries neither `env` nor `context`: anyone may list every job.
     async fn list(self, _: Context, filter: ListFilter) -> Vec<JobSummary> {
         self.sched
             .ask(|reply| Request::List { filter, reply })
@@ -125,17 +136,19 @@ impl Cyb for Conn {
     }
 
     async fn show(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {
-        self.sched.ask(|reply| Request::Show { id, reply }).await?
+        let r = self.sched.ask(|reply| Request::Show { id, reply }).await?;
+        self.visible(r)
     }
 
     async fn wait(self, _: Context, id: JobId, timeout_ms: u64) -> Result<JobRecord, RpcError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.sched.send(Request::Wait { id, reply: tx })?;
-        match tokio::time::timeout(Duration::from_millis(timeout_ms.min(300_000)), rx).await {
+        let r = match tokio::time::timeout(Duration::from_millis(timeout_ms.min(300_000)), rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(RpcError::Unavailable("cybd is shutting down".into())),
             Err(_) => self.sched.ask(|reply| Request::Show { id, reply }).await?,
-        }
+        };
+        self.visible(r)
     }
 
     async fn cancel(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {

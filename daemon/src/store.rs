@@ -93,6 +93,7 @@ impl Store {
         // before the first record written into it is acknowledged.
         fsutil::sync_dir_path(dir).map_err(dir_err)?;
         let fd = fsutil::open_dir(dir).map_err(dir_err)?;
+        close_to_others(&fd).map_err(dir_err)?;
         let (tx, rx) = std_mpsc::channel::<WriteReq>();
         let wdir = dir.to_path_buf();
         let pool = SyncPool::start().map_err(dir_err)?;
@@ -319,6 +320,20 @@ impl SyncPool {
             })
             .collect()
     }
+}
+
+/// Takes away every permission of others on the records' directory: a record holds the
+/// job's `env` and `context`, which only its owner and admins may read (the server answers
+/// others without them). The group's bits stay, so a directory made `root:cybadm 0750` by
+/// the packages' tmpfiles.d still lets admins read records; one the daemon created itself
+/// under a umask of 022 becomes 0750.
+fn close_to_others(fd: &OwnedFd) -> io::Result<()> {
+    use nix::sys::stat::{Mode, fchmod, fstat};
+    let mode = fstat(fd).map_err(io::Error::from)?.st_mode & 0o7777;
+    if mode & 0o007 != 0 {
+        fchmod(fd, Mode::from_bits_truncate(mode & !0o007)).map_err(io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// The writer thread: takes every request waiting, writes each record to a temp file and

@@ -354,6 +354,16 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// The record as the user `uid` may read it: whole for the job's owner and for an admin,
+    /// without `env` values and `context` for anyone else ([`JobSpec::hide_private`]).
+    /// Everything the daemon answers with a record goes through this.
+    pub fn seen_by(mut self, uid: u32, admin: bool) -> JobRecord {
+        if !admin && uid != self.owner.uid {
+            self.spec.hide_private();
+        }
+        self
+    }
+
     pub fn name(&self) -> &str {
         self.spec.name.as_deref().unwrap_or("")
     }
@@ -529,5 +539,34 @@ mod tests {
         o2.errors.push("cannot collect artifacts: x".into());
         let back: Outcome = serde_json::from_str(&serde_json::to_string(&o2).unwrap()).unwrap();
         assert_eq!(back, o2);
+    }
+
+    #[test]
+    fn only_the_owner_and_admins_see_the_whole_record() {
+        let spec = crate::parse_job(br#"{"command":["true"],"env":{"TOKEN":"t0k"},"context":[1]}"#).unwrap();
+        let rec = JobRecord {
+            id: 1,
+            spec,
+            owner: Owner {
+                uid: 1000,
+                gid: 1000,
+                user: "alice".into(),
+            },
+            origin: Origin::Rpc { pid: None },
+            submitted_at: Timestamp::now(),
+            priority: 0,
+            attempts: 0,
+            first_started_at: None,
+            run_dir: String::new(),
+            state: JobState::Queued {
+                since: Timestamp::now(),
+            },
+        };
+        assert_eq!(rec.clone().seen_by(1000, false), rec, "owner");
+        assert_eq!(rec.clone().seen_by(0, true), rec, "admin");
+        let other = rec.clone().seen_by(1001, false);
+        assert_eq!(other.spec.env["TOKEN"], crate::spec::HIDDEN);
+        assert!(other.spec.context.is_none());
+        assert_eq!(other.id, rec.id);
     }
 }

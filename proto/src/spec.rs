@@ -382,6 +382,7 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow_id: Option<String>,
     /// Free-form data kept with the job byte for byte as given (at most 64 KiB of JSON).
+    /// Only the job's owner and admins see it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<RawJson>,
     /// argv, run without a shell.
@@ -399,9 +400,9 @@ pub struct JobSpec {
     /// Absolute working directory (default: the owner's home; cybctl sends its own cwd).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
-    /// Extra environment variables.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    /// Extra environment variables. Only the job's owner and admins see their values.
+    #[serde(default, skip_serializing_if = "Env::is_empty")]
+    pub env: Env,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(deserialize_with = "opt_object")]
     pub resources: Option<Resources>,
@@ -423,6 +424,67 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[serde(deserialize_with = "opt_object")]
     pub slurm: Option<SlurmSpec>,
+}
+
+/// What a reader who is neither the job's owner nor an admin gets in place of each `env` value.
+pub const HIDDEN: &str = "(hidden)";
+
+/// A job's `env`: variable names and values, in name order. Values are often tokens or
+/// passwords, so `Debug` prints the names only: a spec or record in a log line, an error or
+/// a panic message never carries one.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(transparent)]
+#[schemars(description = "variable names and their values")]
+pub struct Env(pub BTreeMap<String, String>);
+
+impl Env {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, HiddenValue)))
+            .finish()
+    }
+}
+
+/// Debug-prints as [`HIDDEN`], unquoted.
+struct HiddenValue;
+
+impl fmt::Debug for HiddenValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(HIDDEN)
+    }
+}
+
+impl std::ops::Deref for Env {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Env {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Env {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<(String, String)> for Env {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        Env(iter.into_iter().collect())
+    }
 }
 
 /// Deserializes a struct from a JSON object only. serde's derived structs also take a JSON
@@ -465,9 +527,17 @@ fn opt_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Op
 
 /// A piece of JSON kept exactly as it was written: `context` is the submitter's, and a
 /// number such as `9.7e+25` must not come back as `9.699999999999999e+25`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+///
+/// Like `env`, it is the submitter's business: `Debug` prints its size, not its text.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RawJson(Box<serde_json::value::RawValue>);
+
+impl fmt::Debug for RawJson {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RawJson(<{} bytes>)", self.get().len())
+    }
+}
 
 impl RawJson {
     /// The JSON text, as written.
@@ -534,6 +604,16 @@ impl fmt::Display for Backend {
 }
 
 impl JobSpec {
+    /// Takes out what only the job's owner and admins may read: each `env` value becomes
+    /// [`HIDDEN`] (the names stay, so a reader still sees what the job is given) and
+    /// `context` goes.
+    pub fn hide_private(&mut self) {
+        for v in self.env.values_mut() {
+            *v = HIDDEN.to_string();
+        }
+        self.context = None;
+    }
+
     pub fn class(&self) -> Class {
         self.class.unwrap_or_default()
     }
@@ -1088,5 +1168,35 @@ mod tests {
         for f in ["command", "shell", "docker", "task", "resources", "depends_on"] {
             assert!(s.contains(f), "schema lacks {f}");
         }
+    }
+
+    #[test]
+    fn debug_never_prints_env_values_or_context() {
+        let spec = parse_job(
+            br#"{"command":["true"],"env":{"API_TOKEN":"hunter2-debug"},"context":{"ticket":"ctx-debug"}}"#,
+        )
+        .unwrap();
+        for text in [format!("{spec:?}"), format!("{spec:#?}")] {
+            assert!(!text.contains("hunter2-debug"), "{text}");
+            assert!(!text.contains("ctx-debug"), "{text}");
+            assert!(text.contains("API_TOKEN"), "the names are still shown: {text}");
+        }
+        // Serialized, the spec is whole: records and the owner's replies keep the values.
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(
+            json.contains("hunter2-debug") && json.contains("ctx-debug"),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn others_get_the_env_names_but_neither_values_nor_context() {
+        let mut spec =
+            parse_job(br#"{"command":["true"],"env":{"A":"1","B":"2"},"context":{"ticket":"x"}}"#).unwrap();
+        spec.hide_private();
+        let json = serde_json::to_value(&spec).unwrap();
+        assert_eq!(json["env"], serde_json::json!({"A": HIDDEN, "B": HIDDEN}));
+        assert!(json.get("context").is_none(), "{json}");
+        assert_eq!(json["command"], serde_json::json!(["true"]));
     }
 }

@@ -2,7 +2,6 @@
 //! spec's types: every spec that passes the checks is written as the store writes a record
 //! (pretty JSON) and read back equal, and written as a job file it parses to the same spec.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cyb_proto::job::{JobRecord, JobState, Origin, Owner, Timestamp};
@@ -207,7 +206,7 @@ prop_compose! {
             docker,
             task,
             cwd,
-            env: env.into_iter().collect::<BTreeMap<_, _>>(),
+            env: env.into_iter().collect(),
             resources,
             timeout,
             retry,

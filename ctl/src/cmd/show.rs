@@ -170,6 +170,14 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
     if let Some(cwd) = &rec.spec.cwd {
         l.add("cwd", cwd.clone());
     }
+    if !rec.spec.env.is_empty() {
+        // A value shown as `(hidden)`: the caller is neither the job's owner nor an admin.
+        let vars: Vec<String> = rec.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        l.add("env", output::shell_join(&vars));
+    }
+    if let Some(c) = &rec.spec.context {
+        l.add("context", context_line(c));
+    }
     if !rec.spec.depends_on.is_empty() {
         let ids: Vec<String> = rec.spec.depends_on.iter().map(i64::to_string).collect();
         l.add("after", ids.join(", "));
@@ -178,6 +186,21 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
         l.add("timeout", humantime::format_duration(t.0).to_string());
     }
     l.render()
+}
+
+/// The longest `context` shown in full; a longer one is only measured.
+const CONTEXT_CHARS: usize = 200;
+
+/// `context` in one line: its JSON without layout, or its size when that is long.
+fn context_line(c: &cyb_proto::spec::RawJson) -> String {
+    let compact = c
+        .to_value()
+        .map_or_else(|_| c.get().to_string(), |v| v.to_string());
+    if compact.chars().count() <= CONTEXT_CHARS {
+        compact
+    } else {
+        format!("{} bytes of JSON (`cybctl show --json` prints it)", c.get().len())
+    }
 }
 
 /// What the job runs, in one line.
