@@ -25,6 +25,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cyb_proto::job::{RunHandle, Timestamp};
 use cyb_proto::spec::Backend as Kind;
@@ -191,8 +192,8 @@ pub trait Backend: Send + Sync {
     fn commit(&self, p: Prepared) -> BoxFuture<Result<Started, BackendError>>;
     /// Undoes a prepare whose record could not be made durable (nothing ran).
     fn abort(&self, p: Prepared) -> BoxFuture<()>;
-    /// Cancels a committed attempt: TERM, the grace period, KILL of everything it started.
-    fn cancel(&self, id: JobId, handle: &RunHandle) -> BoxFuture<Result<(), BackendError>>;
+    /// Cancels a committed attempt: TERM, `grace`, KILL of everything it started.
+    fn cancel(&self, id: JobId, handle: &RunHandle, grace: Duration) -> BoxFuture<Result<(), BackendError>>;
     /// After a daemon restart: finds the attempt `rec` (running) describes.
     fn adopt(&self, rec: &JobRecord) -> BoxFuture<Adoption>;
     /// The job's end is durable: drops what was kept to adopt it.

@@ -161,7 +161,7 @@ impl Scheduler {
         let Some(backend) = self.backends.of(handle) else {
             return;
         };
-        let cancel = backend.cancel(id, handle);
+        let cancel = backend.cancel(id, handle, self.cfg.kill_grace);
         let user = self
             .jobs
             .get(&id)

@@ -21,6 +21,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cyb_proto::job::{ProcRef, RunHandle};
 use cyb_proto::spec::Backend as Kind;
@@ -276,7 +277,8 @@ impl Backend for Native {
         })
     }
 
-    fn cancel(&self, id: JobId, handle: &RunHandle) -> BoxFuture<Result<(), BackendError>> {
+    /// The supervisor keeps the grace period it was started with (`kill_grace` then).
+    fn cancel(&self, id: JobId, handle: &RunHandle, _grace: Duration) -> BoxFuture<Result<(), BackendError>> {
         let RunHandle::Native {
             supervisor: Some(sup),
             ..
