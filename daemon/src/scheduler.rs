@@ -428,6 +428,7 @@ impl Scheduler {
         } = found;
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
+        let launcher = Arc::new(Launcher::with_exe(cfg.cybd_exe.clone()));
         let mut s = Scheduler {
             cfg,
             store,
@@ -456,7 +457,7 @@ impl Scheduler {
                 .iter()
                 .map(|(p, why)| format!("{}: {why}", p.display()))
                 .collect(),
-            launcher: Arc::new(Launcher::new()),
+            launcher,
             gpu_usable: host.usable_gpus(),
             host,
             gpu_busy: HashMap::new(),
