@@ -1,4 +1,5 @@
-//! Test harness: starts real `cybd` processes on temporary directories, drops real job
+//! Test harness: starts real `cybd` processes (or the daemon inside the test process,
+//! [`Daemon::in_process`]) on temporary directories with a [`TestConfig`], drops real job
 //! files, runs the real `cybctl` binary, and can kill -9 and restart the daemon.
 //!
 //! Prerequisites that a host may lack (root, a cgroup controller, Docker...) go through
