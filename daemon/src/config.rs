@@ -169,6 +169,10 @@ pub struct Config {
     pub cgroup_name: String,
     pub gpus: crate::gpu::config::GpuConfig,
     pub rpc: RpcLimits,
+    /// The binary started as `cybd launcher` to fork supervisors: not a key of the file.
+    /// `/proc/self/exe` (this very binary) in `cybd`; a program that embeds the daemon
+    /// (the in-process tests) sets it to the real `cybd`.
+    pub cybd_exe: PathBuf,
 }
 
 impl Config {
@@ -444,6 +448,7 @@ impl Config {
             cgroup_name,
             gpus,
             rpc,
+            cybd_exe: PathBuf::from("/proc/self/exe"),
         })
     }
 }

@@ -76,16 +76,66 @@ impl ConfigSource {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT. Jobs keep running under their supervisors when
-/// the daemon stops, and the next daemon adopts them; only when systemd stops the unit for
-/// good are they cancelled first.
+/// What the host of a running daemon asks of it: the signals in `cybd` ([`run`]), a
+/// channel of a test in-process ([`run_until`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Read the configuration again (SIGHUP).
+    Reload,
+    /// Stop (SIGTERM, SIGINT), as when every sender of the channel is gone.
+    Stop,
+}
+
+/// How the daemon shares its process.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// The daemon is the whole process (the `cybd` binary): it raises the process's
+    /// descriptor limit, takes a socket passed by systemd and tells systemd how it is
+    /// doing. A daemon embedded in another program (the in-process tests) leaves what
+    /// belongs to the whole process alone.
+    pub whole_process: bool,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT, reading the configuration again on SIGHUP.
+/// Jobs keep running under their supervisors when the daemon stops, and the next daemon
+/// adopts them; only when systemd stops the unit for good are they cancelled first.
 pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(c).is_err() {
+                break;
+            }
+        }
+    });
+    run_until(cfg, source, RunOptions { whole_process: true }, rx).await
+}
+
+/// Runs the daemon until `control` says [`Control::Stop`] or is closed; [`run`] feeds it
+/// from signals, a test that runs the daemon in its own process from a channel. Every task
+/// the daemon spawned is ended before this returns (the launcher, seeing its socket
+/// close, exits by itself).
+pub async fn run_until(
+    cfg: Config,
+    source: ConfigSource,
+    opts: RunOptions,
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     // Each RPC connection holds a descriptor; jobs get the starting limit back (launcher).
-    match sys::raise_nofile_limit() {
-        Ok((old, new)) if new > old => info!("descriptor limit raised from {old} to {new}"),
-        Ok(_) => {}
-        Err(e) => warn!("cannot raise the descriptor limit: {e}"),
+    match opts.whole_process.then(sys::raise_nofile_limit) {
+        Some(Ok((old, new))) if new > old => info!("descriptor limit raised from {old} to {new}"),
+        Some(Ok(_)) | None => {}
+        Some(Err(e)) => warn!("cannot raise the descriptor limit: {e}"),
     }
     for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -122,16 +172,25 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         .await
         .unwrap_or_default();
     let (cfg_tx, live) = tokio::sync::watch::channel(cfg.clone());
-    let (listener, bound) =
-        match systemd::activated_listener().context("cannot use the socket from systemd")? {
-            Some(l) => (
-                UnixListener::from_std(l).context("cannot use the socket from systemd")?,
-                false,
-            ),
-            None => (bind_socket(&cfg)?, true),
-        };
-    tokio::spawn(server::serve(listener, live.clone(), handle.clone(), host));
-    tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
+    let activated = match opts.whole_process {
+        true => systemd::activated_listener().context("cannot use the socket from systemd")?,
+        false => None,
+    };
+    let (listener, bound) = match activated {
+        Some(l) => (
+            UnixListener::from_std(l).context("cannot use the socket from systemd")?,
+            false,
+        ),
+        None => (bind_socket(&cfg)?, true),
+    };
+    let server_task = tokio::spawn(server::serve(listener, live.clone(), handle.clone(), host));
+    let intake_task = tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
+    // sd_notify only for the whole process: NOTIFY_SOCKET is the process's, not ours.
+    let notify = |f: &dyn Fn()| {
+        if opts.whole_process {
+            f()
+        }
+    };
     info!(
         records = n,
         socket = %cfg.paths.socket.display(),
@@ -139,37 +198,31 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         "cybd {} ready",
         env!("CARGO_PKG_VERSION")
     );
-    systemd::ready(&format!("ready, {n} job records"));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                systemd::reloading();
-                let src = source.clone();
-                match tokio::task::spawn_blocking(move || src.load()).await {
-                    Ok(Ok(mut new)) => {
-                        let old = cfg_tx.borrow().clone();
-                        if new.paths != old.paths {
-                            warn!("paths cannot change while cybd runs; keeping the old ones until a restart");
-                            new.paths = old.paths.clone();
-                        }
-                        let new = Arc::new(new);
-                        let _ = cfg_tx.send(new.clone());
-                        let _ = handle.send(scheduler::Request::Reload(new));
-                    }
-                    Ok(Err(e)) => error!("configuration not reloaded, keeping the old one: {e}"),
-                    Err(e) => error!("configuration not reloaded: {e}"),
+    notify(&|| systemd::ready(&format!("ready, {n} job records")));
+    while let Some(Control::Reload) = control.recv().await {
+        notify(&systemd::reloading);
+        let src = source.clone();
+        match tokio::task::spawn_blocking(move || src.load()).await {
+            Ok(Ok(mut new)) => {
+                let old = cfg_tx.borrow().clone();
+                if new.paths != old.paths {
+                    warn!("paths cannot change while cybd runs; keeping the old ones until a restart");
+                    new.paths = old.paths.clone();
                 }
-                systemd::ready("configuration reloaded");
+                // Not a key of the file: whoever started the daemon chose it.
+                new.cybd_exe = old.cybd_exe.clone();
+                let new = Arc::new(new);
+                let _ = cfg_tx.send(new.clone());
+                let _ = handle.send(scheduler::Request::Reload(new));
             }
+            Ok(Err(e)) => error!("configuration not reloaded, keeping the old one: {e}"),
+            Err(e) => error!("configuration not reloaded: {e}"),
         }
+        notify(&|| systemd::ready("configuration reloaded"));
     }
-    systemd::stopping();
-    let stopping_for_good = systemd::under_systemd()
+    notify(&systemd::stopping);
+    let stopping_for_good = opts.whole_process
+        && systemd::under_systemd()
         && tokio::task::spawn_blocking(systemd::unit_is_stopping)
             .await
             .unwrap_or(false);
@@ -182,6 +235,8 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
     } else {
         info!("stopping; running jobs keep running under their supervisors");
     }
+    server_task.abort();
+    intake_task.abort();
     sched_task.abort();
     if bound {
         let _ = std::fs::remove_file(&cfg.paths.socket);

@@ -35,10 +35,14 @@ fn use_journald(target: Target) -> bool {
     }
 }
 
+fn filter(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_new(format!("cybd={level},warn"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
 /// Installs the global subscriber. `level` is error|warn|info|debug|trace.
 pub fn init(level: &str, target: Target) {
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("cybd={level},warn"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = filter(level);
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if use_journald(target) {
         match tracing_journald::layer() {
@@ -54,6 +58,16 @@ pub fn init(level: &str, target: Target) {
         }
     }
     tracing_subscriber::registry().with(filter).with(stderr).init();
+}
+
+/// A subscriber writing the lines [`init`] writes on stderr into `file` instead, for a
+/// daemon embedded in another program (the in-process tests): that program sets it as the
+/// default of the daemon's threads rather than installing a global one.
+pub fn file_dispatch(level: &str, file: std::fs::File) -> tracing::Dispatch {
+    let lines = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file));
+    tracing::Dispatch::new(tracing_subscriber::registry().with(filter(level)).with(lines))
 }
 
 /// Sends each event to journald while it answers and to stderr while it does not.

@@ -1,11 +1,16 @@
-//! Test harness: starts real `cybd` processes on temporary directories, drops real job
+//! Test harness: starts real `cybd` processes (or the daemon inside the test process,
+//! [`Daemon::in_process`]) on temporary directories with a [`TestConfig`], drops real job
 //! files, runs the real `cybctl` binary, and can kill -9 and restart the daemon.
 //!
 //! Prerequisites that a host may lack (root, a cgroup controller, Docker...) go through
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
 //! the skip is a failure.
 
+pub mod config;
+pub mod inproc;
 pub mod powerfs;
+
+pub use config::TestConfig;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -141,9 +146,11 @@ thread_local! {
     static LOG_TARGET: std::cell::Cell<&'static str> = const { std::cell::Cell::new("stderr") };
 }
 
-/// A cybd process with its own spool, logs and socket under a temporary directory, and its
+/// A daemon with its own spool, logs and socket under a temporary directory, and its
 /// runtime directory on a tmpfs (`/dev/shm`) where there is one, as `/run/cyb` is on a
-/// systemd host.
+/// systemd host: a `cybd` process, or (started with [`Daemon::in_process`]) the daemon
+/// running inside the test process ([`inproc`]). Either way it is reached through the
+/// real `cybctl` and seen through its files.
 pub struct Daemon {
     pub root: tempfile::TempDir,
     /// Where `spool/` and `logs/` are: `root`, unless started with [`Daemon::start_on`].
@@ -152,13 +159,19 @@ pub struct Daemon {
     pub config: PathBuf,
     /// `--log-target` of the daemon: stderr (into daemon.log) unless a test wants journald.
     pub log_target: &'static str,
-    child: Option<Child>,
+    /// Whether the daemon runs inside this process rather than as a `cybd` process.
+    in_process: bool,
+    running: Option<Running>,
     /// File systems mounted under the data directory for this daemon, unmounted on drop.
     mounts: Vec<PathBuf>,
 }
 
+enum Running {
+    Process(Child),
+    InProcess(inproc::InProc),
+}
+
 impl Daemon {
-    /// Starts a daemon whose jobs may run as root (tests run as root), plus `extra` TOML.
     /// Runs `start` with daemons logging to `target` (journald, stderr, auto).
     pub fn logging_to(target: &'static str, start: impl FnOnce() -> Daemon) -> Daemon {
         let old = LOG_TARGET.with(|t| t.replace(target));
@@ -167,38 +180,42 @@ impl Daemon {
         d
     }
 
+    /// A `cybd` process with the harness's configuration ([`TestConfig::new`]).
     pub fn start() -> Daemon {
-        Self::start_with("")
+        Self::start_with(TestConfig::new())
     }
 
-    pub fn start_with(extra: &str) -> Daemon {
-        Self::start_with_root_jobs(true, extra)
+    /// A `cybd` process with the configuration `cfg`.
+    pub fn start_with(cfg: impl Into<TestConfig>) -> Daemon {
+        Self::start_full(cfg.into(), None, |_| {}, false)
     }
 
-    /// Like [`start_with`](Self::start_with), but with `allow_root_jobs = {allow}` (TOML
-    /// refuses a key given twice, so `extra` cannot override it).
-    pub fn start_with_root_jobs(allow: bool, extra: &str) -> Daemon {
-        Self::start_full(allow, extra, None, |_| {})
+    /// The daemon run inside this test process ([`cybd::run_until`], see [`inproc`]) with
+    /// the configuration `cfg`: for tests of what the daemon decides (scheduling order,
+    /// slots, dependencies, retries, hold and release) rather than of the process.
+    /// [`pid`](Self::pid) is `None`; [`kill9`](Self::kill9) drops it mid-flight.
+    pub fn in_process(cfg: impl Into<TestConfig>) -> Daemon {
+        Self::start_full(cfg.into(), None, |_| {}, true)
     }
 
-    /// Like [`start_with_root_jobs`](Self::start_with_root_jobs), but runs `prepare` on the
-    /// daemon before it starts (to mount a small file system on `spool/jobs`, say; see
+    /// Like [`start_with`](Self::start_with), but runs `prepare` on the daemon before it
+    /// starts (to mount a small file system on `spool/jobs`, say; see
     /// [`Daemon::mount_tmpfs`]).
-    pub fn start_prepared(allow: bool, extra: &str, prepare: impl FnOnce(&mut Daemon)) -> Daemon {
-        Self::start_full(allow, extra, None, prepare)
+    pub fn start_prepared(cfg: impl Into<TestConfig>, prepare: impl FnOnce(&mut Daemon)) -> Daemon {
+        Self::start_full(cfg.into(), None, prepare, false)
     }
 
     /// A daemon whose spool and logs are under `data` (another file system, such as a
     /// [`powerfs`] mount), with its config, socket and log in a temporary directory.
-    pub fn start_on(data: &Path, extra: &str) -> Daemon {
-        Self::start_full(true, extra, Some(data.to_path_buf()), |_| {})
+    pub fn start_on(data: &Path, cfg: impl Into<TestConfig>) -> Daemon {
+        Self::start_full(cfg.into(), Some(data.to_path_buf()), |_| {}, false)
     }
 
     fn start_full(
-        allow: bool,
-        extra: &str,
+        cfg: TestConfig,
         data: Option<PathBuf>,
         prepare: impl FnOnce(&mut Daemon),
+        in_process: bool,
     ) -> Daemon {
         let root = tempfile::Builder::new()
             .prefix("cybd-test-")
@@ -214,26 +231,25 @@ impl Daemon {
             .tempdir_in(if shm.is_dir() { shm } else { r })
             .expect("runtime tempdir");
         let config = r.join("cybd.toml");
-        let mut text = format!(
-            "allow_root_jobs = {allow}\nkill_grace = \"2s\"\nrescan_interval = \"1s\"\n{extra}\n\
-             [paths]\nspool = \"{}\"\nlogs = \"{}\"\nsocket = \"{}\"\nruntime = \"{}\"\n",
-            data.join("spool").display(),
-            data.join("logs").display(),
-            r.join("cybd.sock").display(),
-            runtime.path().display(),
+        let mut cfg = cfg.paths(
+            &data.join("spool"),
+            &data.join("logs"),
+            &r.join("cybd.sock"),
+            runtime.path(),
         );
         // Daemons of concurrent tests must not share (or sweep) each other's job cgroups.
-        if !extra.contains("[cgroups]") {
-            text.push_str(&format!("[cgroups]\nname = \"{}\"\n", cgroup_name_for(r)));
+        if !cfg.has_cgroup_name() {
+            cfg = cfg.cgroup_name(&cgroup_name_for(r));
         }
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, cfg.to_toml()).unwrap();
         let mut d = Daemon {
             root,
             data,
             runtime,
             config,
             log_target: LOG_TARGET.with(|t| t.get()),
-            child: None,
+            in_process,
+            running: None,
             mounts: Vec::new(),
         };
         prepare(&mut d);
@@ -301,33 +317,51 @@ impl Daemon {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The `cybd` process's pid; `None` for a daemon in this process or one not running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match &self.running {
+            Some(Running::Process(c)) => Some(c.id()),
+            _ => None,
+        }
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let child = Command::new(bin("cybd"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--log-level")
-            .arg("debug")
-            .arg("--log-target")
-            .arg(self.log_target)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn cybd");
-        self.child = Some(child);
+        if self.in_process {
+            let log = self.log_path();
+            self.running = Some(Running::InProcess(inproc::InProc::start(
+                &self.config,
+                &log,
+                bin("cybd"),
+            )));
+        } else {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())
+                .unwrap();
+            let child = Command::new(bin("cybd"))
+                .arg("--config")
+                .arg(&self.config)
+                .arg("--log-level")
+                .arg("debug")
+                .arg("--log-target")
+                .arg(self.log_target)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("spawn cybd");
+            self.running = Some(Running::Process(child));
+        }
         let sock = self.socket();
         // Ready means answering a call, not merely accepting: a socket of a daemon killed a
         // moment ago can accept for a few ms.
         let ok = wait_until(Duration::from_secs(20), || {
+            if let Some(Running::InProcess(p)) = &self.running
+                && p.finished()
+            {
+                return true;
+            }
             std::os::unix::net::UnixStream::connect(&sock).is_ok()
                 && Command::new(bin("cybctl"))
                     .arg("--socket")
@@ -338,6 +372,18 @@ impl Daemon {
                     .status()
                     .is_ok_and(|s| s.success())
         });
+        if let Some(Running::InProcess(p)) = &self.running
+            && p.finished()
+        {
+            let Some(Running::InProcess(p)) = self.running.take() else {
+                unreachable!()
+            };
+            panic!(
+                "the in-process daemon ended at start-up: {:?}; log:\n{}",
+                p.stop(),
+                self.log()
+            );
+        }
         assert!(
             ok,
             "cybd did not answer on {} within 20s; log:\n{}",
@@ -348,28 +394,57 @@ impl Daemon {
 
     /// Starts the daemon again on the same directories.
     pub fn restart(&mut self) {
-        if self.child.is_some() {
+        if self.running.is_some() {
             self.stop();
         }
         self.spawn();
     }
 
-    /// kill -9 of the daemon (its supervisors and jobs live on).
+    /// kill -9 of the daemon (its supervisors and jobs live on); for a daemon in this
+    /// process, [`InProc::abort`](inproc::InProc::abort).
     pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match self.running.take() {
+            Some(Running::Process(mut c)) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Some(Running::InProcess(p)) => {
+                let _ = p.abort();
+            }
+            None => {}
         }
     }
 
-    /// SIGTERM and wait.
+    /// SIGTERM and wait (for a daemon in this process: the same stop, by channel).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
+        match self.running.take() {
+            Some(Running::Process(mut c)) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+                let _ = c.wait();
+            }
+            Some(Running::InProcess(p)) => {
+                if let Err(e) = p.stop() {
+                    panic!("the in-process daemon failed: {e:#}; log:\n{}", self.log());
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Has the daemon read its configuration file again (SIGHUP).
+    pub fn reload(&self) {
+        match &self.running {
+            Some(Running::Process(c)) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGHUP,
+                );
+            }
+            Some(Running::InProcess(p)) => p.reload(),
+            None => {}
         }
     }
 

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cyb_tests::{Daemon, is_root, require, wait_until};
+use cyb_tests::{Daemon, TestConfig, is_root, require, wait_until};
 
 /// Fills the file system holding `dir` until a write fails; removing the returned file
 /// gives the room back.
@@ -40,7 +40,9 @@ fn refused_submissions_never_run_and_spool_files_are_taken_once_room_returns() {
         return;
     }
     let mut jobs_dir = PathBuf::new();
-    let d = Daemon::start_prepared(true, "", |d| jobs_dir = d.mount_tmpfs("spool/jobs", "1m"));
+    let d = Daemon::start_prepared(TestConfig::new(), |d| {
+        jobs_dir = d.mount_tmpfs("spool/jobs", "1m")
+    });
     let out = tempfile::tempdir().unwrap();
     let log = out.path().join("marks");
     let filler = fill(&jobs_dir);
@@ -133,7 +135,7 @@ fn a_job_ending_while_the_disk_is_full_is_recorded_once_there_is_room() {
     drop(probe);
 
     let (mut jobs_dir, mut logs_dir) = (PathBuf::new(), PathBuf::new());
-    let d = Daemon::start_prepared(true, "", |d| {
+    let d = Daemon::start_prepared(TestConfig::new(), |d| {
         jobs_dir = d.mount_tmpfs("spool/jobs", "1m");
         logs_dir = d.mount_tmpfs("logs", "1m");
     });

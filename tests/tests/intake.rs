@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, TEST_USER, alive, bin, root_and_test_user, wait_until};
+use cyb_tests::{Daemon, TEST_USER, TestConfig, alive, bin, root_and_test_user, wait_until};
 use serde_json::Value;
 
 /// Generous timeout for anything a healthy daemon does in well under a second.
@@ -325,7 +325,7 @@ fn a_second_refused_file_of_the_same_name_keeps_the_first() {
 
 #[test]
 fn oversized_file_is_rejected() {
-    let d = Daemon::start_with("max_job_bytes = \"1KiB\"");
+    let d = Daemon::start_with(TestConfig::new().max_job_bytes(1024));
     // Valid JSON, just too big.
     let body = format!(r#"{{"command":["true"],"env":{{"PAD":"{}"}}}}"#, "x".repeat(2000));
     assert!(body.len() > 1024);
@@ -753,7 +753,7 @@ fn root_files_are_refused_unless_allowed() {
     let Some((uid, gid)) = root_and_test_user() else {
         return;
     };
-    let d = Daemon::start_with_root_jobs(false, "");
+    let d = Daemon::start_with(TestConfig::new().allow_root_jobs(false));
     d.drop_job("rootjob.json", VALID);
     let err = assert_rejected(&d, "rootjob.json", None);
     let msg = message(&err);

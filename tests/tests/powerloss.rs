@@ -35,8 +35,9 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use cyb_proto::Class;
 use cyb_tests::powerfs::{Options, PowerFs};
-use cyb_tests::{Daemon, Rng, gone, is_root, require, test_user, wait_until};
+use cyb_tests::{Daemon, Rng, TestConfig, gone, is_root, require, test_user, wait_until};
 use serde_json::{Value, json};
 
 const CRASH_POINTS: usize = 120;
@@ -292,7 +293,7 @@ fn power_loss_loses_no_acknowledged_job_runs_none_twice_and_quarantines_no_recor
     std::fs::set_permissions(&ran_log, std::fs::Permissions::from_mode(0o666)).unwrap();
     let script = |job: &str| format!("echo {job} >> {}", ran_log.display());
 
-    let mut d = Daemon::start_on(fs.path(), "[classes.cpu_short]\nslots = 4\n");
+    let mut d = Daemon::start_on(fs.path(), TestConfig::new().class_slots(Class::CpuShort, 4));
     let mut acked: BTreeMap<String, Option<u64>> = BTreeMap::new();
     let mut submitted = 0usize;
     // Spool files not yet seen taken.

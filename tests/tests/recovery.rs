@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use cyb_tests::{Daemon, Rng, alive, wait_until};
+use cyb_proto::Class;
+use cyb_tests::{Daemon, Rng, TestConfig, alive, wait_until};
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -271,7 +272,7 @@ fn running_job_survives_kill9_restart_and_keeps_its_exit_code() {
 
 #[test]
 fn kill9_with_queued_and_running_jobs_loses_and_doubles_nothing() {
-    let mut d = Daemon::start_with("[classes.cpu_short]\nslots = 2\n");
+    let mut d = Daemon::start_with(TestConfig::new().class_slots(Class::CpuShort, 2));
     let shared = shared_dir();
     let log = shared.path().join("ran.log");
     let script = format!("echo $CYB_JOB_ID >> {}; sleep 0.2", log.display());
@@ -324,7 +325,7 @@ fn kill9_at_many_instants_loses_nothing_runs_nothing_twice_and_never_reuses_ids(
     const FILES: usize = 4;
     const RPCS: usize = 3;
     let mut rng = Rng::new();
-    let mut d = Daemon::start_with("[classes.cpu_short]\nslots = 4\n");
+    let mut d = Daemon::start_with(TestConfig::new().class_slots(Class::CpuShort, 4));
     let shared = shared_dir();
     let log = shared.path().join("ran.log");
     let script = |name: &str| format!("echo \"$CYB_JOB_ID {name}\" >> {}; sleep 0.05", log.display());

@@ -13,8 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use cyb_proto::Class;
 use cyb_tests::{
-    Daemon, epoch, gone, is_root, outside_can_lock, require, shown, text, wait_pids, wait_until,
+    Daemon, TestConfig, epoch, gone, is_root, outside_can_lock, require, shown, text, wait_pids, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -158,15 +159,8 @@ fn gpu_nodes(n: u32) -> (tempfile::TempDir, Vec<PathBuf>) {
 }
 
 /// The extra config for static GPUs on `nodes` (tables only: put top-level keys first).
-fn gpu_config(nodes: &[PathBuf]) -> String {
-    let mut t = String::from("[gpus]\nsource = \"static\"\ncommon_devices = []\n");
-    for (i, n) in nodes.iter().enumerate() {
-        t.push_str(&format!(
-            "[[gpu]]\nindex = {i}\nuuid = \"GPU-test-{i}\"\ndevices = [\"{}\"]\n",
-            n.display()
-        ));
-    }
-    t
+fn gpu_config(nodes: &[PathBuf]) -> TestConfig {
+    TestConfig::new().static_gpus(&[], nodes)
 }
 
 fn lockfile(d: &Daemon, index: u32) -> PathBuf {
@@ -424,11 +418,7 @@ fn gpu_device_isolation() {
     // A node every GPU job gets (as /dev/nvidiactl is), but no job without GPUs.
     let ctl = nodes_dir.path().join("nvidiactl");
     cyb_tests::mknod_char(&ctl, 195, 255, 0o666);
-    let config = gpu_config(&nodes).replace(
-        "common_devices = []",
-        &format!("common_devices = [\"{}\"]", ctl.display()),
-    );
-    let d = Daemon::start_with(&config);
+    let d = Daemon::start_with(TestConfig::new().static_gpus(std::slice::from_ref(&ctl), &nodes));
     let t = tempdir("cyb-res-");
     let probe = format!(
         "for n in {} {} {}; do if cat $n; then echo \"open $n ok\"; fi; done 2>&1; \
@@ -513,7 +503,7 @@ fn one_gpu_two_jobs_serialize() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let d = Daemon::start_with(&gpu_config(&nodes));
+    let d = Daemon::start_with(gpu_config(&nodes));
     let t = tempdir("cyb-res-");
     let a = submit_spec(&d, t.path(), &gpu_job("sleep 1.5"));
     // The second through cybctl's own flags.
@@ -572,7 +562,7 @@ fn outside_flock_blocks_gpu() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let d = Daemon::start_with(&gpu_config(&nodes));
+    let d = Daemon::start_with(gpu_config(&nodes));
     let lock = lockfile(&d, 0);
     // The daemon makes <runtime>/gpu at startup; make it (0755, root) only if it has not.
     if !wait_until(Duration::from_secs(2), || lock.parent().unwrap().is_dir()) {
@@ -658,7 +648,7 @@ fn gpu_lock_survives_kill9_restart() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let mut d = Daemon::start_with(&gpu_config(&nodes));
+    let mut d = Daemon::start_with(gpu_config(&nodes));
     let t = tempdir("cyb-res-");
     let lock = lockfile(&d, 0);
     let first = submit_spec(
@@ -732,7 +722,7 @@ fn require_limits_health() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let d = Daemon::start_with(&format!("require_limits = true\n{}", gpu_config(&nodes)));
+    let d = Daemon::start_with(gpu_config(&nodes).require_limits(true));
     let h = d.ctl_json(&["health"]);
     println!("{h:#}");
     assert!(h["cgroups"]["mode"].is_string(), "no cgroups.mode: {h}");
@@ -796,7 +786,7 @@ fn too_many_gpus_rejected() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let d = Daemon::start_with(&gpu_config(&nodes));
+    let d = Daemon::start_with(gpu_config(&nodes));
     let spec = json!({"class": "gpu", "shell": "true", "resources": {"gpus": 2}});
     d.drop_job("greedy.json", &spec.to_string());
     let e = d.wait_rejected("greedy.json", LONG);
@@ -833,7 +823,7 @@ fn without_cgroups_limits_are_reported_or_required() {
     }
     let _g = shared();
     let t = tempdir("cyb-res-");
-    let d = Daemon::start_with("[cgroups]\nenabled = false\n");
+    let d = Daemon::start_with(TestConfig::new().cgroups(false));
     let h = d.ctl_json(&["health"]);
     assert_eq!(h["cgroups"]["mode"], "none", "{h}");
     let not: Vec<&str> = h["cgroups"]["not_enforced"]
@@ -868,7 +858,7 @@ fn without_cgroups_limits_are_reported_or_required() {
     );
     drop(d);
 
-    let d = Daemon::start_with("require_limits = true\n[cgroups]\nenabled = false\n");
+    let d = Daemon::start_with(TestConfig::new().require_limits(true).cgroups(false));
     let path = t.path().join("confined.json");
     std::fs::write(
         &path,
@@ -938,7 +928,11 @@ fn orphaned_job_cgroup_is_swept_after_restart() {
 fn class_time_limits_default_lower_and_raise() {
     let _g = shared();
     let t = tempdir("cyb-res-");
-    let d = Daemon::start_with("[classes.cpu_short]\ntimeout = \"1s\"\nmax_timeout = \"4s\"\n");
+    let d = Daemon::start_with(
+        TestConfig::new()
+            .class_timeout(Class::CpuShort, Duration::from_secs(1))
+            .class_max_timeout(Class::CpuShort, Duration::from_secs(4)),
+    );
     let job = |spec: Value| submit_spec(&d, t.path(), &spec);
     // No timeout of its own: the class's 1 s.
     let by_default = job(json!({"shell": "sleep 3", "cwd": "/"}));
@@ -966,7 +960,7 @@ fn class_default_limits_apply() {
         return;
     }
     let _g = shared();
-    let d = Daemon::start_with("[classes.cpu_short]\nmemory = \"32MiB\"\n");
+    let d = Daemon::start_with(TestConfig::new().class_memory(Class::CpuShort, 32 << 20));
     let t = tempdir("cyb-res-");
     let dd = ["dd", "if=/dev/zero", "of=/dev/null", "bs=100M", "count=1"];
     let by_class = submit_spec(&d, t.path(), &json!({"command": dd, "cwd": "/"}));
@@ -1012,7 +1006,7 @@ fn gpu_jobs_need_device_control() {
     }
     let _g = shared();
     let (_nodes_dir, nodes) = gpu_nodes(1);
-    let d = Daemon::start_with(&format!("[cgroups]\nenabled = false\n{}", gpu_config(&nodes)));
+    let d = Daemon::start_with(gpu_config(&nodes).cgroups(false));
     d.drop_job("gpu.json", &gpu_job("true").to_string());
     let e = d.wait_rejected("gpu.json", LONG);
     assert_eq!(e["field"], "resources.gpus", "{e}");
@@ -1036,7 +1030,7 @@ fn memory_cgroup_reused_for_the_next_unprivileged_job() {
     }
     let _g = shared();
     let (uid, gid) = cyb_tests::test_user();
-    let d = Daemon::start_with("[classes.cpu_short]\nslots = 1\n");
+    let d = Daemon::start_with(TestConfig::new().class_slots(Class::CpuShort, 1));
     // The job prints the inode of its own memory cgroup.
     let job = |extra: &str| {
         json!({

@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use cyb_proto::CybClient;
-use cyb_tests::{Daemon, root_and_test_user, shown, text};
+use cyb_tests::{Daemon, TestConfig, root_and_test_user, shown, text};
 
 /// The request frame limit of a daemon with the default `max_job_bytes` (1 MiB).
 const MAX_FRAME: u32 = (2 << 20) + (64 << 10);
@@ -83,7 +83,11 @@ fn a_frame_over_the_limit_closes_that_connection_and_nothing_else() {
 
 #[test]
 fn a_frame_begun_and_not_finished_is_closed_after_the_header_timeout() {
-    let d = Daemon::start_with("[rpc]\nheader_timeout = \"1s\"\nidle_timeout = \"30s\"\n");
+    let d = Daemon::start_with(
+        TestConfig::new()
+            .rpc_header_timeout(Duration::from_secs(1))
+            .rpc_idle_timeout(Duration::from_secs(30)),
+    );
     let mut idle = UnixStream::connect(d.socket()).unwrap();
     let mut c = UnixStream::connect(d.socket()).unwrap();
     let t0 = Instant::now();
@@ -111,7 +115,7 @@ fn a_frame_begun_and_not_finished_is_closed_after_the_header_timeout() {
 
 #[test]
 fn an_idle_connection_is_closed_after_the_idle_timeout_but_a_waiting_one_is_not() {
-    let d = Daemon::start_with("[rpc]\nidle_timeout = \"1s\"\n");
+    let d = Daemon::start_with(TestConfig::new().rpc_idle_timeout(Duration::from_secs(1)));
     // `cybctl wait` holds one request for longer than the idle timeout.
     let id = d.submit(&[], &["sh", "-c", "sleep 2.5; exit 7"]);
     let t0 = Instant::now();
@@ -170,7 +174,7 @@ fn a_user_past_the_connection_cap_is_refused_while_others_are_served() {
         .unwrap()
         .expect("user nobody");
     let cap = 3;
-    let d = Daemon::start_with(&format!("[rpc]\nmax_connections_per_user = {cap}\n"));
+    let d = Daemon::start_with(TestConfig::new().rpc_max_connections_per_user(cap));
     let sock = d.socket();
     let ls_as = |uid: u32, gid: u32| -> (Output, Duration) {
         let t0 = Instant::now();

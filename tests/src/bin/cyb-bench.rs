@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use cyb_proto::rpc::{ListFilter, SubmitRequest};
-use cyb_proto::{CybClient, StateName};
-use cyb_tests::{Daemon, bin, bin_dir, is_root};
+use cyb_proto::{Class, CybClient, StateName};
+use cyb_tests::{Daemon, TestConfig, bin, bin_dir, is_root};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
@@ -645,11 +645,11 @@ struct Cybd {
 
 impl Cybd {
     fn start(o: &Opts) -> Cybd {
-        let mut extra = format!("[classes.cpu_short]\nslots = {}\n", o.slots);
+        let mut cfg = TestConfig::new().class_slots(Class::CpuShort, o.slots);
         if o.no_cgroups {
-            extra.push_str("[cgroups]\nenabled = false\n");
+            cfg = cfg.cgroups(false);
         }
-        let d = Daemon::start_with(&extra);
+        let d = Daemon::start_with(cfg);
         let dir = on_signal(Undo::RemoveDir(d.path().to_path_buf()));
         let run = on_signal(Undo::RemoveDir(d.runtime_dir().to_path_buf()));
         let pid = on_signal(Undo::Kill(d.pid().expect("cybd pid") as i32));

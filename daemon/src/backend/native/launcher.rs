@@ -77,6 +77,8 @@ struct Conn {
 /// The daemon's handle on its launcher process, started on first use and again if it died.
 pub struct Launcher {
     conn: Mutex<Option<Conn>>,
+    /// The cybd binary run as `cybd launcher` ([`Config::cybd_exe`](crate::Config)).
+    exe: PathBuf,
 }
 
 impl Default for Launcher {
@@ -86,13 +88,20 @@ impl Default for Launcher {
 }
 
 impl Launcher {
+    /// A launcher started from this very binary (`/proc/self/exe`).
     pub fn new() -> Self {
+        Self::with_exe(PathBuf::from("/proc/self/exe"))
+    }
+
+    /// A launcher started from `exe`, for a daemon embedded in a program that is not cybd.
+    pub fn with_exe(exe: PathBuf) -> Self {
         Launcher {
             conn: Mutex::new(None),
+            exe,
         }
     }
 
-    fn start_process() -> io::Result<Conn> {
+    fn start_process(exe: &Path) -> io::Result<Conn> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -107,7 +116,7 @@ impl Launcher {
             &nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as _, 0),
         )
         .map_err(|e| io::Error::other(format!("cannot set the launcher socket's timeout: {e}")))?;
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(exe);
         // `ps` shows "cybd launcher", not "/proc/self/exe launcher".
         cmd.arg0("cybd")
             .arg("launcher")
@@ -153,7 +162,7 @@ impl Launcher {
         // One retry: a launcher that died (or was killed) since the last job is replaced.
         for round in 0..2 {
             if guard.is_none() {
-                *guard = Some(Self::start_process()?);
+                *guard = Some(Self::start_process(&self.exe)?);
             }
             let Some(conn) = guard.as_mut() else { continue };
             match exchange(&conn.sock, &req, stdin, held) {

@@ -65,10 +65,11 @@ impl Native {
                 None
             }
         };
+        let launcher = Arc::new(Launcher::with_exe(cfg.cybd_exe.clone()));
         Native {
             cfg,
             host,
-            launcher: Arc::new(Launcher::new()),
+            launcher,
             boot_id,
         }
     }
