@@ -482,6 +482,15 @@ impl Daemon {
     }
 
     /// Submits `-- argv...` (plus options before `--`) and returns the job id.
+    /// Writes `spec` as job file `dir/name` and submits it with `cybctl submit -f`;
+    /// returns the id.
+    pub fn submit_file(&self, dir: &Path, name: &str, spec: &Value) -> u64 {
+        let path = dir.join(name);
+        std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
+        let v = self.ctl_json(&["submit", "-f", path.to_str().unwrap()]);
+        v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
+    }
+
     pub fn submit(&self, opts: &[&str], argv: &[&str]) -> u64 {
         let mut a = vec!["--json", "submit"];
         a.extend_from_slice(opts);

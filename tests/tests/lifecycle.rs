@@ -36,14 +36,6 @@ fn file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
-/// Writes `spec` as a job file and submits it with `cybctl submit -f`; returns the id.
-fn submit_file(d: &Daemon, dir: &Path, name: &str, spec: &Value) -> u64 {
-    let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-    let v = d.ctl_json(&["submit", "-f", path.to_str().unwrap()]);
-    v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
-}
-
 /// Reads `r` line by line on a thread; each line arrives with the time it was read.
 fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
@@ -698,8 +690,7 @@ fn artifacts_matching_the_globs_are_collected() {
 
     // Through cybctl submit -f.
     let cwd1 = tempdir();
-    let id = submit_file(
-        &d,
+    let id = d.submit_file(
         specs.path(),
         "arts.json",
         &json!({"name": "arts", "cwd": cwd1.path(), "shell": script, "artifacts": ["out/*.txt"]}),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cyb_proto::Class;
 use cyb_tests::{Daemon, TestConfig, epoch, shown, wait_until};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Generous limit for things that take well under a second on an idle host.
 const LONG: Duration = Duration::from_secs(30);
@@ -27,14 +27,6 @@ fn code(out: &Output) -> i32 {
 
 fn file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
-}
-
-/// Writes `spec` as a job file and submits it with `cybctl submit -f`; returns the id.
-fn submit_file(d: &Daemon, dir: &Path, name: &str, spec: &Value) -> u64 {
-    let path = dir.join(name);
-    std::fs::write(&path, serde_json::to_vec_pretty(spec).unwrap()).unwrap();
-    let v = d.ctl_json(&["submit", "-f", path.to_str().unwrap()]);
-    v["id"].as_u64().unwrap_or_else(|| panic!("no id in {v}"))
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -58,8 +50,7 @@ fn retry_policy_and_manual_retry() {
         )
     };
     // Fails twice, then succeeds.
-    let flaky = submit_file(
-        &d,
+    let flaky = d.submit_file(
         dir,
         "flaky.json",
         &json!({
@@ -68,8 +59,7 @@ fn retry_policy_and_manual_retry() {
         }),
     );
     // Always fails.
-    let always = submit_file(
-        &d,
+    let always = d.submit_file(
         dir,
         "always.json",
         &json!({
@@ -78,8 +68,7 @@ fn retry_policy_and_manual_retry() {
         }),
     );
     // Fails with a code the policy does not retry.
-    let picky = submit_file(
-        &d,
+    let picky = d.submit_file(
         dir,
         "picky.json",
         &json!({

@@ -15,14 +15,8 @@ fn an_artifact_that_cannot_be_collected_is_in_result_json_the_log_and_show() {
     // The job puts a directory where its artifact would be copied to, so the copy fails
     // (as it does on a full disk); the job itself succeeds.
     let script = "mkdir -p out \"$CYB_ARTIFACTS_DIR/out/a.txt\" && echo a > out/a.txt && echo b > out/b.txt";
-    let spec = cwd.path().join("job.json");
     let body = serde_json::json!({"shell": script, "cwd": cwd.path(), "artifacts": ["out/*.txt"]});
-    std::fs::write(&spec, body.to_string()).unwrap();
-    let out = d.ctl(&["--json", "submit", "-f", &spec.display().to_string()]);
-    assert!(out.status.success(), "{}", shown(&out));
-    let id = serde_json::from_str::<serde_json::Value>(&text(&out.stdout)).unwrap()["id"]
-        .as_u64()
-        .unwrap();
+    let id = d.submit_file(cwd.path(), "job.json", &body);
     let r = d.wait_result(id, LONG);
     assert_eq!(r["state"], "succeeded", "{r}");
     assert_eq!(r["backend"], "native", "{r}");
