@@ -68,6 +68,9 @@ impl Host {
             Cgroups::detect(&cfg.cgroup_name)
         };
         info!("cgroups: {}", cgroups.describe());
+        if cgroups.mode() != Mode::None {
+            info!("cgroup routing: {}", cgroups.routing());
+        }
         // Enough spare memory cgroups for every slot's next job.
         let slots: usize = cfg.classes.values().map(|c| c.slots).sum();
         cgroups.set_spare_capacity(slots.clamp(1, 256));

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use cyb_tests::{alive, is_root, require, wait_until};
 use cybd::cgroup::{
-    Cgroups, DeviceAllow, DeviceMechanism, DeviceRule, JobCgroup, Limits, Mode, ProbeOutcome, join_in_child,
+    Cgroups, DeviceAllow, DeviceMechanism, DeviceRule, JobCgroup, Limits, Mode, ProbeOutcome, Via,
+    join_in_child,
 };
 use nix::errno::Errno;
 
@@ -800,4 +801,50 @@ fn keyed_num(path: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap_or(u64::MAX)
+}
+
+/// On a hybrid host the routing chosen at detection holds for every job: limits in the v1
+/// controllers, tracking, kill, freeze and the device filter in the unified cgroup, and a
+/// job's cgroup made only where its routing sends something (no v1 freezer, cpuacct or
+/// devices directory beside a unified one that does their work).
+#[test]
+fn hybrid_routing_is_decided_once_and_followed() {
+    let Some(mut f) = Fixture::new("routing") else {
+        return;
+    };
+    if f.cg.mode() != Mode::Hybrid {
+        println!("skipped: not a hybrid host ({})", f.cg.describe());
+        return;
+    }
+    let r = f.cg.routing();
+    println!("{r}");
+    assert_eq!(r.tracking, Via::V2, "{r}");
+    assert_eq!(r.cpu_usage, Via::V2, "{r}");
+    let limits = Limits {
+        memory_bytes: Some(256 << 20),
+        ..Limits::default()
+    };
+    let job = f.create(31, &limits);
+    assert!(job.unified_path().is_some());
+    if r.memory == Via::V1 {
+        let m = job.v1_path("memory").expect("a v1 memory cgroup");
+        let text = std::fs::read_to_string(m.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(text.trim(), (256u64 << 20).to_string());
+    }
+    for (ctrl, via) in [("freezer", r.freeze), ("devices", r.devices)] {
+        if via == Via::V2 {
+            assert!(job.v1_path(ctrl).is_none(), "a v1 {ctrl} cgroup made for nothing");
+        }
+    }
+    assert!(job.v1_path("cpuacct").is_none(), "cpu time comes from cpu.stat");
+    if r.freeze == Via::V2 {
+        let mut child = spawn_in(&job, "sleep 30", Stdio::null());
+        job.set_frozen(true).unwrap();
+        let events = job.unified_path().unwrap().join("cgroup.events");
+        assert_eq!(keyed(&events, "frozen"), Some(1));
+        job.set_frozen(false).unwrap();
+        job.kill().unwrap();
+        assert!(child.wait().unwrap().signal() == Some(9));
+    }
+    assert_kill_leaves_nothing(&job);
 }

@@ -1,16 +1,18 @@
 //! Device access control: which device nodes a job may open.
 //!
 //! A job gets a [`DeviceAllow`] list; everything else is denied, except the standard safe
-//! set of [`DEFAULT_RULES`]. The same rules are enforced two ways, by whichever the host
-//! has (a hybrid host has both, and both then apply):
+//! set of [`DEFAULT_RULES`]. The same rules can be enforced two ways; a job gets the one
+//! its [`super::Routing`] names (the BPF filter where it loads, so a hybrid host uses it
+//! and not the v1 controller), and [`super::Cgroups::probe_devices`] tests each alone:
 //!
 //! - cgroup v1 `devices` controller: `a` written to `devices.deny`, then one
-//!   `devices.allow` write per rule ([`DeviceRule`]'s `Display` is that syntax);
+//!   `devices.allow` write per rule ([`DeviceRule`]'s `Display` is that syntax; the writes
+//!   are in `v1/devices.rs`);
 //! - cgroup v2: a `BPF_PROG_TYPE_CGROUP_DEVICE` program, hand-assembled here from the rules
 //!   ([`device_program`]), loaded with the raw `bpf(2)` syscall and attached to the job's
-//!   unified cgroup with `BPF_CGROUP_DEVICE`. The kernel runs it on every open and mknod
-//!   of a device node by a process of the cgroup; it works even where the unified mount
-//!   carries no controllers (hybrid hosts).
+//!   unified cgroup with `BPF_CGROUP_DEVICE` (per job by `v2/devices.rs`). The kernel runs
+//!   it on every open and mknod of a device node by a process of the cgroup; it works even
+//!   where the unified mount carries no controllers (hybrid hosts).
 
 use std::fmt;
 use std::fs::File;
@@ -182,14 +184,6 @@ impl DeviceAllow {
     pub fn effective(&self) -> Vec<DeviceRule> {
         DEFAULT_RULES.iter().chain(&self.rules).copied().collect()
     }
-}
-
-/// The v1 `devices` writes that confine a cgroup to `rules`, in order: `(file, value)`,
-/// each value one write(2).
-pub(crate) fn v1_writes(rules: &[DeviceRule]) -> Vec<(&'static str, String)> {
-    let mut w = vec![("devices.deny", "a".to_string())];
-    w.extend(rules.iter().map(|r| ("devices.allow", r.to_string())));
-    w
 }
 
 /// One eBPF instruction, laid out as the kernel's `struct bpf_insn`.
@@ -445,28 +439,6 @@ mod tests {
         }
         let e = "c 1".parse::<DeviceRule>().unwrap_err().to_string();
         assert!(e.starts_with("invalid device rule \"c 1\""), "{e}");
-    }
-
-    #[test]
-    fn default_set_and_v1_writes() {
-        let allow = DeviceAllow::new(vec!["c 195:0 rw".parse().unwrap()]);
-        let w = v1_writes(&allow.effective());
-        let text: Vec<String> = w.iter().map(|(f, v)| format!("{f}={v}")).collect();
-        assert_eq!(
-            text,
-            [
-                "devices.deny=a",
-                "devices.allow=c 1:3 rwm",
-                "devices.allow=c 1:5 rwm",
-                "devices.allow=c 1:7 rwm",
-                "devices.allow=c 1:8 rwm",
-                "devices.allow=c 1:9 rwm",
-                "devices.allow=c 5:0 rwm",
-                "devices.allow=c 5:2 rwm",
-                "devices.allow=c 136:* rwm",
-                "devices.allow=c 195:0 rw",
-            ]
-        );
     }
 
     /// Runs the program the way the kernel would, for the few opcodes it uses.
