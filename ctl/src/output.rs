@@ -230,11 +230,14 @@ pub fn end_line(rec: &JobRecord) -> String {
             line.push_str(": ");
             line.push_str(&o.message);
         }
-        if let Some(s) = exit_status(o) {
+        // Not twice: "killed by signal 9 (SIGKILL)" names its signal already.
+        if let Some(s) = exit_status(o).filter(|s| !o.message.contains(s.as_str())) {
             line.push_str(&format!(" ({s})"));
         }
     }
-    if let JobState::Cancelled { by, .. } = &rec.state {
+    if let JobState::Cancelled { by, outcome } = &rec.state
+        && !outcome.message.contains(&format!("cancelled by {by}"))
+    {
         line.push_str(&format!(" [cancelled by {by}]"));
     }
     line

@@ -612,6 +612,10 @@ impl JobSpec {
             *v = HIDDEN.to_string();
         }
         self.context = None;
+        // A webhook URL often carries its token.
+        if self.callback_url.is_some() {
+            self.callback_url = Some(HIDDEN.to_string());
+        }
     }
 
     pub fn class(&self) -> Class {
@@ -1198,5 +1202,8 @@ mod tests {
         assert_eq!(json["env"], serde_json::json!({"A": HIDDEN, "B": HIDDEN}));
         assert!(json.get("context").is_none(), "{json}");
         assert_eq!(json["command"], serde_json::json!(["true"]));
+        let mut spec = parse_job(br#"{"command":["true"],"callback_url":"https://h/x?token=t0k"}"#).unwrap();
+        spec.hide_private();
+        assert_eq!(spec.callback_url.as_deref(), Some(HIDDEN));
     }
 }

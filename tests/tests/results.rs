@@ -27,7 +27,7 @@ fn an_artifact_that_cannot_be_collected_is_in_result_json_the_log_and_show() {
     assert_eq!(errors.len(), 1, "{r}");
     let e = errors[0].as_str().unwrap();
     assert!(
-        e.starts_with("artifacts not collected:") && e.contains("out/a.txt"),
+        e.starts_with("not every artifact was collected:") && e.contains("out/a.txt"),
         "{e}"
     );
     // The artifact that could be copied was.
@@ -45,7 +45,7 @@ fn an_artifact_that_cannot_be_collected_is_in_result_json_the_log_and_show() {
     assert_eq!(d.record(id)["outcome"]["errors"][0], errors[0]);
     let log = d.log();
     assert!(
-        log.lines().any(|l| l.contains("artifacts not collected")
+        log.lines().any(|l| l.contains("not every artifact was collected")
             && l.contains("out/a.txt")
             && l.contains(&format!("job {id}"))),
         "the log does not say it:\n{log}"

@@ -131,7 +131,8 @@ impl Scheduler {
             _ => "failed",
         };
         if let Some(o) = state.outcome() {
-            info!(event, job_id = id, job_user = %rec.owner.user, reason = %o.reason, "job {id} {name}: {}", o.message);
+            let gpus: Vec<u32> = o.gpus.iter().map(|g| g.index).collect();
+            info!(event, job_id = id, job_user = %rec.owner.user, reason = %o.reason, backend = %rec.spec.backend(), gpus = ?gpus, "job {id} {name}: {}", o.message);
         }
         rec.state = state;
         let ack = self.pending.persist(id);

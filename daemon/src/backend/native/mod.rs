@@ -152,7 +152,7 @@ pub fn attempt_end(e: ExitRecord) -> AttemptEnd {
     };
     let mut errors = Vec::new();
     if let Some(a) = e.artifacts_error {
-        errors.push(format!("artifacts not collected: {a}"));
+        errors.push(format!("not every artifact was collected: {a}"));
     }
     if let Some(c) = e.cgroup_error {
         errors.push(format!("cgroup not cleaned up: {c}"));
@@ -475,7 +475,7 @@ mod tests {
         assert_eq!(
             end.errors,
             [
-                "artifacts not collected: out/a.txt: is a directory",
+                "not every artifact was collected: out/a.txt: is a directory",
                 "cgroup not cleaned up: cannot remove job_4: busy"
             ]
         );
