@@ -55,6 +55,8 @@ struct RawConfig {
     gpus: crate::gpu::config::GpusSection,
     #[serde(default)]
     gpu: Vec<crate::gpu::config::StaticGpu>,
+    #[serde(default)]
+    callbacks: crate::callback::RawCallbacks,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +171,8 @@ pub struct Config {
     pub cgroup_name: String,
     pub gpus: crate::gpu::config::GpuConfig,
     pub rpc: RpcLimits,
+    /// `[callbacks]`: where job callbacks may go, how they are signed and retried.
+    pub callbacks: crate::callback::CallbacksConfig,
 }
 
 impl Config {
@@ -340,6 +344,8 @@ impl Config {
                 return Err(key_err(key, "must be at least 100ms".into()));
             }
         }
+        let callbacks =
+            crate::callback::CallbacksConfig::resolve(raw.callbacks).map_err(|(k, m)| key_err(&k, m))?;
         let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
             .map_err(|e| key_err(&e.key(), e.message()))?;
         let mut classes = BTreeMap::new();
@@ -444,6 +450,7 @@ impl Config {
             cgroup_name,
             gpus,
             rpc,
+            callbacks,
         })
     }
 }

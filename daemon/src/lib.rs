@@ -9,6 +9,7 @@
 //!
 //! so tests can start a daemon in-process, while `main.rs` is only argument parsing.
 
+pub mod callback;
 pub mod cgroup;
 pub mod config;
 pub mod fsutil;
@@ -97,6 +98,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || runner::prepare_sup_dir(&c))
         .await?
         .context("cannot prepare the supervisors' directory")?;
+    callback::prepare(&cfg.paths).context("cannot prepare the callback outbox")?;
     let store = store::Store::open(&cfg.paths.jobs())?;
     let found = {
         let (s, c) = (store.clone(), cfg.clone());
@@ -128,6 +130,7 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
             None => (bind_socket(&cfg)?, true),
         };
     tokio::spawn(server::serve(listener, live.clone(), handle.clone(), host));
+    tokio::spawn(callback::run(live.clone()));
     tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
     info!(
         records = n,

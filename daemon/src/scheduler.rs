@@ -364,6 +364,8 @@ pub struct Recovered {
     missing_results: Vec<JobRecord>,
     /// The highest id ever handed out.
     max_id: JobId,
+    /// callback: ended jobs with a `callback_url`, whose outbox entry a crash may have lost.
+    callbacks: Vec<crate::callback::Ended>,
 }
 
 impl Recovered {
@@ -374,8 +376,10 @@ impl Recovered {
         let mut history = History::default();
         let mut tally = Tally::default();
         let mut missing_results = Vec::new();
+        let mut callbacks = Vec::new();
         let loaded = store.load(|rec| {
             tally.note(&rec);
+            callbacks.extend(crate::callback::Ended::of(&rec));
             if rec.state.is_terminal() {
                 if !Path::new(&rec.run_dir).join("result.json").exists() {
                     missing_results.push(rec.clone());
@@ -396,6 +400,7 @@ impl Recovered {
             tally,
             missing_results,
             max_id,
+            callbacks,
         }
     }
 
@@ -425,7 +430,9 @@ impl Scheduler {
             tally,
             missing_results,
             max_id,
+            callbacks,
         } = found;
+        crate::callback::enqueue_all(&cfg, callbacks); // callback
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
         let mut s = Scheduler {
@@ -951,6 +958,10 @@ impl Scheduler {
             }
             Msg::ResultWritten { id } => {
                 let rec = self.jobs.get(&id).cloned();
+                // callback: the end is durable and result.json written; POST it (outbox).
+                if let Some(e) = rec.as_ref().and_then(crate::callback::Ended::of) {
+                    crate::callback::enqueue(&self.cfg, e);
+                }
                 for w in self.writing_results.remove(&id).unwrap_or_default() {
                     let _ = w.send(rec.clone().ok_or(RpcError::NotFound(id)));
                 }
@@ -1074,6 +1085,11 @@ impl Scheduler {
                 ),
             )));
         }
+        if let Some(u) = &spec.callback_url
+            && let Err(why) = crate::callback::check_url(&self.cfg.callbacks, u)
+        {
+            return Err(spec_err(SpecError::field("callback_url", why)));
+        }
         for (i, d) in spec.depends_on.iter().enumerate() {
             let known = u64::try_from(*d).ok().is_some_and(|d| self.state_of(d).is_some());
             if !known {
@@ -1116,6 +1132,7 @@ impl Scheduler {
             attempts: 0,
             first_started_at: None,
             run_dir: self.cfg.paths.run_dir(id).to_string_lossy().into_owned(),
+            callback: None,
             state: JobState::Queued { since: now },
         };
         let ack = self.pending.persist(id);

@@ -123,7 +123,10 @@ impl Cyb for Conn {
     }
 
     async fn show(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {
-        self.sched.ask(|reply| Msg::Show { id, reply }).await?
+        let mut rec = self.sched.ask(|reply| Msg::Show { id, reply }).await??;
+        // Callback delivery state, from the outbox (never part of the stored record).
+        rec.callback = crate::callback::status(&self.cfg.paths, id).await;
+        Ok(rec)
     }
 
     async fn wait(self, _: Context, id: JobId, timeout_ms: u64) -> Result<JobRecord, RpcError> {

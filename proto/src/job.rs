@@ -291,6 +291,38 @@ pub struct JobRecord {
     pub run_dir: String,
     #[serde(flatten)]
     pub state: JobState,
+    /// Where the POST of `result.json` to the spec's `callback_url` stands. Never stored in
+    /// the record: the daemon fills it from its callback outbox when it answers `show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackStatus>,
+}
+
+/// The delivery of one job's callback (`callback_url`), as `cybctl show` reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallbackStatus {
+    pub url: String,
+    /// The `webhook-id` header: the same on every try of this delivery, so the receiver
+    /// can drop a repeat (delivery is at least once).
+    pub webhook_id: String,
+    /// POSTs made so far.
+    pub attempts: u32,
+    #[serde(flatten)]
+    pub state: CallbackState,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CallbackState {
+    /// Not delivered yet; the next try is due at `next_try`.
+    Retrying { next_try: Timestamp },
+    /// A try was answered with a 2xx status.
+    Delivered { at: Timestamp, status: u16 },
+    /// No more tries: the receiver answered 410 Gone, the retry schedule ran out, or the
+    /// host is no longer in `[callbacks] allowed_hosts`.
+    GivenUp { at: Timestamp },
 }
 
 impl JobRecord {

@@ -2,7 +2,7 @@
 //! and what it runs. `--json` prints the record itself.
 
 use cyb_proto::spec::Payload;
-use cyb_proto::{JobId, JobRecord, JobState, Timestamp};
+use cyb_proto::{CallbackState, CallbackStatus, JobId, JobRecord, JobState, Timestamp};
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Ctx;
@@ -161,7 +161,42 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
     if let Some(t) = rec.spec.timeout {
         l.add("timeout", humantime::format_duration(t.0).to_string());
     }
+    if let Some(c) = &rec.callback {
+        l.add("callback", callback(c, &at, now));
+    } else if let Some(u) = &rec.spec.callback_url {
+        l.add("callback", format!("{u}, when the job ends"));
+    }
     l.render()
+}
+
+/// Where the callback's delivery stands, in one line.
+fn callback(c: &CallbackStatus, at: &dyn Fn(Timestamp) -> String, now: OffsetDateTime) -> String {
+    let why = c
+        .last_error
+        .as_deref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
+    let tries = |n: u32| {
+        if n == 1 {
+            "1 attempt".to_string()
+        } else {
+            format!("{n} attempts")
+        }
+    };
+    match &c.state {
+        CallbackState::Delivered { at: t, status } => {
+            format!("delivered {} (HTTP {status}, {})", at(*t), tries(c.attempts))
+        }
+        CallbackState::Retrying { next_try } if c.attempts == 0 && c.last_error.is_none() => {
+            format!("pending, first try {}", output::relative(next_try.0, now))
+        }
+        CallbackState::Retrying { next_try } => format!(
+            "retrying ({}, next try {}){why}",
+            tries(c.attempts),
+            output::relative(next_try.0, now)
+        ),
+        CallbackState::GivenUp { .. } => format!("given up after {}{why}", tries(c.attempts)),
+    }
 }
 
 /// What the job runs, in one line.
@@ -217,6 +252,7 @@ mod tests {
             attempts: 1,
             first_started_at: Some(ts(datetime!(2025-11-23 14:00:01 UTC))),
             run_dir: "/logs/run_7".into(),
+            callback: None,
             state: JobState::Failed {
                 outcome: Outcome {
                     reason: Reason::ExitCode,
