@@ -111,15 +111,17 @@ impl Receiver {
     }
 }
 
-/// A daemon sending callbacks to 127.0.0.1 (any port), retrying after 1s and 1s.
-fn daemon(retry: &str) -> Daemon {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let secret = dir.join("callback.secret");
+/// A daemon sending callbacks to 127.0.0.1 (any port), retrying per `retry` (TOML), with
+/// the directory of its secret file.
+fn daemon(retry: &str) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("callback.secret");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    Daemon::start_with(&format!(
+    let d = Daemon::start_with(&format!(
         "[callbacks]\nsecret_file = \"{}\"\nallowed_hosts = [\"127.0.0.1\"]\nretry = {retry}\n",
         secret.display()
-    ))
+    ));
+    (d, dir)
 }
 
 fn submit_with_callback(d: &Daemon, url: &str) -> u64 {
@@ -139,7 +141,7 @@ fn show_text(d: &Daemon, id: u64) -> String {
 #[test]
 fn result_json_is_posted_signed_with_the_secret() {
     let rx = Receiver::start(&[200]);
-    let d = daemon("[\"1s\"]");
+    let (d, _secret) = daemon("[\"1s\"]");
     let id = submit_with_callback(&d, &rx.url());
     d.wait_result(id, T);
     let got = rx.wait_for(1, &d);
@@ -179,7 +181,7 @@ fn result_json_is_posted_signed_with_the_secret() {
 #[test]
 fn a_receiver_that_fails_twice_gets_it_on_the_third_try() {
     let rx = Receiver::start(&[500, 500, 200]);
-    let d = daemon("[\"2s\", \"2s\"]");
+    let (d, _secret) = daemon("[\"2s\", \"2s\"]");
     let id = submit_with_callback(&d, &rx.url());
     rx.wait_for(1, &d);
     // Between the tries, show says it is being retried.
@@ -202,7 +204,7 @@ fn a_receiver_that_fails_twice_gets_it_on_the_third_try() {
 #[test]
 fn a_kill_9_between_tries_still_delivers_with_the_same_id() {
     let rx = Receiver::start(&[503, 200]);
-    let mut d = daemon("[\"3s\"]");
+    let (mut d, _secret) = daemon("[\"3s\"]");
     let id = submit_with_callback(&d, &rx.url());
     let first = rx.wait_for(1, &d)[0].headers["webhook-id"].clone();
     assert!(wait_until(T, || callback_state(&d, id)["state"] == "retrying"));
@@ -216,7 +218,7 @@ fn a_kill_9_between_tries_still_delivers_with_the_same_id() {
 #[test]
 fn gone_means_given_up() {
     let rx = Receiver::start(&[410]);
-    let d = daemon("[\"1s\", \"1s\"]");
+    let (d, _secret) = daemon("[\"1s\", \"1s\"]");
     let id = submit_with_callback(&d, &rx.url());
     rx.wait_for(1, &d);
     assert!(wait_until(T, || callback_state(&d, id)["state"] == "given_up"));
@@ -228,7 +230,7 @@ fn gone_means_given_up() {
 
 #[test]
 fn hosts_not_allowed_are_refused_at_intake() {
-    let d = daemon("[\"1s\"]");
+    let (d, _secret) = daemon("[\"1s\"]");
     let other = Daemon::start();
     for (i, (dm, url, says)) in [
         (&d, "http://127.0.0.2:9/x", "not in [callbacks] allowed_hosts"),

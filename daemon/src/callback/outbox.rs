@@ -254,15 +254,12 @@ pub async fn run(live: Live) {
     loop {
         tick.tick().await;
         let paths = live.borrow().paths.clone();
-        let (entries, t) = match tokio::task::spawn_blocking(move || {
+        let (entries, t) = tokio::task::spawn_blocking(move || {
             let found = due(&paths, &mut told);
             (found, told)
         })
         .await
-        {
-            Ok(r) => r,
-            Err(_) => (Vec::new(), HashSet::new()),
-        };
+        .unwrap_or_default();
         told = t;
         for e in entries {
             {
