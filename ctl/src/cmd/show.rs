@@ -281,4 +281,50 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
     }
+
+    #[test]
+    fn callback_states() {
+        let now = datetime!(2025-11-23 14:10:00 UTC);
+        let at = |t: Timestamp| output::relative(t.0, now);
+        let c = |attempts, state, last_error: Option<&str>| CallbackStatus {
+            url: "http://h/x".into(),
+            webhook_id: "msg_1".into(),
+            attempts,
+            state,
+            last_error: last_error.map(str::to_string),
+        };
+        let retrying = CallbackState::Retrying {
+            next_try: ts(datetime!(2025-11-23 14:10:48 UTC)),
+        };
+        for (status, want) in [
+            (c(0, retrying.clone(), None), "pending, first try in 48s"),
+            (
+                c(2, retrying, Some("answered 500 Internal Server Error")),
+                "retrying (2 attempts, next try in 48s): answered 500 Internal Server Error",
+            ),
+            (
+                c(
+                    1,
+                    CallbackState::Delivered {
+                        at: ts(datetime!(2025-11-23 14:09:00 UTC)),
+                        status: 204,
+                    },
+                    None,
+                ),
+                "delivered 1m 00s ago (HTTP 204, 1 attempt)",
+            ),
+            (
+                c(
+                    6,
+                    CallbackState::GivenUp {
+                        at: ts(datetime!(2025-11-23 14:09:00 UTC)),
+                    },
+                    Some("answered 410 Gone"),
+                ),
+                "given up after 6 attempts: answered 410 Gone",
+            ),
+        ] {
+            assert_eq!(callback(&status, &at, now), want);
+        }
+    }
 }
