@@ -222,6 +222,13 @@ pub fn parse_secret(text: &str) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
+/// Reads and checks the signing key in `[callbacks] secret_file` (blocking).
+pub fn read_secret(path: Option<&std::path::Path>) -> Result<Vec<u8>, String> {
+    let path = path.ok_or("[callbacks] secret_file is not set")?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    parse_secret(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The `webhook-signature` header: `v1,` and the base64 HMAC-SHA256, under `key`, of
 /// `<webhook-id>.<webhook-timestamp>.<body>`.
 pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {

@@ -99,6 +99,11 @@ pub async fn run(cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
         .await?
         .context("cannot prepare the supervisors' directory")?;
     callback::prepare(&cfg.paths).context("cannot prepare the callback outbox")?;
+    if let Some(p) = cfg.callbacks.secret_file.clone()
+        && let Ok(Err(e)) = tokio::task::spawn_blocking(move || callback::read_secret(Some(&p))).await
+    {
+        warn!("callbacks will not be sent until the secret is fixed: {e}");
+    }
     let store = store::Store::open(&cfg.paths.jobs())?;
     let found = {
         let (s, c) = (store.clone(), cfg.clone());

@@ -14,7 +14,7 @@ use cyb_proto::{CallbackState, CallbackStatus, JobId, JobRecord, Timestamp};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use super::{check_url, next_wait, parse_secret, sign};
+use super::{check_url, next_wait, read_secret, sign};
 use crate::config::{Config, Live, Paths};
 use crate::fsutil::{self, WriteOpts};
 
@@ -304,12 +304,6 @@ async fn save(p: &Paths, e: Entry) {
             }
         }
     }
-}
-
-fn read_secret(path: Option<&Path>) -> Result<Vec<u8>, String> {
-    let path = path.ok_or("[callbacks] secret_file is not set")?;
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse_secret(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn read_body(run_dir: &str) -> Result<Vec<u8>, String> {
