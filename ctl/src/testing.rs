@@ -60,6 +60,7 @@ pub fn running_job(run_dir: &Path) -> JobRecord {
         attempts: 1,
         first_started_at: Some(Timestamp::now()),
         run_dir: run_dir.to_string_lossy().into_owned(),
+        callback: None,
         state: JobState::Running {
             started_at: Timestamp::now(),
             attempt: 1,

@@ -55,6 +55,8 @@ struct RawConfig {
     gpus: crate::gpu::config::GpusSection,
     #[serde(default)]
     gpu: Vec<crate::gpu::config::StaticGpu>,
+    #[serde(default)]
+    callbacks: crate::callback::RawCallbacks,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -173,6 +175,8 @@ pub struct Config {
     /// `/proc/self/exe` (this very binary) in `cybd`; a program that embeds the daemon
     /// (the in-process tests) sets it to the real `cybd`.
     pub cybd_exe: PathBuf,
+    /// `[callbacks]`: where job callbacks may go, how they are signed and retried.
+    pub callbacks: crate::callback::CallbacksConfig,
 }
 
 impl Config {
@@ -344,6 +348,8 @@ impl Config {
                 return Err(key_err(key, "must be at least 100ms".into()));
             }
         }
+        let callbacks =
+            crate::callback::CallbacksConfig::resolve(raw.callbacks).map_err(|(k, m)| key_err(&k, m))?;
         let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
             .map_err(|e| key_err(&e.key(), e.message()))?;
         let mut classes = BTreeMap::new();
@@ -449,6 +455,7 @@ impl Config {
             gpus,
             rpc,
             cybd_exe: PathBuf::from("/proc/self/exe"),
+            callbacks,
         })
     }
 }

@@ -135,6 +135,7 @@ mod tests {
             attempts: 2,
             first_started_at: Some(now),
             run_dir: format!("/logs/run_{id}"),
+            callback: None,
             state: JobState::Failed {
                 outcome: Outcome {
                     reason: Reason::ExitCode,

@@ -10,6 +10,7 @@
 //! so tests can start a daemon in-process, while `main.rs` is only argument parsing.
 
 pub mod backend;
+pub mod callback;
 pub mod cgroup;
 pub mod config;
 pub mod fsutil;
@@ -145,6 +146,12 @@ pub async fn run_until(
     tokio::task::spawn_blocking(move || backend::native::runner::prepare_sup_dir(&c))
         .await?
         .context("cannot prepare the supervisors' directory")?;
+    callback::prepare(&cfg.paths).context("cannot prepare the callback outbox")?;
+    if let Some(p) = cfg.callbacks.secret_file.clone()
+        && let Ok(Err(e)) = tokio::task::spawn_blocking(move || callback::read_secret(Some(&p))).await
+    {
+        warn!("callbacks will not be sent until the secret is fixed: {e}");
+    }
     let store = store::Store::open(&cfg.paths.jobs())?;
     let found = {
         let (s, c) = (store.clone(), cfg.clone());
@@ -184,6 +191,7 @@ pub async fn run_until(
         None => (bind_socket(&cfg)?, true),
     };
     let server_task = tokio::spawn(server::serve(listener, live.clone(), handle.clone(), host));
+    let callback_task = tokio::spawn(callback::run(live.clone()));
     let intake_task = tokio::spawn(intake::Intake::new(live, handle.clone(), known).run());
     // sd_notify only for the whole process: NOTIFY_SOCKET is the process's, not ours.
     let notify = |f: &dyn Fn()| {
@@ -237,6 +245,7 @@ pub async fn run_until(
     }
     server_task.abort();
     intake_task.abort();
+    callback_task.abort();
     sched_task.abort();
     if bound {
         let _ = std::fs::remove_file(&cfg.paths.socket);

@@ -83,6 +83,12 @@ fn main() -> std::process::ExitCode {
         }
     };
     if cli.check_config {
+        if let Some(p) = &cfg.callbacks.secret_file
+            && let Err(e) = cybd::callback::read_secret(Some(p))
+        {
+            eprintln!("cybd: key `callbacks.secret_file`: {e}");
+            return std::process::ExitCode::from(2);
+        }
         println!(
             "configuration ok: spool {}, logs {}, socket {}",
             cfg.paths.spool.display(),

@@ -5,7 +5,8 @@
 //! submitter and submit time. Once a job's end is durable in its record, [`record_end`]
 //! writes `result.json` (how it ended, the backend, the GPUs it held by index and UUID, and
 //! every artifact or clean-up error, which also go to the log), retrying while the disk is
-//! full, then lets the backend drop what it kept for re-adoption.
+//! full, then lets the backend drop what it kept for re-adoption, then hands the
+//! completion callback (`callback_url`) to the durable outbox ([`crate::callback`]).
 //!
 //! At start-up, [`scan_run_dirs`] finds the directories of ids that were never recorded.
 
@@ -19,6 +20,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::backend::Backend;
+use crate::config::Config;
 use crate::fsutil::{self, WriteOpts};
 
 /// How long a `result.json` that found the disk full waits before it is written again.
@@ -166,9 +168,10 @@ fn only_start_files(dir: &Path) -> bool {
 }
 
 /// Records what job `rec` (whose terminal record is durable) left behind: `result.json`,
-/// retried while the disk is full, then the backend's own clean-up. Errors of the attempt
+/// retried while the disk is full, then the backend's own clean-up, then the completion
+/// callback's outbox entry if the spec has `callback_url`. Errors of the attempt
 /// (artifacts, cgroup clean-up) are logged here, once.
-pub async fn record_end(rec: Arc<JobRecord>, backend: Option<Arc<dyn Backend>>) {
+pub async fn record_end(rec: Arc<JobRecord>, backend: Option<Arc<dyn Backend>>, cfg: Arc<Config>) {
     let id = rec.id;
     if let Some(o) = rec.state.outcome() {
         for e in &o.errors {
@@ -203,5 +206,8 @@ pub async fn record_end(rec: Arc<JobRecord>, backend: Option<Arc<dyn Backend>>) 
     }
     if let Some(b) = backend {
         b.finished(id).await;
+    }
+    if let Some(e) = crate::callback::Ended::of(&rec) {
+        crate::callback::enqueue(&cfg, e);
     }
 }

@@ -136,8 +136,10 @@ impl Cyb for Conn {
     }
 
     async fn show(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {
-        let r = self.sched.ask(|reply| Request::Show { id, reply }).await?;
-        self.visible(r)
+        let mut rec = self.sched.ask(|reply| Request::Show { id, reply }).await??;
+        // Callback delivery state, from the outbox (never part of the stored record).
+        rec.callback = crate::callback::status(&self.cfg.paths, id).await;
+        self.visible(Ok(rec))
     }
 
     async fn wait(self, _: Context, id: JobId, timeout_ms: u64) -> Result<JobRecord, RpcError> {

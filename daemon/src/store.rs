@@ -436,6 +436,7 @@ mod tests {
             attempts: 0,
             first_started_at: None,
             run_dir: format!("/logs/run_{id}"),
+            callback: None,
             state: JobState::Queued {
                 since: Timestamp::now(),
             },

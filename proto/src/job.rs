@@ -351,6 +351,38 @@ pub struct JobRecord {
     pub run_dir: String,
     #[serde(flatten)]
     pub state: JobState,
+    /// Where the POST of `result.json` to the spec's `callback_url` stands. Never stored in
+    /// the record: the daemon fills it from its callback outbox when it answers `show`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<CallbackStatus>,
+}
+
+/// The delivery of one job's callback (`callback_url`), as `cybctl show` reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallbackStatus {
+    pub url: String,
+    /// The `webhook-id` header: the same on every try of this delivery, so the receiver
+    /// can drop a repeat (delivery is at least once).
+    pub webhook_id: String,
+    /// POSTs made so far.
+    pub attempts: u32,
+    #[serde(flatten)]
+    pub state: CallbackState,
+    /// Why the last try failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum CallbackState {
+    /// Not delivered yet; the next try is due at `next_try`.
+    Retrying { next_try: Timestamp },
+    /// A try was answered with a 2xx status.
+    Delivered { at: Timestamp, status: u16 },
+    /// No more tries: the receiver answered 410 Gone, the retry schedule ran out, or the
+    /// host is no longer in `[callbacks] allowed_hosts`.
+    GivenUp { at: Timestamp },
 }
 
 impl JobRecord {
@@ -360,6 +392,14 @@ impl JobRecord {
     pub fn seen_by(mut self, uid: u32, admin: bool) -> JobRecord {
         if !admin && uid != self.owner.uid {
             self.spec.hide_private();
+            // The delivery state says how it stands, not where it goes: the URL and the
+            // receiver's answers (which may quote it) are the owner's.
+            if let Some(c) = &mut self.callback {
+                c.url = crate::spec::HIDDEN.to_string();
+                if c.last_error.is_some() {
+                    c.last_error = Some(crate::spec::HIDDEN.to_string());
+                }
+            }
         }
         self
     }
@@ -561,6 +601,15 @@ mod tests {
             state: JobState::Queued {
                 since: Timestamp::now(),
             },
+            callback: Some(CallbackStatus {
+                url: "https://hooks.example/x?token=t0k".into(),
+                webhook_id: "msg_1".into(),
+                attempts: 1,
+                state: CallbackState::Retrying {
+                    next_try: Timestamp::now(),
+                },
+                last_error: Some("error sending request for url (https://hooks.example/x?token=t0k)".into()),
+            }),
         };
         assert_eq!(rec.clone().seen_by(1000, false), rec, "owner");
         assert_eq!(rec.clone().seen_by(0, true), rec, "admin");
@@ -568,5 +617,11 @@ mod tests {
         assert_eq!(other.spec.env["TOKEN"], crate::spec::HIDDEN);
         assert!(other.spec.context.is_none());
         assert_eq!(other.id, rec.id);
+        let c = other.callback.unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.last_error.as_deref()),
+            (crate::spec::HIDDEN, Some(crate::spec::HIDDEN))
+        );
+        assert_eq!((c.attempts, c.webhook_id.as_str()), (1, "msg_1"));
     }
 }

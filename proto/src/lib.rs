@@ -8,6 +8,9 @@ pub mod rpc;
 pub mod spec;
 
 pub use error::{RpcError, SpecError};
-pub use job::{JobId, JobRecord, JobState, Outcome, Owner, Reason, RunResult, StateName, Timestamp};
+pub use job::{
+    CallbackState, CallbackStatus, JobId, JobRecord, JobState, Outcome, Owner, Reason, RunResult, StateName,
+    Timestamp,
+};
 pub use rpc::{Cyb, CybClient, JobSummary, ListFilter, Stats, SubmitRequest};
 pub use spec::{Class, JobSpec, parse_job};

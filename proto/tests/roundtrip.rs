@@ -239,6 +239,7 @@ fn record(spec: JobSpec) -> JobRecord {
         attempts: 0,
         first_started_at: None,
         run_dir: "/logs/run_1".into(),
+        callback: None,
         state: JobState::Queued { since: now },
     }
 }

@@ -29,6 +29,7 @@ fn record(spec: cyb_proto::JobSpec) -> JobRecord {
         attempts: 0,
         first_started_at: None,
         run_dir: "/logs/run_7".into(),
+        callback: None,
         state: JobState::Queued { since: now },
     }
 }

@@ -600,6 +600,7 @@ fn fresh_disk_round(refuse_exchange: bool) {
         attempts,
         first_started_at: None,
         run_dir: format!("/logs/run_{id}"),
+        callback: None,
         state: JobState::Queued {
             since: Timestamp::now(),
         },

@@ -2,7 +2,7 @@
 //! and what it runs. `--json` prints the record itself.
 
 use cyb_proto::spec::Payload;
-use cyb_proto::{JobId, JobRecord, JobState, Timestamp};
+use cyb_proto::{CallbackState, CallbackStatus, JobId, JobRecord, JobState, Timestamp};
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Ctx;
@@ -185,6 +185,11 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
     if let Some(t) = rec.spec.timeout {
         l.add("timeout", humantime::format_duration(t.0).to_string());
     }
+    if let Some(c) = &rec.callback {
+        l.add("callback", callback(c, &at, now));
+    } else if let Some(u) = &rec.spec.callback_url {
+        l.add("callback", format!("{u}, when the job ends"));
+    }
     l.render()
 }
 
@@ -200,6 +205,36 @@ fn context_line(c: &cyb_proto::spec::RawJson) -> String {
         compact
     } else {
         format!("{} bytes of JSON (`cybctl show --json` prints it)", c.get().len())
+    }
+}
+
+/// Where the callback's delivery stands, in one line.
+fn callback(c: &CallbackStatus, at: &dyn Fn(Timestamp) -> String, now: OffsetDateTime) -> String {
+    let why = c
+        .last_error
+        .as_deref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
+    let tries = |n: u32| {
+        if n == 1 {
+            "1 attempt".to_string()
+        } else {
+            format!("{n} attempts")
+        }
+    };
+    match &c.state {
+        CallbackState::Delivered { at: t, status } => {
+            format!("delivered {} (HTTP {status}, {})", at(*t), tries(c.attempts))
+        }
+        CallbackState::Retrying { next_try } if c.attempts == 0 && c.last_error.is_none() => {
+            format!("pending, first try {}", output::relative(next_try.0, now))
+        }
+        CallbackState::Retrying { next_try } => format!(
+            "retrying ({}, next try {}){why}",
+            tries(c.attempts),
+            output::relative(next_try.0, now)
+        ),
+        CallbackState::GivenUp { .. } => format!("given up after {}{why}", tries(c.attempts)),
     }
 }
 
@@ -256,6 +291,7 @@ mod tests {
             attempts: 1,
             first_started_at: Some(ts(datetime!(2025-11-23 14:00:01 UTC))),
             run_dir: "/logs/run_7".into(),
+            callback: None,
             state: JobState::Failed {
                 outcome: Outcome {
                     reason: Reason::ExitCode,
@@ -289,6 +325,52 @@ mod tests {
             "after        3\n",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn callback_states() {
+        let now = datetime!(2025-11-23 14:10:00 UTC);
+        let at = |t: Timestamp| output::relative(t.0, now);
+        let c = |attempts, state, last_error: Option<&str>| CallbackStatus {
+            url: "http://h/x".into(),
+            webhook_id: "msg_1".into(),
+            attempts,
+            state,
+            last_error: last_error.map(str::to_string),
+        };
+        let retrying = CallbackState::Retrying {
+            next_try: ts(datetime!(2025-11-23 14:10:48 UTC)),
+        };
+        for (status, want) in [
+            (c(0, retrying.clone(), None), "pending, first try in 48s"),
+            (
+                c(2, retrying, Some("answered 500 Internal Server Error")),
+                "retrying (2 attempts, next try in 48s): answered 500 Internal Server Error",
+            ),
+            (
+                c(
+                    1,
+                    CallbackState::Delivered {
+                        at: ts(datetime!(2025-11-23 14:09:00 UTC)),
+                        status: 204,
+                    },
+                    None,
+                ),
+                "delivered 1m 00s ago (HTTP 204, 1 attempt)",
+            ),
+            (
+                c(
+                    6,
+                    CallbackState::GivenUp {
+                        at: ts(datetime!(2025-11-23 14:09:00 UTC)),
+                    },
+                    Some("answered 410 Gone"),
+                ),
+                "given up after 6 attempts: answered 410 Gone",
+            ),
+        ] {
+            assert_eq!(callback(&status, &at, now), want);
         }
     }
 }

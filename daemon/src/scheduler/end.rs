@@ -146,14 +146,14 @@ impl Scheduler {
             }
         }
         let tx = self.tx.clone();
-        let backend = self.backends.get(rec.spec.backend());
+        let (backend, cfg) = (self.backends.get(rec.spec.backend()), self.cfg.clone());
         tokio::spawn(async move {
             // The results follow the durable end; until then a restarted daemon still
             // needs what the backend keeps to adopt the job.
             if !until_durable(&tx, id, ack).await {
                 return;
             }
-            crate::results::record_end(rec, backend).await;
+            crate::results::record_end(rec, backend, cfg).await;
             let _ = tx.send(Event::ResultWritten { id }.into());
         });
         // Jobs waiting for this one.

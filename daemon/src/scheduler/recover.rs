@@ -32,6 +32,9 @@ pub struct Recovered {
     missing_results: Vec<JobRecord>,
     /// The highest id ever handed out.
     max_id: JobId,
+    /// Ended jobs with a `callback_url`: enqueued unless their outbox entry exists (a crash
+    /// between result.json and the entry).
+    callbacks: Vec<crate::callback::Ended>,
 }
 
 impl Recovered {
@@ -42,8 +45,10 @@ impl Recovered {
         let mut history = History::default();
         let mut tally = Tally::default();
         let mut missing_results = Vec::new();
+        let mut callbacks = Vec::new();
         let loaded = store.load(|rec| {
             tally.note(&rec);
+            callbacks.extend(crate::callback::Ended::of(&rec));
             if rec.state.is_terminal() {
                 if !Path::new(&rec.run_dir).join("result.json").exists() {
                     missing_results.push(rec.clone());
@@ -64,6 +69,7 @@ impl Recovered {
             tally,
             missing_results,
             max_id,
+            callbacks,
         }
     }
 
@@ -95,7 +101,9 @@ impl Scheduler {
             tally,
             missing_results,
             max_id,
+            callbacks,
         } = found;
+        crate::callback::enqueue_all(&cfg, callbacks);
         let (tx, rx) = mpsc::unbounded_channel();
         let paused = cfg.paths.spool.join("paused").exists();
         let h = host.clone();

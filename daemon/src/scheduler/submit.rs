@@ -61,6 +61,11 @@ impl Scheduler {
                 ),
             )));
         }
+        if let Some(u) = &spec.callback_url
+            && let Err(why) = crate::callback::check_url(&self.cfg.callbacks, u)
+        {
+            return Err(spec_err(SpecError::field("callback_url", why)));
+        }
         for (i, d) in spec.depends_on.iter().enumerate() {
             let known = u64::try_from(*d).ok().is_some_and(|d| self.state_of(d).is_some());
             if !known {
@@ -104,6 +109,7 @@ impl Scheduler {
             first_started_at: None,
             run_dir: self.cfg.paths.run_dir(id).to_string_lossy().into_owned(),
             state: JobState::Queued { since: now },
+            callback: None,
         };
         let ack = self.pending.persist(id);
         self.unrecorded.insert(id, rec);
