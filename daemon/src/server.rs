@@ -138,7 +138,7 @@ impl Cyb for Conn {
     async fn show(self, _: Context, id: JobId) -> Result<JobRecord, RpcError> {
         let mut rec = self.sched.ask(|reply| Request::Show { id, reply }).await??;
         // Callback delivery state, from the outbox (never part of the stored record).
-        rec.callback = crate::callback::status(&self.cfg.paths, id).await;
+        rec.callback = crate::callback::status(&self.cfg.paths, id).await.map(Box::new);
         self.visible(Ok(rec))
     }
 

@@ -354,7 +354,7 @@ pub struct JobRecord {
     /// Where the POST of `result.json` to the spec's `callback_url` stands. Never stored in
     /// the record: the daemon fills it from its callback outbox when it answers `show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub callback: Option<CallbackStatus>,
+    pub callback: Option<Box<CallbackStatus>>,
 }
 
 /// The delivery of one job's callback (`callback_url`), as `cybctl show` reports it.
@@ -601,7 +601,7 @@ mod tests {
             state: JobState::Queued {
                 since: Timestamp::now(),
             },
-            callback: Some(CallbackStatus {
+            callback: Some(Box::new(CallbackStatus {
                 url: "https://hooks.example/x?token=t0k".into(),
                 webhook_id: "msg_1".into(),
                 attempts: 1,
@@ -609,7 +609,7 @@ mod tests {
                     next_try: Timestamp::now(),
                 },
                 last_error: Some("error sending request for url (https://hooks.example/x?token=t0k)".into()),
-            }),
+            })),
         };
         assert_eq!(rec.clone().seen_by(1000, false), rec, "owner");
         assert_eq!(rec.clone().seen_by(0, true), rec, "admin");

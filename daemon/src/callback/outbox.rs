@@ -234,19 +234,10 @@ fn due(p: &Paths, told: &mut HashSet<String>) -> Vec<Entry> {
 /// Delivers the pending callbacks, forever: every second it looks for entries that are
 /// due, and tries each (at most [`MAX_IN_FLIGHT`] at once).
 pub async fn run(live: Live) {
-    let client = match reqwest::Client::builder()
-        // A redirect could lead anywhere; only the URL checked against allowed_hosts is used.
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .user_agent(concat!("cybd/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            warn!("callbacks are off: cannot set up the HTTP client: {e}");
-            return;
-        }
-    };
+    // Made when the first callback is due: it loads the system's root certificates, which a
+    // daemon whose jobs never call back has no use for.
+    let mut client: Option<reqwest::Client> = None;
+    let mut told_client = false;
     let busy: Arc<Mutex<HashSet<JobId>>> = Arc::default();
     let mut told = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -261,6 +252,28 @@ pub async fn run(live: Live) {
         .await
         .unwrap_or_default();
         told = t;
+        if entries.is_empty() {
+            continue;
+        }
+        let client = match &client {
+            Some(c) => c.clone(),
+            None => match reqwest::Client::builder()
+                // A redirect could lead anywhere; only the URL checked against allowed_hosts
+                // is used.
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .user_agent(concat!("cybd/", env!("CARGO_PKG_VERSION")))
+                .build()
+            {
+                Ok(c) => client.insert(c).clone(),
+                Err(e) => {
+                    if !std::mem::replace(&mut told_client, true) {
+                        warn!("callbacks wait: cannot set up the HTTP client: {e}");
+                    }
+                    continue;
+                }
+            },
+        };
         for e in entries {
             {
                 let Ok(mut b) = busy.lock() else { return };
