@@ -137,7 +137,7 @@ mod tests {
             run_dir: format!("/logs/run_{id}"),
             callback: None,
             state: JobState::Failed {
-                outcome: Outcome {
+                outcome: Box::new(Outcome {
                     reason: Reason::ExitCode,
                     message: "exited with status 4".into(),
                     exit_code: Some(4),
@@ -148,7 +148,7 @@ mod tests {
                     cpu_usage_ms: None,
                     gpus: Vec::new(),
                     errors: Vec::new(),
-                },
+                }),
             },
         }
     }

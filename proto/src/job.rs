@@ -274,7 +274,7 @@ pub enum JobState {
     Waiting {
         until: Timestamp,
         next_attempt: u32,
-        last: Outcome,
+        last: Box<Outcome>,
     },
     Running {
         started_at: Timestamp,
@@ -288,16 +288,16 @@ pub enum JobState {
         handle: RunHandle,
     },
     Succeeded {
-        outcome: Outcome,
+        outcome: Box<Outcome>,
     },
     Failed {
-        outcome: Outcome,
+        outcome: Box<Outcome>,
     },
     TimedOut {
-        outcome: Outcome,
+        outcome: Box<Outcome>,
     },
     Cancelled {
-        outcome: Outcome,
+        outcome: Box<Outcome>,
         by: String,
     },
 }

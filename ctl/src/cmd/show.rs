@@ -293,7 +293,7 @@ mod tests {
             run_dir: "/logs/run_7".into(),
             callback: None,
             state: JobState::Failed {
-                outcome: Outcome {
+                outcome: Box::new(Outcome {
                     reason: Reason::ExitCode,
                     message: "exited with status 2".into(),
                     exit_code: Some(2),
@@ -307,7 +307,7 @@ mod tests {
                         uuid: Some("GPU-5e1c".into()),
                     }],
                     errors: vec!["artifacts not collected: no space left on device".into()],
-                },
+                }),
             },
         };
         let text = render(&rec, datetime!(2025-11-23 14:10:00 UTC), UtcOffset::UTC);

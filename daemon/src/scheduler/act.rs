@@ -70,7 +70,7 @@ impl Scheduler {
                     self.finish(
                         id,
                         JobState::Cancelled {
-                            outcome,
+                            outcome: Box::new(outcome),
                             by: peer.name.clone(),
                         },
                     );

@@ -54,7 +54,10 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
             Reason::Cancelled,
             format!("cancelled by {by}"),
         );
-        Next::Finish(JobState::Cancelled { outcome, by })
+        Next::Finish(JobState::Cancelled {
+            outcome: Box::new(outcome),
+            by,
+        })
     };
     let (state_of, reason, message): (fn(Outcome) -> JobState, Reason, String) = match exit {
         Exit::Cancelled { by, code, signal } => {
@@ -70,7 +73,9 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
             exit_code = code;
             signal = sig;
             (
-                |outcome| JobState::TimedOut { outcome },
+                |outcome| JobState::TimedOut {
+                    outcome: Box::new(outcome),
+                },
                 Reason::Timeout,
                 "the job ran past its time limit".into(),
             )
@@ -95,7 +100,9 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
         Exit::Exited { code: 0 } => {
             exit_code = Some(0);
             (
-                |outcome| JobState::Succeeded { outcome },
+                |outcome| JobState::Succeeded {
+                    outcome: Box::new(outcome),
+                },
                 Reason::Success,
                 "exited with status 0".into(),
             )
@@ -125,7 +132,7 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
             state: JobState::Waiting {
                 until: Timestamp(a.now.0 + delay),
                 next_attempt: attempt,
-                last: outcome,
+                last: Box::new(outcome),
             },
             delay,
             attempt,
@@ -135,7 +142,9 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
 }
 
 fn failed(outcome: Outcome) -> JobState {
-    JobState::Failed { outcome }
+    JobState::Failed {
+        outcome: Box::new(outcome),
+    }
 }
 
 fn outcome(

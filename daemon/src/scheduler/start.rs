@@ -33,7 +33,12 @@ impl Scheduler {
             }
             Deps::Failed(d, s) => {
                 let outcome = Outcome::now(Reason::DependencyFailed, format!("dependency job {d} ended {s}"));
-                self.finish(id, JobState::Failed { outcome });
+                self.finish(
+                    id,
+                    JobState::Failed {
+                        outcome: Box::new(outcome),
+                    },
+                );
             }
         }
     }
@@ -154,7 +159,12 @@ impl Scheduler {
             crate::host::release_gpus(leases);
             let why = format!("this cybd has no {} backend", rec.spec.backend());
             let outcome = Outcome::now(Reason::BackendUnavailable, why);
-            self.finish(id, JobState::Failed { outcome });
+            self.finish(
+                id,
+                JobState::Failed {
+                    outcome: Box::new(outcome),
+                },
+            );
             return;
         };
         let Some(rec) = self.jobs.get_mut(&id) else { return };
@@ -237,7 +247,10 @@ impl Scheduler {
                     rec.state = JobState::Waiting {
                         until: Timestamp::now(),
                         next_attempt: attempt,
-                        last: Outcome::now(Reason::SpawnFailed, format!("cannot record the start: {why}")),
+                        last: Box::new(Outcome::now(
+                            Reason::SpawnFailed,
+                            format!("cannot record the start: {why}"),
+                        )),
                     };
                 }
                 self.wake_after(id, Duration::from_secs(5));
