@@ -1,8 +1,7 @@
-//! Logging against a real standalone systemd-journald (../shared/scripts/journald-start.sh):
+//! Logging against a real standalone systemd-journald (started by the test itself):
 //! the structured fields arrive, `journalctl JOB_ID=<id>` shows a job's whole life, and
 //! when journald dies mid-run no log line and no job is lost (lines go to stderr).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -12,11 +11,38 @@ use cyb_tests::{Daemon, is_root, require, wait_until};
 /// One journald at a time on this host.
 static JOURNALD: Mutex<()> = Mutex::new(());
 
-fn scripts() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/scripts")
+const JOURNALD_BIN: &str = "/lib/systemd/systemd-journald";
+/// Where journald takes native protocol datagrams.
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Whether a process named `systemd-journal` (journald's comm) is alive.
+fn journald_running() -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // "<pid> (<comm>) <state> ...": a zombie waiting for its reaper does not count.
+            stat.contains("(systemd-journal) ") && !stat.contains("(systemd-journal) Z")
+        })
 }
 
-struct Journald(u32);
+/// Whether something is bound to `path` as a datagram socket now (a socket file left by a
+/// journald that died is not): /proc/net/unix lists bound sockets with their paths.
+fn datagram_bound(path: &str) -> bool {
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode Path; Type 0002 is SOCK_DGRAM.
+            f.len() >= 8 && f[4] == "0002" && f[7] == path
+        })
+}
+
+/// A standalone systemd-journald (no systemd as PID 1 needed), started by this test.
+struct Journald(Option<std::process::Child>);
 
 impl Journald {
     fn start() -> Option<Journald> {
@@ -24,49 +50,43 @@ impl Journald {
             return None;
         }
         if !require(
-            std::path::Path::new("/lib/systemd/systemd-journald").exists(),
+            std::path::Path::new(JOURNALD_BIN).exists(),
             "systemd-journald (package systemd)",
         ) {
             return None;
         }
-        let script = scripts().join("journald-start.sh");
-        if !require(script.exists(), "../shared/scripts/journald-start.sh") {
-            return None;
-        }
-        // A journald stopped a moment ago may linger as a zombie until pid 1 reaps it.
-        let mut out = Command::new("sh")
-            .arg(&script)
-            .output()
-            .expect("run journald-start.sh");
-        for _ in 0..50 {
-            if out.status.success() || !String::from_utf8_lossy(&out.stderr).contains("already running") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            out = Command::new("sh")
-                .arg(&script)
-                .output()
-                .expect("run journald-start.sh");
-        }
+        // One stopped a moment ago may linger until its parent reaps it; another one
+        // running would fight this one for the sockets.
         assert!(
-            out.status.success(),
-            "journald-start.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            wait_until(Duration::from_secs(5), || !journald_running()),
+            "a systemd-journald is already running on this host"
         );
-        let pid = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("journald pid");
-        Some(Journald(pid))
+        let log = std::env::temp_dir().join("cyb-test-journald.stderr");
+        let err = std::fs::File::create(&log).expect("journald's stderr file");
+        let mut child = Command::new(JOURNALD_BIN)
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("start systemd-journald");
+        let up = wait_until(Duration::from_secs(5), || {
+            datagram_bound(JOURNAL_SOCKET) || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(
+            up && child.try_wait().ok().flatten().is_none(),
+            "systemd-journald did not come up: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Some(Journald(Some(child)))
     }
 
+    /// Stops it (SIGTERM, then SIGKILL after 5 s) and reaps it.
     fn stop(&mut self) {
-        if self.0 != 0 {
-            let _ = Command::new("sh")
-                .arg(scripts().join("journald-stop.sh"))
-                .arg(self.0.to_string())
-                .status();
-            self.0 = 0;
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            if !wait_until(Duration::from_secs(5), || c.try_wait().ok().flatten().is_some()) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
         }
     }
 }
