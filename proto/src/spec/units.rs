@@ -1,0 +1,168 @@
+//! The spec's units: durations (`"90s"`, `"1h 30m"`, or seconds) and sizes (`"512MiB"`,
+//! or bytes), parsed strictly and printed as people write them.
+
+use std::fmt;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::MAX_DURATION;
+
+/// A duration written as `"90s"`, `"10m"`, `"1h 30m"` (humantime), or a number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    /// Refuses only what no [`Duration`] can hold (negative, not a number, 2^64 s or more):
+    /// the reader of records must take back everything earlier builds wrote. The range a
+    /// job may ask for is [`JobSpec::validate`]'s business.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration such as \"90s\" or a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Dur, E> {
+                Ok(Dur(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Dur, E> {
+                u64::try_from(v)
+                    .map(|v| Dur(Duration::from_secs(v)))
+                    .map_err(|_| E::custom(format!("duration must not be negative (got {v})")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Dur, E> {
+                if v.is_nan() {
+                    return Err(E::custom("duration must be a number of seconds (got NaN)"));
+                }
+                // -0.0 is zero, not negative.
+                if v < 0.0 {
+                    return Err(E::custom(format!(
+                        "duration must not be negative (got {})",
+                        show_f64(v)
+                    )));
+                }
+                Duration::try_from_secs_f64(v).map(Dur).map_err(|_| {
+                    E::custom(format!(
+                        "{}s is out of range (at most {})",
+                        show_f64(v),
+                        humantime::format_duration(MAX_DURATION)
+                    ))
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Dur, E> {
+                humantime::parse_duration(t.trim()).map(Dur).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration `{t}`: {e} (write e.g. \"90s\", \"10m\", \"1h 30m\")"
+                    ))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A number as a person would write it: `1e20` rather than twenty-one digits.
+pub(super) fn show_f64(v: f64) -> String {
+    if v != 0.0 && !(1e-4..1e16).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
+    }
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a duration such as \"90s\", \"10m\", \"1h 30m\", or a number of seconds",
+            "type": ["string", "number"]
+        })
+    }
+}
+
+/// A size written as `"512MiB"`, `"2GB"` (bytesize), or a number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    /// Takes any `u64` back (the reader of records must take what earlier builds wrote); the
+    /// range a job may ask for is [`JobSpec::validate`]'s business.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"512MiB\" or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::custom(format!("size must not be negative (got {v})")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Size, E> {
+                if v < 0.0 {
+                    return Err(E::custom(format!(
+                        "size must not be negative (got {})",
+                        show_f64(v)
+                    )));
+                }
+                Err(E::custom(format!(
+                    "a size is a whole number of bytes or a string such as \"512MiB\" (got {})",
+                    show_f64(v)
+                )))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Size, E> {
+                let trimmed = t.trim();
+                if trimmed.starts_with('-') {
+                    return Err(E::custom(format!("size must not be negative (got `{t}`)")));
+                }
+                trimmed
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| Size(b.as_u64()))
+                    .map_err(|e| {
+                        E::custom(format!(
+                            "invalid size `{t}`: {e} (write e.g. \"512MiB\", \"2GiB\")"
+                        ))
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Size {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Size".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "a size such as \"512MiB\", \"2GiB\", or a number of bytes",
+            "type": ["string", "integer"]
+        })
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", bytesize::ByteSize(self.0).display().iec())
+    }
+}
