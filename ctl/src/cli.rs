@@ -11,8 +11,9 @@ const LONG_ABOUT: &str = "\
 cybctl: the command-line client of cybd, the job daemon.
 
 The socket is --socket PATH, else $CYB_SOCKET, else for a non-root user
-$XDG_RUNTIME_DIR/cyb/cybd.sock if it exists (your `cybd --user` daemon), else
-/run/cyb/cybd.sock (the system daemon).
+your `cybd --user` daemon's socket if it exists ($XDG_RUNTIME_DIR/cyb/cybd.sock; without
+that variable /run/user/UID/cyb/cybd.sock if that directory is yours, else
+~/.local/state/cyb/cybd.sock), else /run/cyb/cybd.sock (the system daemon).
 
 Exit codes:
     0    success

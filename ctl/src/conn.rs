@@ -13,7 +13,7 @@ use crate::exit::{self, Failure};
 /// The system daemon's socket.
 pub const SYSTEM_SOCKET: &str = "/run/cyb/cybd.sock";
 /// The socket under a user's runtime directory (`cybd --user`).
-pub const USER_SOCKET: &str = "cyb/cybd.sock";
+pub const USER_SOCKET: &str = "cybd.sock";
 /// How long an ordinary call may take.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to keep trying while the daemon's queue of connections to accept is full.
@@ -52,14 +52,14 @@ impl Socket {
 }
 
 /// Picks the socket: `--socket`, else `CYB_SOCKET`, else for a non-root user
-/// `$XDG_RUNTIME_DIR/cyb/cybd.sock` (or `/run/user/<uid>/cyb/cybd.sock`), else the system
-/// socket. Empty values count as unset; a relative `XDG_RUNTIME_DIR` is ignored, as the XDG
-/// spec says.
+/// `<user_dir>/cybd.sock` (the user-mode daemon's runtime directory, found by the rule
+/// `cybd --user` uses: [`cyb_proto::paths::user_runtime_dir`]) when that daemon is
+/// listening or no system daemon is, else the system socket. Empty values count as unset.
 pub fn discover(
     flag: Option<&Path>,
     env_socket: Option<&OsStr>,
     euid: u32,
-    xdg_runtime_dir: Option<&OsStr>,
+    user_dir: Option<&Path>,
     exists: impl Fn(&Path) -> bool,
 ) -> Socket {
     if let Some(p) = flag.filter(|p| !p.as_os_str().is_empty()) {
@@ -74,12 +74,10 @@ pub fn discover(
             origin: Origin::Env,
         };
     }
-    if euid != 0 {
-        let runtime = xdg_runtime_dir
-            .map(Path::new)
-            .filter(|p| p.is_absolute())
-            .map_or_else(|| PathBuf::from(format!("/run/user/{euid}")), Path::to_path_buf);
-        let user = runtime.join(USER_SOCKET);
+    if euid != 0
+        && let Some(dir) = user_dir
+    {
+        let user = dir.join(USER_SOCKET);
         // A user-mode daemon of yours wins; otherwise the system daemon serves you too.
         if exists(&user) || !exists(Path::new(SYSTEM_SOCKET)) {
             return Socket {
@@ -97,12 +95,13 @@ pub fn discover(
 /// [`discover`] with this process's environment and effective uid.
 pub fn discover_from_env(flag: Option<&Path>) -> Socket {
     let env_socket = std::env::var_os("CYB_SOCKET");
-    let xdg = std::env::var_os("XDG_RUNTIME_DIR");
+    let euid = nix::unistd::geteuid().as_raw();
+    let user = cyb_proto::paths::user_runtime_dir_from_env(euid);
     discover(
         flag,
         env_socket.as_deref(),
-        nix::unistd::geteuid().as_raw(),
-        xdg.as_deref(),
+        euid,
+        user.as_ref().map(|u| u.dir.as_path()),
         |p| p.exists(),
     )
 }
@@ -209,7 +208,7 @@ impl Conn {
         }
     }
 
-    pub async fn submit(&self, req: SubmitRequest) -> anyhow::Result<JobId> {
+    pub async fn submit(&self, req: SubmitRequest) -> anyhow::Result<cyb_proto::Submitted> {
         let len = req.spec_json.len();
         let r = self.client.submit(Self::context(CALL_TIMEOUT), req).await;
         self.answer("submit", CALL_TIMEOUT, r)
@@ -327,7 +326,7 @@ mod tests {
             Some(Path::new("/tmp/a.sock")),
             Some(os("/tmp/b.sock")),
             1000,
-            Some(os("/run/user/1000")),
+            Some(Path::new("/run/user/1000/cyb")),
             none,
         );
         assert_eq!(
@@ -345,7 +344,7 @@ mod tests {
             None,
             Some(os("/tmp/b.sock")),
             1000,
-            Some(os("/run/user/1000")),
+            Some(Path::new("/run/user/1000/cyb")),
             none,
         );
         assert_eq!(
@@ -361,7 +360,7 @@ mod tests {
 
     #[test]
     fn user_uses_runtime_dir() {
-        let s = discover(None, None, 1000, Some(os("/xdg")), none);
+        let s = discover(None, None, 1000, Some(Path::new("/xdg/cyb")), none);
         assert_eq!(
             s,
             Socket {
@@ -372,23 +371,15 @@ mod tests {
     }
 
     #[test]
-    fn user_without_runtime_dir_uses_run_user() {
-        for xdg in [None, Some(os("")), Some(os("relative/dir"))] {
-            let s = discover(None, None, 1000, xdg, none);
-            assert_eq!(
-                s,
-                Socket {
-                    path: "/run/user/1000/cyb/cybd.sock".into(),
-                    origin: Origin::User
-                }
-            );
-        }
+    fn user_without_a_runtime_dir_uses_the_system_socket() {
+        let s = discover(None, None, 1000, None, none);
+        assert_eq!(s.origin, Origin::System);
     }
 
     #[test]
     fn user_without_own_daemon_uses_the_system_socket() {
         let only_system = |p: &Path| p == Path::new(SYSTEM_SOCKET);
-        let s = discover(None, None, 1000, Some(os("/xdg")), only_system);
+        let s = discover(None, None, 1000, Some(Path::new("/xdg/cyb")), only_system);
         assert_eq!(
             s,
             Socket {
@@ -397,13 +388,13 @@ mod tests {
             }
         );
         let both = |_: &Path| true;
-        let s = discover(None, None, 1000, Some(os("/xdg")), both);
+        let s = discover(None, None, 1000, Some(Path::new("/xdg/cyb")), both);
         assert_eq!(s.path, PathBuf::from("/xdg/cyb/cybd.sock"));
     }
 
     #[test]
     fn root_uses_system_socket() {
-        let s = discover(None, None, 0, Some(os("/run/user/0")), none);
+        let s = discover(None, None, 0, Some(Path::new("/run/user/0/cyb")), none);
         assert_eq!(
             s,
             Socket {
@@ -427,7 +418,7 @@ mod tests {
                 .contains("systemctl status cybd")
         );
         assert!(
-            discover(None, None, 1000, None, none)
+            discover(None, None, 1000, Some(Path::new("/xdg/cyb")), none)
                 .hint()
                 .contains("cybd --user")
         );
@@ -459,7 +450,7 @@ mod tests {
             spec_json: r#"{"command":["true"]}"#.into(),
             default_cwd: Some("/w".into()),
         };
-        assert_eq!(conn.submit(req).await.unwrap(), 42);
+        assert_eq!(conn.submit(req).await.unwrap().id, 42);
         assert_eq!(fake.state().submitted[0].default_cwd.as_deref(), Some("/w"));
         assert_eq!(conn.show(1).await.unwrap().id, 1);
         assert_eq!(conn.list(ListFilter::default()).await.unwrap().len(), 1);

@@ -83,9 +83,14 @@ fn succeed(job: &mut JobRecord) {
 }
 
 impl Cyb for Fake {
-    async fn submit(self, _: Context, req: SubmitRequest) -> Result<JobId, RpcError> {
+    async fn submit(self, _: Context, req: SubmitRequest) -> Result<cyb_proto::Submitted, RpcError> {
         self.state().submitted.push(req);
-        Ok(42)
+        Ok(cyb_proto::Submitted {
+            id: 42,
+            class: cyb_proto::Class::CpuShort,
+            time_limit_secs: 60,
+            not_enforced: None,
+        })
     }
 
     async fn check(self, _: Context, _: SubmitRequest) -> Result<(), RpcError> {

@@ -154,6 +154,9 @@ impl Paths {
 pub struct Config {
     pub user_mode: bool,
     pub paths: Paths,
+    /// In user mode, where the default runtime directory came from, in words (naming
+    /// `XDG_RUNTIME_DIR`), for messages; `None` when `paths.runtime` set it.
+    pub runtime_source: Option<String>,
     pub log_level: String,
     pub kill_grace: Duration,
     pub max_job_bytes: u64,
@@ -261,12 +264,23 @@ impl Config {
             key: key.to_string(),
             message,
         };
+        let mut runtime_source = None;
         let defaults = if user_mode {
             let home = PathBuf::from(env("HOME").ok_or(ConfigError::Env("HOME"))?);
-            let runtime = match env("XDG_RUNTIME_DIR") {
-                Some(d) => PathBuf::from(d).join("cyb"),
-                None => PathBuf::from(format!("/run/user/{}/cyb", nix::unistd::geteuid())),
-            };
+            // The same rule cybctl uses to find this daemon's socket.
+            let xdg = env("XDG_RUNTIME_DIR").filter(|v| !v.is_empty());
+            let found = cyb_proto::paths::user_runtime_dir(
+                nix::unistd::geteuid().as_raw(),
+                xdg.as_deref().map(std::ffi::OsStr::new),
+                Some(home.as_os_str()),
+                |p| {
+                    use std::os::unix::fs::MetadataExt as _;
+                    std::fs::metadata(p).ok().filter(|m| m.is_dir()).map(|m| m.uid())
+                },
+            )
+            .ok_or(ConfigError::Env("HOME"))?;
+            runtime_source = Some(found.source);
+            let runtime = found.dir;
             Paths {
                 spool: home.join(".local/share/cyb/spool"),
                 logs: home.join(".local/state/cyb/logs"),
@@ -282,6 +296,7 @@ impl Config {
             }
         };
         let p = raw.paths;
+        let p_runtime_default = p.runtime.is_none();
         let paths = Paths {
             spool: p.spool.unwrap_or(defaults.spool),
             logs: p.logs.unwrap_or(defaults.logs),
@@ -440,6 +455,7 @@ impl Config {
         }
         Ok(Config {
             user_mode,
+            runtime_source: runtime_source.filter(|_| p_runtime_default),
             paths,
             log_level,
             kill_grace: raw.kill_grace.map_or(Duration::from_secs(10), |d| d.0),

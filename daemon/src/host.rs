@@ -212,10 +212,38 @@ impl Host {
         missing
     }
 
+    /// What a job with `spec` would have (of its own, or from its class) that this host will
+    /// not enforce, by the spec's names (`memory`, `cpus`, `pids`, `gpus`), and why; `None`
+    /// when it is all enforced.
+    pub fn not_enforced(&self, cfg: &Config, spec: &cyb_proto::JobSpec) -> Option<cyb_proto::NotEnforced> {
+        let caps = self.cgroups.capabilities();
+        let none = self.cgroups.mode() == Mode::None;
+        let class = cfg.class(spec.class());
+        let r = spec.resources.as_ref();
+        let limits: Vec<String> = [
+            ("memory", r.and_then(|r| r.memory).is_some() || class.memory.is_some(), caps.memory),
+            ("cpus", r.and_then(|r| r.cpus).is_some() || class.cpus.is_some(), caps.cpu),
+            ("pids", r.and_then(|r| r.pids).is_some() || class.pids.is_some(), caps.pids),
+            ("gpus", spec.gpus() > 0, caps.devices),
+        ]
+        .into_iter()
+        .filter(|(_, asked, can)| *asked && (none || !can))
+        .map(|(name, ..)| name.to_string())
+        .collect();
+        if limits.is_empty() {
+            return None;
+        }
+        let why = if self.user_mode {
+            "user mode".to_string()
+        } else {
+            self.cgroups.describe()
+        };
+        Some(cyb_proto::NotEnforced { limits, why })
+    }
+
     /// Under `require_limits`: whether every limit `spec` asks for (or its class gives it)
     /// can be enforced here; the error names the field and what is missing.
     pub fn check_enforceable(&self, cfg: &Config, spec: &cyb_proto::JobSpec) -> Result<(), HostError> {
-        let caps = self.cgroups.capabilities();
         if self.cgroups.mode() == Mode::None {
             return Err(HostError::NotEnforceable {
                 field: "resources",
@@ -225,38 +253,23 @@ impl Host {
                 ),
             });
         }
-        let class = cfg.class(spec.class());
-        let r = spec.resources.as_ref();
-        let checks = [
-            (
-                "resources.memory",
-                r.and_then(|r| r.memory).is_some() || class.memory.is_some(),
-                caps.memory,
+        let Some(missing) = self.not_enforced(cfg, spec) else {
+            return Ok(());
+        };
+        let field = match missing.limits.first().map(String::as_str) {
+            Some("memory") => "resources.memory",
+            Some("cpus") => "resources.cpus",
+            Some("pids") => "resources.pids",
+            Some("gpus") => "resources.gpus",
+            _ => "resources",
+        };
+        Err(HostError::NotEnforceable {
+            field,
+            why: format!(
+                "this host cannot enforce it ({}) and require_limits is set",
+                self.cgroups.describe()
             ),
-            (
-                "resources.cpus",
-                r.and_then(|r| r.cpus).is_some() || class.cpus.is_some(),
-                caps.cpu,
-            ),
-            (
-                "resources.pids",
-                r.and_then(|r| r.pids).is_some() || class.pids.is_some(),
-                caps.pids,
-            ),
-            ("resources.gpus", spec.gpus() > 0, caps.devices),
-        ];
-        for (field, asked, can) in checks {
-            if asked && !can {
-                return Err(HostError::NotEnforceable {
-                    field,
-                    why: format!(
-                        "this host cannot enforce it ({}) and require_limits is set",
-                        self.cgroups.describe()
-                    ),
-                });
-            }
-        }
-        Ok(())
+        })
     }
 
     /// Takes the locks of `gpus` for job `id` (all or nothing); `Err` names a GPU whose

@@ -209,8 +209,12 @@ impl Intake {
         }
         while let Some((name, ident, uid, r)) = pending.next().await {
             match r {
-                Ok(id) => {
-                    debug!(job_id = id, file = %name, "accepted spool file");
+                Ok(sub) => {
+                    debug!(job_id = sub.id, file = %name, "accepted spool file");
+                    if let Some(n) = &sub.not_enforced {
+                        // A spool file has nobody to tell on stderr: the journal says it.
+                        info!(job_id = sub.id, file = %name, "job {}: {n}", sub.id);
+                    }
                     if let Some(i) = ident {
                         Arc::make_mut(&mut self.known).insert(i);
                     }

@@ -37,11 +37,21 @@ use tracing::{error, info, warn};
 
 pub use config::Config;
 
+/// "cannot create DIR", saying where a user-mode runtime directory came from.
+fn cannot_create(cfg: &Config, dir: &std::path::Path) -> String {
+    match &cfg.runtime_source {
+        Some(src) if dir.starts_with(&cfg.paths.runtime) => {
+            format!("cannot create {} (the runtime directory: {src}; set `paths.runtime` in the config to choose another)", dir.display())
+        }
+        _ => format!("cannot create {}", dir.display()),
+    }
+}
+
 /// Binds the RPC socket, replacing a stale one left by a daemon that died.
 fn bind_socket(cfg: &Config) -> anyhow::Result<UnixListener> {
     let path = &cfg.paths.socket;
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent).with_context(|| cannot_create(cfg, parent))?;
     }
     if std::fs::symlink_metadata(path).is_ok() {
         // A daemon killed a moment ago can leave its socket accepting for a few ms after it
@@ -139,7 +149,7 @@ pub async fn run_until(
         Some(Err(e)) => warn!("cannot raise the descriptor limit: {e}"),
     }
     for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
-        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        std::fs::create_dir_all(d).with_context(|| cannot_create(&cfg, d))?;
     }
     intake::Intake::prepare_dirs(&cfg).context("cannot prepare the spool")?;
     let c = cfg.clone();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cyb_proto::job::{Origin, Owner};
 use cyb_proto::rpc::{CybRequest, CybResponse, JobSummary, ListFilter, Stats, SubmitRequest};
-use cyb_proto::{Cyb, JobId, JobRecord, RpcError};
+use cyb_proto::{Cyb, JobId, JobRecord, RpcError, Submitted};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tarpc::ServerError;
@@ -107,7 +107,7 @@ impl Conn {
 }
 
 impl Cyb for Conn {
-    async fn submit(self, _: Context, req: SubmitRequest) -> Result<JobId, RpcError> {
+    async fn submit(self, _: Context, req: SubmitRequest) -> Result<Submitted, RpcError> {
         let (spec, owner) = self.parse(req)?;
         let origin = Origin::Rpc { pid: self.peer.pid };
         self.sched

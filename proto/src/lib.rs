@@ -4,6 +4,7 @@
 pub mod error;
 pub mod gpu;
 pub mod job;
+pub mod paths;
 pub mod rpc;
 pub mod spec;
 
@@ -12,5 +13,5 @@ pub use job::{
     CallbackState, CallbackStatus, JobId, JobRecord, JobState, Outcome, Owner, Reason, RunResult, StateName,
     Timestamp,
 };
-pub use rpc::{Cyb, CybClient, JobSummary, ListFilter, Stats, SubmitRequest};
+pub use rpc::{Cyb, CybClient, JobSummary, ListFilter, NotEnforced, Stats, SubmitRequest, Submitted};
 pub use spec::{Class, JobSpec, parse_job};

@@ -17,6 +17,35 @@ pub struct SubmitRequest {
     pub default_cwd: Option<String>,
 }
 
+/// What `submit` answers: the job's id, where it was placed, and what it asked for that
+/// this host will not enforce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    pub id: JobId,
+    /// The class it runs in (the one it named, or the one cybd chose: docs/job-spec.md).
+    pub class: Class,
+    /// Its time limit, in seconds (its `timeout`, else its class's default).
+    pub time_limit_secs: u64,
+    /// Limits it asked for (or its class gives it) that this host will not enforce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_enforced: Option<NotEnforced>,
+}
+
+/// Limits a job has that this host will not enforce, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotEnforced {
+    /// `memory`, `cpus`, `pids`, `gpus`.
+    pub limits: Vec<String>,
+    /// For example `user mode` or `no cgroup controllers`.
+    pub why: String,
+}
+
+impl std::fmt::Display for NotEnforced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: not enforced on this host ({})", self.limits.join(", "), self.why)
+    }
+}
+
 /// Which jobs `list` returns.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ListFilter {
@@ -146,7 +175,7 @@ pub struct GpuHealth {
 #[tarpc::service]
 pub trait Cyb {
     /// Queues a job that runs as the caller.
-    async fn submit(req: SubmitRequest) -> Result<JobId, RpcError>;
+    async fn submit(req: SubmitRequest) -> Result<Submitted, RpcError>;
     /// Runs every check `submit` would (as the caller) without queueing anything.
     async fn check(req: SubmitRequest) -> Result<(), RpcError>;
     async fn list(filter: ListFilter) -> Vec<JobSummary>;

@@ -940,17 +940,43 @@ fn class_time_limits_default_lower_and_raise() {
     let lowered = job(json!({"shell": "sleep 0.8", "cwd": "/", "timeout": "500ms"}));
     // Raised, within the maximum.
     let raised = job(json!({"shell": "sleep 2; echo made it", "cwd": "/", "timeout": "3s"}));
-    assert_eq!(result_of(&d, by_default, LONG)["state"], "timed_out");
-    assert_eq!(result_of(&d, lowered, LONG)["state"], "timed_out");
+    // The timed_out end says the limit, where it came from, and what changes it.
+    let r = result_of(&d, by_default, LONG);
+    assert_eq!(r["state"], "timed_out");
+    let msg = r["message"].as_str().unwrap_or_default();
+    for words in ["time limit of 1s", "class cpu_short", "classes.cpu_short.timeout", "--timeout", "up to 4s", "15m in class cpu_long"] {
+        assert!(msg.contains(words), "`{words}` not in: {msg}");
+    }
+    let r = result_of(&d, lowered, LONG);
+    assert_eq!(r["state"], "timed_out");
+    let msg = r["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("500ms, the `timeout` it asked for"), "{msg}");
     let r = result_of(&d, raised, LONG);
     assert_eq!(r["state"], "succeeded", "{r}");
-    // Beyond the maximum: refused, naming the field.
+    // Beyond the maximum of the class it names: refused, naming the field, the limit, the
+    // config key and the class that would take it.
     let path = t.path().join("too-long.json");
-    std::fs::write(&path, r#"{"shell": "true", "cwd": "/", "timeout": "10s"}"#).unwrap();
+    std::fs::write(&path, r#"{"shell": "true", "cwd": "/", "timeout": "10s", "class": "cpu_short"}"#).unwrap();
     let out = d.ctl(&["submit", "-f", s(&path)]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(65));
     let err = text(&out.stderr);
-    assert!(err.contains("timeout") && err.contains("4s"), "{err}");
+    for words in ["timeout", "4s allowed for class cpu_short", "classes.cpu_short.max_timeout", "--class cpu_long"] {
+        assert!(err.contains(words), "`{words}` not in: {err}");
+    }
+    // Naming no class, the same job goes to the first CPU class whose limit covers it.
+    let out = d.ctl(&["--json", "submit", "--timeout", "10s", "--", "true"]);
+    assert!(out.status.success(), "{}", shown(&out));
+    let sub: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(sub["class"], "cpu_long", "{sub}");
+    assert_eq!(sub["time_limit_secs"], 10, "{sub}");
+    let out = d.ctl(&["--json", "submit", "--", "true"]);
+    let sub: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((sub["class"].as_str(), sub["time_limit_secs"].as_u64()), (Some("cpu_short"), Some(1)), "{sub}");
+    // Longer than any CPU class allows: refused, naming cpu_long's limit.
+    let out = d.ctl(&["submit", "--timeout", "2h", "--", "true"]);
+    assert_eq!(out.status.code(), Some(65));
+    let err = text(&out.stderr);
+    assert!(err.contains("15m allowed for class cpu_long") && err.contains("classes.cpu_long.max_timeout"), "{err}");
 }
 
 /// A class's default limits apply to its jobs that set none; a job's own limit wins.

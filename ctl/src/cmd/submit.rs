@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub gpus: Option<u32>,
 
-    /// Memory limit, RAM and swap together, e.g. 512MiB, 8GiB (sets `resources.memory`)
+    /// Memory limit, RAM and swap together, e.g. 512M, 8G (K/M/G/T are powers of 1024, as in Docker, Slurm and systemd; sets `resources.memory`)
     #[arg(long, value_name = "SIZE", value_parser = size_text)]
     pub memory: Option<String>,
 
@@ -65,6 +65,12 @@ pub struct Args {
     /// Extra environment variable (repeatable; added to the file's `env`)
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
+
+    /// Which of your environment variables the job gets, as sbatch's --export: ALL (the
+    /// default), NONE, or a comma-separated list of NAME or NAME=VALUE. `--env` and the
+    /// file's `env` are added on top either way.
+    #[arg(long, value_name = "ALL|NONE|NAME[=VALUE],...", default_value = "ALL")]
+    pub export: String,
 
     /// Working directory [default: the current directory]
     #[arg(long, value_name = "DIR")]
@@ -86,10 +92,7 @@ pub struct Args {
 
 /// Checks a `--memory` value early, but sends it as written.
 fn size_text(s: &str) -> Result<String, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|_| s.trim().to_string())
-        .map_err(|e| format!("`{s}` is not a size ({e}); write e.g. 512MiB, 8GiB"))
+    cyb_proto::spec::parse_size(s).map(|_| s.trim().to_string())
 }
 
 /// Checks a `--timeout` value early, but sends it as written.
@@ -114,7 +117,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         None => (None, None),
     };
     let cwd = std::env::current_dir();
-    let spec = build_spec(base, &args, cwd.as_deref().ok())?;
+    let mut spec = build_spec(base, &args, cwd.as_deref().ok())?;
+    let caller = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    export_env(&mut spec, &args.export, caller)?;
     let default_cwd = if spec.contains_key("cwd") {
         None
     } else {
@@ -127,12 +132,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let spec_json = serde_json::to_string(&WithContext(&spec, context.as_deref()))?;
 
     let conn = ctx.connect().await?;
-    let id = conn
+    let submitted = conn
         .submit(SubmitRequest {
             spec_json,
             default_cwd,
         })
         .await?;
+    let id = submitted.id;
+    if let Some(n) = &submitted.not_enforced {
+        output::note(&n.to_string());
+    }
 
     if args.follow {
         output::note(&format!("submitted job {id}"));
@@ -164,11 +173,62 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         return Ok(rec.wait_exit_code());
     }
     if ctx.json {
-        output::json(&json!({ "id": id }))?;
+        output::json(&submitted)?;
     } else {
         output::print(&format!("submitted job {id}\n"))?;
     }
     Ok(exit::OK)
+}
+
+/// Puts the caller's environment, as `--export` selects it, under the spec's `env`: the
+/// spec's own variables (the file's `env`, `--env`) win. Variables cybd would refuse (a
+/// `CYB_` name, a NUL) and ones that are not UTF-8 are left out.
+pub fn export_env(
+    spec: &mut Map<String, Value>,
+    export: &str,
+    caller: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    let passable = |k: &str, v: &str| {
+        !k.is_empty() && !k.contains(['=', '\0']) && !v.contains('\0') && !k.starts_with("CYB_")
+    };
+    let caller: Vec<(String, String)> = caller.filter(|(k, v)| passable(k, v)).collect();
+    let mut env = Map::new();
+    match export.trim() {
+        "ALL" => {
+            for (k, v) in caller {
+                env.insert(k, json!(v));
+            }
+        }
+        "NONE" => {}
+        list => {
+            for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                if let Some((k, v)) = item.split_once('=') {
+                    if k.is_empty() || k.starts_with("CYB_") {
+                        return Err(Failure::usage(format!(
+                            "--export {item}: `{k}` cannot be passed (empty, or a name starting with CYB_, which cybd sets)"
+                        ))
+                        .into());
+                    }
+                    env.insert(k.to_string(), json!(v));
+                } else if item == "ALL" {
+                    for (k, v) in &caller {
+                        env.entry(k.clone()).or_insert_with(|| json!(v));
+                    }
+                } else if let Some((_, v)) = caller.iter().find(|(k, _)| k == item) {
+                    env.insert(item.to_string(), json!(v));
+                }
+            }
+        }
+    }
+    if let Some(Value::Object(own)) = spec.get("env") {
+        for (k, v) in own {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+    if !env.is_empty() {
+        spec.insert("env".into(), Value::Object(env));
+    }
+    Ok(())
 }
 
 /// A spec object with its `context` as written: the daemon keeps `context` byte for byte,
@@ -371,6 +431,39 @@ mod tests {
             Value::Object(spec),
             json!({"command": ["echo", "hi"], "env": {"A": "1"}, "depends_on": [3], "priority": 5})
         );
+    }
+
+    fn caller() -> impl Iterator<Item = (String, String)> {
+        [("PATH", "/home/u/venv/bin:/usr/bin"), ("HOME", "/home/u"), ("CYB_SOCKET", "/x"), ("TOKEN", "t")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+    }
+
+    #[test]
+    fn the_callers_environment_is_passed_as_sbatch_does_and_export_restricts_it() {
+        let with = |export: &str, argv: &[&str]| {
+            let mut spec = build(argv);
+            export_env(&mut spec, export, caller()).unwrap();
+            spec.get("env").cloned().unwrap_or(json!({}))
+        };
+        let cmd = ["submit", "--", "true"];
+        assert_eq!(
+            with("ALL", &cmd),
+            json!({"PATH": "/home/u/venv/bin:/usr/bin", "HOME": "/home/u", "TOKEN": "t"}),
+            "everything but what cybd sets itself"
+        );
+        assert_eq!(with("NONE", &cmd), json!({}));
+        assert_eq!(with("PATH,NOSUCH,X=1", &cmd), json!({"PATH": "/home/u/venv/bin:/usr/bin", "X": "1"}));
+        // --env wins over the caller's value.
+        assert_eq!(
+            with("TOKEN", &["submit", "--env", "TOKEN=mine", "--", "true"]),
+            json!({"TOKEN": "mine"})
+        );
+        let mut spec = build(&cmd);
+        assert!(export_env(&mut spec, "CYB_JOB_ID=3", caller()).is_err());
+        // The flag parses, and defaults to ALL.
+        assert_eq!(args(&cmd).export, "ALL");
+        assert_eq!(args(&["submit", "--export", "NONE", "--", "true"]).export, "NONE");
     }
 
     #[test]

@@ -184,6 +184,10 @@ pub trait Backend: Send + Sync {
     fn kind(&self) -> Kind;
     /// Refuses, at intake, what this host cannot run for `owner`.
     fn admit(&self, spec: &JobSpec, owner: &Owner, cfg: &Config) -> Result<(), SpecError>;
+    /// What of `spec`'s limits this backend will not enforce here (told to the submitter).
+    fn not_enforced(&self, _spec: &JobSpec, _cfg: &Config) -> Option<cyb_proto::NotEnforced> {
+        None
+    }
     /// The handle recorded in the `running` record while the attempt is being prepared.
     fn handle_before_start(&self) -> RunHandle;
     /// Makes everything ready for the attempt without starting the job.

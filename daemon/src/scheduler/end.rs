@@ -73,6 +73,7 @@ impl Scheduler {
                         uuid: self.gpu_uuids.get(&index).cloned(),
                     })
                     .collect(),
+                time_limit: super::submit::time_limit_words(&self.cfg, &rec.spec),
                 now: Timestamp::now(),
             },
         );

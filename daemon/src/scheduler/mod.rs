@@ -244,8 +244,13 @@ impl Scheduler {
                 origin,
                 reply,
             } => self.submit(*spec, owner, origin, reply),
-            Request::Check { spec, owner, reply } => {
-                let _ = reply.send(self.admit(&spec, &owner));
+            Request::Check {
+                mut spec,
+                owner,
+                reply,
+            } => {
+                self.place(&mut spec);
+                let _ = reply.send(self.admit(&spec, &owner).map(|_| ()));
             }
             Request::List { filter, reply } => self.reply_synced(reply, self.list(&filter)),
             Request::Show { id, reply } => {
@@ -297,7 +302,11 @@ impl Scheduler {
                 }
             }
             Event::ResultWritten { id } => self.result_written(id),
-            Event::Recorded { id, res, reply } => self.recorded(id, res, reply),
+            Event::Recorded {
+                submitted,
+                res,
+                reply,
+            } => self.recorded(*submitted, res, reply),
             Event::Persist { id, reply } => {
                 let _ = reply.send(self.pending.persist(id));
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cyb_proto::job::{Origin, Owner};
 use cyb_proto::rpc::{JobSummary, ListFilter, Stats};
-use cyb_proto::{JobId, JobRecord, JobSpec, RpcError};
+use cyb_proto::{JobId, JobRecord, JobSpec, RpcError, Submitted};
 use tokio::sync::oneshot;
 
 use super::durable::NotDurable;
@@ -25,7 +25,7 @@ pub enum Request {
         spec: Box<JobSpec>,
         owner: Owner,
         origin: Origin,
-        reply: Reply<Result<JobId, RpcError>>,
+        reply: Reply<Result<Submitted, RpcError>>,
     },
     /// The checks of `Submit`, without queueing.
     Check {
@@ -121,9 +121,9 @@ pub enum Event {
     /// The first write of a submitted job's record ended: the job joins the queue (and
     /// the submitter gets its id) only if it is durable.
     Recorded {
-        id: JobId,
+        submitted: Box<Submitted>,
         res: Result<(), NotDurable>,
-        reply: Reply<Result<JobId, RpcError>>,
+        reply: Reply<Result<Submitted, RpcError>>,
     },
     /// Writes the job's record again (its last write failed); answers with the new ack.
     Persist { id: JobId, reply: Reply<Durable> },

@@ -20,6 +20,8 @@ pub struct Attempt<'a> {
     pub cancel_by: Option<String>,
     /// The GPUs it held.
     pub gpus: Vec<HeldGpu>,
+    /// Its time limit, where that came from and how to change it, in words.
+    pub time_limit: String,
     pub now: Timestamp,
 }
 
@@ -77,7 +79,7 @@ pub fn next(end: AttemptEnd, a: Attempt<'_>) -> Next {
                     outcome: Box::new(outcome),
                 },
                 Reason::Timeout,
-                "the job ran past its time limit".into(),
+                format!("the job ran past its time limit of {}", a.time_limit),
             )
         }
         Exit::Lost { why } => (failed, Reason::Lost, why),
@@ -189,6 +191,7 @@ mod tests {
                 index: 1,
                 uuid: Some("GPU-b".into()),
             }],
+            time_limit: "1m".into(),
             now: t(60),
         }
     }

@@ -2,7 +2,7 @@
 //! write, and its entry into the queue once that write is durable.
 
 use cyb_proto::job::{JobState, Origin, Owner, Timestamp};
-use cyb_proto::{Class, JobId, JobRecord, JobSpec, RpcError, SpecError};
+use cyb_proto::{Class, JobRecord, JobSpec, RpcError, SpecError, Submitted};
 use tracing::{error, info};
 
 use super::Scheduler;
@@ -10,7 +10,33 @@ use super::durable::NotDurable;
 use super::msg::{Event, Reply};
 
 impl Scheduler {
-    pub(super) fn admit(&self, spec: &JobSpec, owner: &Owner) -> Result<(), RpcError> {
+    /// The class of a job that names none: `gpu` when it asks for GPUs, else the first CPU
+    /// class (`cpu_short`, then `cpu_long`) whose `max_timeout` covers the `timeout` it
+    /// asks for (`cpu_short` when it asks for none, `cpu_long` when none covers it, which
+    /// [`Self::admit`] then refuses, naming the limit).
+    pub(super) fn place(&self, spec: &mut JobSpec) {
+        if spec.class.is_some() {
+            return;
+        }
+        let class = if spec.gpus() > 0 {
+            Class::Gpu
+        } else {
+            let asked = spec.timeout.map(|t| t.0);
+            [Class::CpuShort, Class::CpuLong]
+                .into_iter()
+                .find(|c| asked.is_none_or(|t| t <= self.cfg.class(*c).max_timeout))
+                .unwrap_or(Class::CpuLong)
+        };
+        spec.class = Some(class);
+    }
+
+    /// Every check a submission passes; `Ok` carries what of its limits this host will not
+    /// enforce.
+    pub(super) fn admit(
+        &self,
+        spec: &JobSpec,
+        owner: &Owner,
+    ) -> Result<Option<cyb_proto::NotEnforced>, RpcError> {
         let spec_err = |e: SpecError| RpcError::InvalidSpec(e);
         if owner.uid == 0 && !self.cfg.allow_root_jobs {
             return Err(RpcError::PermissionDenied(
@@ -53,12 +79,7 @@ impl Scheduler {
         {
             return Err(spec_err(SpecError::field(
                 "timeout",
-                format!(
-                    "{} is longer than the {} allowed for class {}",
-                    humantime::format_duration(t.0),
-                    humantime::format_duration(class.max_timeout),
-                    spec.class()
-                ),
+                too_long(&self.cfg, spec.class(), t.0),
             )));
         }
         if let Some(u) = &spec.callback_url
@@ -75,7 +96,7 @@ impl Scheduler {
                 )));
             }
         }
-        Ok(())
+        Ok(backend.not_enforced(spec, &self.cfg))
     }
 
     pub(super) fn submit(
@@ -83,17 +104,24 @@ impl Scheduler {
         mut spec: JobSpec,
         owner: Owner,
         origin: Origin,
-        reply: Reply<Result<JobId, RpcError>>,
+        reply: Reply<Result<Submitted, RpcError>>,
     ) {
-        if let Err(e) = self.admit(&spec, &owner) {
-            let _ = reply.send(Err(e));
-            return;
-        }
+        self.place(&mut spec);
+        let not_enforced = match self.admit(&spec, &owner) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
-        if spec.class.is_none() {
-            spec.class = Some(Class::CpuShort);
-        }
+        let submitted = Submitted {
+            id,
+            class: spec.class(),
+            time_limit_secs: time_limit(&self.cfg, &spec).as_secs(),
+            not_enforced,
+        };
         if spec.name.is_none() {
             spec.name = Some(default_name(&spec, &origin));
         }
@@ -119,7 +147,15 @@ impl Scheduler {
                 Ok(res) => res,
                 Err(_) => Err(NotDurable::Stopped),
             };
-            let _ = tx.send(Event::Recorded { id, res, reply }.into());
+            let submitted = Box::new(submitted);
+            let _ = tx.send(
+                Event::Recorded {
+                    submitted,
+                    res,
+                    reply,
+                }
+                .into(),
+            );
         });
     }
 
@@ -127,10 +163,11 @@ impl Scheduler {
     /// (the job is forgotten, and the submitter is told why).
     pub(super) fn recorded(
         &mut self,
-        id: JobId,
+        submitted: Submitted,
         res: Result<(), NotDurable>,
-        reply: Reply<Result<JobId, RpcError>>,
+        reply: Reply<Result<Submitted, RpcError>>,
     ) {
+        let id = submitted.id;
         let Some(rec) = self.unrecorded.remove(&id) else {
             return;
         };
@@ -153,8 +190,69 @@ impl Scheduler {
         self.tally.note(&rec);
         self.jobs.insert(id, rec);
         self.enqueue(id);
-        let _ = reply.send(Ok(id));
+        let _ = reply.send(Ok(submitted));
     }
+}
+
+/// The time limit a job gets: its `timeout`, else its class's default.
+pub(super) fn time_limit(cfg: &crate::config::Config, spec: &JobSpec) -> std::time::Duration {
+    spec.timeout.map_or(cfg.class(spec.class()).timeout, |t| t.0)
+}
+
+/// A job's time limit in words, for a `timed_out` end: how long, where it came from, and
+/// the flag and config key that change it.
+pub(super) fn time_limit_words(cfg: &crate::config::Config, spec: &JobSpec) -> String {
+    let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let class = spec.class();
+    let c = cfg.class(class);
+    let limit = show(time_limit(cfg, spec));
+    let mut words = if spec.timeout.is_some() {
+        format!(
+            "{limit}, the `timeout` it asked for (--timeout); class {class} allows up to {} (`classes.{class}.max_timeout` in the config)",
+            show(c.max_timeout)
+        )
+    } else {
+        format!(
+            "{limit}, the default of class {class} (`classes.{class}.timeout` in the config); ask for more with --timeout (`timeout` in a job file), up to {} in class {class}",
+            show(c.max_timeout)
+        )
+    };
+    let cpu = [Class::CpuShort, Class::CpuLong];
+    if let Some(other) = cpu
+        .into_iter()
+        .find(|o| cpu.contains(&class) && *o != class && cfg.class(*o).max_timeout > c.max_timeout)
+    {
+        words.push_str(&format!(
+            ", or up to {} in class {other} (--class {other})",
+            show(cfg.class(other).max_timeout)
+        ));
+    }
+    words
+}
+
+/// Why `timeout` is refused in `class`: the limit, the class, and what would change it.
+fn too_long(cfg: &crate::config::Config, class: Class, asked: std::time::Duration) -> String {
+    let show = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let max = cfg.class(class).max_timeout;
+    let mut msg = format!(
+        "{} is longer than the {} allowed for class {class} (`classes.{class}.max_timeout` in the config)",
+        show(asked),
+        show(max)
+    );
+    // A CPU job may move to the other CPU class; a GPU class has no roomier sibling that
+    // runs the same way.
+    let cpu = [Class::CpuShort, Class::CpuLong];
+    let roomier = cpu
+        .into_iter()
+        .filter(|c| cpu.contains(&class) && *c != class)
+        .find(|c| cfg.class(*c).max_timeout >= asked);
+    if let Some(c) = roomier {
+        msg.push_str(&format!(
+            "; class {c} allows up to {}: submit with --class {c} (\"class\": \"{c}\" in a job file)",
+            show(cfg.class(c).max_timeout)
+        ));
+    }
+    msg
 }
 
 fn default_name(spec: &JobSpec, origin: &Origin) -> String {

@@ -16,7 +16,7 @@ mod units;
 mod values;
 
 use units::show_f64;
-pub use units::{Dur, Size};
+pub use units::{Dur, SIZE_FORMS, Size, parse_size};
 use values::opt_object;
 pub use values::{Env, HIDDEN, RawJson, object};
 

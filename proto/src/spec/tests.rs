@@ -184,3 +184,42 @@ fn others_get_the_env_names_but_neither_values_nor_context() {
     spec.hide_private();
     assert_eq!(spec.callback_url.as_deref(), Some(HIDDEN));
 }
+
+#[test]
+fn sizes_are_powers_of_1024_as_docker_slurm_and_systemd_read_them() {
+    use super::parse_size;
+    const G: u64 = 1 << 30;
+    for (text, bytes) in [
+        ("4G", 4 * G),
+        ("4g", 4 * G),
+        ("4GiB", 4 * G),
+        ("4GB", 4 * G),
+        ("4 gib", 4 * G),
+        ("512M", 512 << 20),
+        ("512MiB", 512 << 20),
+        ("64K", 64 << 10),
+        ("64kb", 64 << 10),
+        ("2T", 2 << 40),
+        ("1P", 1 << 50),
+        ("1.5G", 3 * G / 2),
+        ("0.5k", 512),
+        ("4096", 4096),
+        ("4096B", 4096),
+    ] {
+        assert_eq!(parse_size(text), Ok(bytes), "{text}");
+    }
+    for bad in ["", "lots", "4X", "4 GiBs", "-4G", "1.2.3G", ".G", "99999999999999999999G", "16E"] {
+        let e = parse_size(bad).unwrap_err();
+        assert!(e.contains("K, M, G, T, P or E"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn a_bad_size_names_the_field_and_the_accepted_forms() {
+    let e = err(r#"{"command": ["true"], "resources": {"memory": "4 gigs"}}"#).to_string();
+    assert!(e.contains("resources.memory"), "{e}");
+    assert!(e.contains("unknown unit `gigs`"), "{e}");
+    assert!(e.contains("powers of 1024"), "{e}");
+    let spec = parse_job(br#"{"command": ["true"], "resources": {"memory": "4G"}}"#).unwrap();
+    assert_eq!(spec.resources.and_then(|r| r.memory), Some(Size(4 << 30)));
+}

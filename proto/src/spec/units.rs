@@ -90,7 +90,11 @@ impl JsonSchema for Dur {
     }
 }
 
-/// A size written as `"512MiB"`, `"2GB"` (bytesize), or a number of bytes.
+/// A size: a number of bytes, or a string such as `"512M"`, `"4GiB"`, `"1.5g"`.
+///
+/// Every unit is a power of 1024, as Docker (`-m 4g`), Slurm (`--mem=4G`) and systemd
+/// (`MemoryMax=4G`) read them: `K`, `M`, `G`, `T`, `P`, `E`, written alone, with `iB`, or with
+/// `B` (`4G` = `4GiB` = `4GB` = 4 × 1024³ bytes), in either case. There are no decimal units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
@@ -135,18 +139,58 @@ impl<'de> Deserialize<'de> for Size {
                 if trimmed.starts_with('-') {
                     return Err(E::custom(format!("size must not be negative (got `{t}`)")));
                 }
-                trimmed
-                    .parse::<bytesize::ByteSize>()
-                    .map(|b| Size(b.as_u64()))
-                    .map_err(|e| {
-                        E::custom(format!(
-                            "invalid size `{t}`: {e} (write e.g. \"512MiB\", \"2GiB\")"
-                        ))
-                    })
+                parse_size(trimmed).map(Size).map_err(E::custom)
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// The forms a size may take, for error messages.
+pub const SIZE_FORMS: &str = "a number of bytes, or a number with a unit K, M, G, T, P or E \
+    (powers of 1024; `4G`, `4GiB` and `4GB` are all 4 × 1024³ bytes), e.g. 512M, 4GiB, 1.5G";
+
+/// Parses a size as [`Size`] documents: `"4096"`, `"512M"`, `"4 GiB"`, `"1.5g"`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = |why: &str| format!("`{text}` is not a size ({why}); write {SIZE_FORMS}");
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad(if t.starts_with('-') {
+            "it must not be negative"
+        } else {
+            "no number"
+        }));
+    }
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        "e" | "eb" | "eib" => 60,
+        _ => return Err(bad(&format!("unknown unit `{}`", unit.trim()))),
+    };
+    let too_big = || bad("too large");
+    if let Some((whole, frac)) = num.split_once('.') {
+        if frac.contains('.') || (whole.is_empty() && frac.is_empty()) {
+            return Err(bad("not a number"));
+        }
+        // Exact for what people write (a few decimal places), in whole bytes, rounding down.
+        let digits = format!("{whole}{frac}");
+        let n: u128 = digits.parse().map_err(|_| too_big())?;
+        let scale = 10u128
+            .checked_pow(u32::try_from(frac.len()).map_err(|_| too_big())?)
+            .ok_or_else(too_big)?;
+        let bytes = (n << shift) / scale;
+        return u64::try_from(bytes).map_err(|_| too_big());
+    }
+    let n: u64 = num.parse().map_err(|_| too_big())?;
+    n.checked_mul(1u64 << shift).ok_or_else(too_big)
 }
 
 impl JsonSchema for Size {
@@ -155,7 +199,7 @@ impl JsonSchema for Size {
     }
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({
-            "description": "a size such as \"512MiB\", \"2GiB\", or a number of bytes",
+            "description": "a number of bytes, or a size with a unit K, M, G, T, P or E, all powers of 1024 (\"512M\", \"4GiB\", \"4G\" and \"4GB\" are the same)",
             "type": ["string", "integer"]
         })
     }

@@ -1635,7 +1635,8 @@ async fn cybd_history(o: &Opts) -> anyhow::Result<History> {
     let grows_per_job = (after - before) * 1024.0 * 1024.0 / HISTORY_GROWTH_JOBS as f64;
     let id = client
         .submit(ctx(Duration::from_secs(10)), trivial_request())
-        .await??;
+        .await??
+        .id;
     let rec = client.wait(ctx(Duration::from_secs(60)), id, 30_000).await??;
     ensure!(rec.state.is_terminal(), "the template job did not end");
     drop(client);

@@ -202,6 +202,10 @@ impl Backend for Native {
         Ok(())
     }
 
+    fn not_enforced(&self, spec: &JobSpec, cfg: &Config) -> Option<cyb_proto::NotEnforced> {
+        self.host.not_enforced(cfg, spec)
+    }
+
     fn handle_before_start(&self) -> RunHandle {
         self.handle(None)
     }

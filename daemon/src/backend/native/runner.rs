@@ -202,15 +202,20 @@ pub fn launch_for(
         ("LOGNAME".into(), acct.name.clone()),
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
     ];
-    for (k, v) in &rec.spec.env {
-        env.retain(|(ek, _)| ek != k);
-        env.push((k.clone(), v.clone()));
+    // The job's own `env` (from cybctl: the submitter's environment) replaces the defaults;
+    // what cybd sets last (its CYB_* and the GPU variables) replaces the job's, so a
+    // CUDA_VISIBLE_DEVICES from the submitter's shell never names GPUs the job was not given.
+    let ours = [
+        ("CYB_JOB_ID".to_string(), rec.id.to_string()),
+        ("CYB_RUN_DIR".to_string(), run_dir.clone()),
+        ("CYB_ARTIFACTS_DIR".to_string(), format!("{run_dir}/artifacts")),
+        ("CYB_ATTEMPT".to_string(), attempt.to_string()),
+    ];
+    let given = rec.spec.env.iter().map(|(k, v)| (k.clone(), v.clone()));
+    for (k, v) in given.chain(ours).chain(gpu_env) {
+        env.retain(|(ek, _)| *ek != k);
+        env.push((k, v));
     }
-    env.push(("CYB_JOB_ID".into(), rec.id.to_string()));
-    env.push(("CYB_RUN_DIR".into(), run_dir.clone()));
-    env.push(("CYB_ARTIFACTS_DIR".into(), format!("{run_dir}/artifacts")));
-    env.push(("CYB_ATTEMPT".into(), attempt.to_string()));
-    env.extend(gpu_env);
     let class = cfg.class(rec.spec.class());
     let timeout = rec.spec.timeout.map_or(class.timeout, |t| t.0);
     Ok(Launch {

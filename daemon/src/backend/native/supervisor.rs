@@ -340,10 +340,12 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
     let job = match spawned {
         Ok(s) => s,
         Err(e) => {
-            exit.error = Some(format!(
-                "cannot start `{}` in {} as uid {}: {e}",
-                l.argv[0], l.cwd, l.uid
-            ));
+            let mut why = format!("cannot start `{}` in {} as uid {}: {e}", l.argv[0], l.cwd, l.uid);
+            if e.source.kind() == std::io::ErrorKind::NotFound && !l.argv[0].contains('/') {
+                let path = l.env.iter().find(|(k, _)| k == "PATH").map_or("", |(_, v)| v);
+                why.push_str(&format!(" (searched the job's PATH={path})"));
+            }
+            exit.error = Some(why);
             return;
         }
     };
