@@ -88,12 +88,13 @@ fn exit_codes_and_json_output() {
         .find_map(|l| l.strip_prefix("submitted job ")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no `submitted job N` line: {}", shown(&out)));
 
-    // submit --json prints {"id": N} and nothing else.
+    // submit --json prints {"id": N, "class": ..., "time_limit_secs": ...} and nothing else.
     let out = d.ctl(&["--json", "submit", "--", "sh", "-c", "echo hi; exit 5"]);
     assert_eq!(code(&out), 0, "{}", shown(&out));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", shown(&out)));
     let obj = v.as_object().unwrap_or_else(|| panic!("not an object: {v}"));
-    assert_eq!(obj.len(), 1, "{v}");
+    let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["class", "id", "time_limit_secs"], "{v}");
     let id = v["id"].as_u64().unwrap_or_else(|| panic!("no numeric id: {v}"));
     assert!(id > first, "ids grow: {first} then {id}");
     let ids = id.to_string();
@@ -432,7 +433,9 @@ fn rpc_callers_are_authorized_by_their_uid() {
     let d = Daemon::start();
     let as_user = |args: &[&str]| -> Output {
         let mut c = d.ctl_cmd(args);
-        c.uid(uid).gid(gid).current_dir("/");
+        // The user's own shell environment, which cybctl passes on; not the daemon's.
+        c.uid(uid).gid(gid).current_dir("/").env_clear();
+        c.env("PATH", "/usr/bin:/bin").env("CALLER_ONLY", "from-the-caller");
         c.output().expect("run cybctl as the test user")
     };
     let user_submit = |argv: &[&str]| -> u64 {
@@ -462,6 +465,7 @@ fn rpc_callers_are_authorized_by_their_uid() {
     assert_eq!(lines.next(), Some(cyb_tests::TEST_USER), "{log}");
     let job_env: Vec<&str> = lines.collect();
     assert!(job_env.contains(&"USER=cybtest"), "{log}");
+    assert!(job_env.contains(&"CALLER_ONLY=from-the-caller"), "the caller's environment: {log}");
     let daemon_env = std::fs::read(format!("/proc/{}/environ", d.pid().unwrap())).unwrap();
     let own = ["HOME", "USER", "LOGNAME", "PATH", "PWD", "SHLVL", "_"];
     // Names the daemon has and a job must not inherit (cargo gives it plenty: CARGO_*...).
