@@ -87,9 +87,16 @@ fn file_opts(rec: &JobRecord) -> WriteOpts {
 
 /// Writes `job.json`: the accepted spec, submitter and submit time.
 pub fn write_job_json(dir: &OwnedFd, rec: &JobRecord) -> std::io::Result<()> {
+    // The run directory is open to the job's group, which may be shared ("users"): `env`
+    // (the submitter's whole environment, from cybctl) keeps its names but not its values,
+    // which only the owner and admins read, from the record (`cybctl show`).
+    let mut spec = rec.spec.clone();
+    for v in spec.env.values_mut() {
+        *v = cyb_proto::spec::HIDDEN.to_string();
+    }
     let jf = JobFile {
         id: rec.id,
-        spec: &rec.spec,
+        spec: &spec,
         user: &rec.owner.user,
         uid: rec.owner.uid,
         submitted_at: rec.submitted_at,
