@@ -64,6 +64,8 @@ pub enum Command {
     Priority(cmd::priority::Args),
     /// Wait for a job to end; exits with the job's exit code
     Wait(cmd::wait::Args),
+    /// Remove ended jobs, their records and run directories (default: all of yours)
+    Clean(cmd::clean::Args),
     /// Show the daemon's counters
     Stats,
     /// Show what is enforced on this host (cgroups, device control, GPUs)

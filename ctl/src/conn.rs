@@ -288,6 +288,16 @@ impl Conn {
         self.answer("health", CALL_TIMEOUT, r.map(Ok))
     }
 
+    pub async fn clean(
+        &self,
+        req: cyb_proto::rpc::CleanRequest,
+    ) -> anyhow::Result<cyb_proto::rpc::CleanReport> {
+        // Removing many jobs' run directories takes longer than other calls.
+        const CLEAN_TIMEOUT: Duration = Duration::from_secs(600);
+        let r = self.client.clean(Self::context(CLEAN_TIMEOUT), req).await;
+        self.answer("clean", CLEAN_TIMEOUT, r)
+    }
+
     pub async fn gpus(&self) -> anyhow::Result<cyb_proto::gpu::GpuReport> {
         let r = self.client.gpus(Self::context(CALL_TIMEOUT)).await;
         self.answer("gpus", CALL_TIMEOUT, r.map(Ok))

@@ -164,6 +164,17 @@ impl Cyb for Fake {
         }
     }
 
+    async fn clean(
+        self,
+        _: Context,
+        req: cyb_proto::rpc::CleanRequest,
+    ) -> Result<cyb_proto::rpc::CleanReport, RpcError> {
+        Ok(cyb_proto::rpc::CleanReport {
+            removed: req.ids,
+            kept: Vec::new(),
+        })
+    }
+
     async fn stats(self, _: Context) -> Stats {
         Stats {
             version: "test".into(),

@@ -57,6 +57,16 @@ struct RawConfig {
     gpu: Vec<crate::gpu::config::StaticGpu>,
     #[serde(default)]
     callbacks: crate::callback::RawCallbacks,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    max_age: Option<Dur>,
+    max_jobs: Option<i64>,
+    interval: Option<Dur>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +131,24 @@ pub struct RpcLimits {
     pub header_timeout: Duration,
 }
 
+/// Which ended jobs cybd removes by itself (`[retention]`), as `cybctl clean` would.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retention {
+    /// Ended jobs that ended longer ago than this are removed.
+    pub max_age: Option<Duration>,
+    /// Beyond this many ended jobs, the oldest (lowest ids) are removed.
+    pub max_jobs: Option<usize>,
+    /// How often the limits are applied.
+    pub interval: Duration,
+}
+
+impl Retention {
+    /// Whether cybd removes anything by itself (off unless a limit is set).
+    pub fn enabled(&self) -> bool {
+        self.max_age.is_some() || self.max_jobs.is_some()
+    }
+}
+
 /// Paths the daemon uses.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Paths {
@@ -180,6 +208,8 @@ pub struct Config {
     pub cybd_exe: PathBuf,
     /// `[callbacks]`: where job callbacks may go, how they are signed and retried.
     pub callbacks: crate::callback::CallbacksConfig,
+    /// `[retention]`: ended jobs removed by the daemon itself.
+    pub retention: Retention,
 }
 
 impl Config {
@@ -363,6 +393,26 @@ impl Config {
                 return Err(key_err(key, "must be at least 100ms".into()));
             }
         }
+        let retention = Retention {
+            max_age: raw.retention.max_age.map(|d| d.0),
+            max_jobs: match raw.retention.max_jobs {
+                None => None,
+                Some(n) if n >= 0 => Some(n as usize),
+                Some(n) => {
+                    return Err(key_err(
+                        "retention.max_jobs",
+                        format!("must be 0 or more (got {n})"),
+                    ));
+                }
+            },
+            interval: raw.retention.interval.map_or(Duration::from_secs(3600), |d| d.0),
+        };
+        if retention.max_age.is_some_and(|d| d.is_zero()) {
+            return Err(key_err("retention.max_age", "must be longer than 0s".into()));
+        }
+        if retention.interval < Duration::from_secs(1) {
+            return Err(key_err("retention.interval", "must be at least 1s".into()));
+        }
         let callbacks =
             crate::callback::CallbacksConfig::resolve(raw.callbacks).map_err(|(k, m)| key_err(&k, m))?;
         let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
@@ -472,6 +522,7 @@ impl Config {
             rpc,
             cybd_exe: PathBuf::from("/proc/self/exe"),
             callbacks,
+            retention,
         })
     }
 }
@@ -508,6 +559,25 @@ mod tests {
             }
         );
         assert_eq!(c.max_request_frame(), (2 << 20) + (64 << 10));
+        assert!(!c.retention.enabled(), "nothing is removed unless asked");
+        assert_eq!(c.retention.interval, Duration::from_secs(3600));
+        let r = Config::parse(
+            "[retention]\nmax_age = \"30d\"\nmax_jobs = 10000\ninterval = \"10m\"",
+            Path::new("t.toml"),
+            false,
+            &env,
+        )
+        .unwrap()
+        .retention;
+        assert_eq!(
+            r,
+            Retention {
+                max_age: Some(Duration::from_secs(30 * 86400)),
+                max_jobs: Some(10000),
+                interval: Duration::from_secs(600),
+            }
+        );
+        assert!(r.enabled());
     }
 
     #[test]
@@ -572,6 +642,10 @@ mod tests {
             ("[rpc]\nidle_timeout = \"0s\"", "rpc.idle_timeout"),
             ("[rpc]\nheader_timeout = \"10ms\"", "rpc.header_timeout"),
             ("[rpc]\nmax_connections = 5", "max_connections"),
+            ("[retention]\nmax_jobs = -1", "retention.max_jobs"),
+            ("[retention]\nmax_age = \"0s\"", "retention.max_age"),
+            ("[retention]\ninterval = \"10ms\"", "retention.interval"),
+            ("[retention]\nkeep = 3", "keep"),
         ];
         for (text, key) in cases {
             let e = Config::parse(text, Path::new("t.toml"), false, &env)

@@ -27,6 +27,8 @@ pub struct Past {
     pub started_at: Option<Timestamp>,
     pub exit_code: Option<i32>,
     pub reason: Option<Reason>,
+    /// When it ended (what `clean --older-than` and `[retention] max_age` go by).
+    pub finished_at: Option<Timestamp>,
     /// Spool jobs: the file's identity, so intake never takes that file again.
     pub spool: Option<Identity>,
 }
@@ -88,6 +90,7 @@ impl History {
             started_at: s.started_at,
             exit_code: s.exit_code,
             reason: rec.state.outcome().map(|o| o.reason),
+            finished_at: rec.state.outcome().map(|o| o.finished_at),
             spool: spool_identity(&rec.origin),
         };
         self.jobs.insert(rec.id, past);
@@ -99,6 +102,11 @@ impl History {
 
     pub fn remove(&mut self, id: JobId) -> Option<Past> {
         self.jobs.remove(&id)
+    }
+
+    /// Puts back a summary [`History::remove`] took (a clean that could not remove the job).
+    pub fn put_back(&mut self, id: JobId, past: Past) {
+        self.jobs.insert(id, past);
     }
 
     pub fn len(&self) -> usize {

@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod callback;
 pub mod cgroup;
+pub mod cleanup;
 pub mod config;
 pub mod fsutil;
 pub mod gpu;

@@ -220,6 +220,17 @@ impl Cyb for Conn {
             .unwrap_or_default()
     }
 
+    async fn clean(
+        self,
+        _: Context,
+        req: cyb_proto::rpc::CleanRequest,
+    ) -> Result<cyb_proto::rpc::CleanReport, RpcError> {
+        let peer = self.peer.clone();
+        self.sched
+            .ask(|reply| Request::Clean { req, peer, reply })
+            .await?
+    }
+
     async fn gpus(self, _: Context) -> cyb_proto::gpu::GpuReport {
         let host = self.host.clone();
         tokio::task::spawn_blocking(move || host.gpu_report())

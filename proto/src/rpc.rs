@@ -107,6 +107,47 @@ impl JobSummary {
     }
 }
 
+/// Which ended jobs `clean` removes: `ids`, or else every ended job that passes the
+/// filters. Only jobs in a final state (succeeded, failed, timed_out, cancelled) are ever
+/// removed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CleanRequest {
+    /// These jobs and no others: each must exist, have ended and be the caller's (or the
+    /// caller an admin), or nothing is removed. The filters below are not used with ids.
+    #[serde(default)]
+    pub ids: Vec<JobId>,
+    /// Only jobs in these final states (every final state when empty).
+    #[serde(default)]
+    pub states: Vec<StateName>,
+    /// Only jobs that ended at least this many milliseconds ago.
+    #[serde(default)]
+    pub older_than_ms: Option<u64>,
+    /// Only this user's jobs (another user's: admins only). Without it and without
+    /// `all_users`, the caller's own.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Every user's jobs (admins only).
+    #[serde(default)]
+    pub all_users: bool,
+}
+
+/// What `clean` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CleanReport {
+    /// The jobs removed (record and run directory), by id.
+    pub removed: Vec<JobId>,
+    /// Ended jobs that matched but were kept, and why.
+    #[serde(default)]
+    pub kept: Vec<KeptJob>,
+}
+
+/// An ended job `clean` matched and kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeptJob {
+    pub id: JobId,
+    pub why: String,
+}
+
 /// Per-class counts.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClassStats {
@@ -201,6 +242,9 @@ pub trait Cyb {
     async fn health() -> Health;
     /// Every GPU with its live figures and lock holder.
     async fn gpus() -> crate::gpu::GpuReport;
+    /// Removes ended jobs: their records and run directories. A caller's own jobs only,
+    /// unless an admin.
+    async fn clean(req: CleanRequest) -> Result<CleanReport, RpcError>;
 }
 
 /// Largest frame a client accepts: the daemon's replies, of which `list` of a large queue is

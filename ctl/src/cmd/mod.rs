@@ -2,6 +2,7 @@
 //! connection to the daemon.
 
 pub mod cancel;
+pub mod clean;
 pub mod gpus;
 pub mod health;
 pub mod hold;
@@ -60,6 +61,7 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Release(a) => release::run(&ctx, a).await,
         Command::Priority(a) => priority::run(&ctx, a).await,
         Command::Wait(a) => wait::run(&ctx, a).await,
+        Command::Clean(a) => clean::run(&ctx, a).await,
         Command::Stats => stats::run(&ctx).await,
         Command::Health => health::run(&ctx).await,
         Command::Gpus => gpus::run(&ctx).await,

@@ -120,6 +120,27 @@ fn remove_entry(dir: &Path, id: JobId) -> std::io::Result<()> {
     fsutil::sync_dir(&d)
 }
 
+/// Whether job `id` has a delivery still being tried (blocking): such a job is not removed
+/// by a clean, since the delivery reads its `result.json`.
+pub fn pending_for(p: &Paths, id: JobId) -> bool {
+    pending_dir(p).join(file_name(id)).exists()
+}
+
+/// Forgets the finished delivery of job `id`, which has been removed (blocking; logged).
+pub fn forget(p: &Paths, id: JobId) {
+    if !done_dir(p).join(file_name(id)).exists() {
+        return;
+    }
+    if let Err(e) = remove_entry(&done_dir(p), id)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(
+            job_id = id,
+            "cannot remove the callback entry of removed job {id}: {e}"
+        );
+    }
+}
+
 /// Records a new delivery for `e` unless one for this end of the job exists (blocking).
 fn record_new(p: &Paths, e: &Ended) -> std::io::Result<()> {
     let existing = read_entry(&done_dir(p), e.job_id).or_else(|| read_entry(&pending_dir(p), e.job_id));

@@ -10,10 +10,11 @@
 //!
 //! The rooms: [`msg`] (what it hears), [`recover`] (building it from the store at start-up),
 //! [`durable`] (the group commit of record writes, and ended jobs kept as summaries),
-//! [`submit`], [`act`] and [`read`] (one per kind of request), [`start`] and [`end`] (an
+//! [`submit`], [`act`], [`read`] and [`clean`] (one per kind of request), [`start`] and [`end`] (an
 //! attempt's life), and the pure parts: [`ready`], [`gpu_pool`], [`outcome`], [`tally`].
 
 mod act;
+mod clean;
 mod durable;
 mod end;
 mod gpu_pool;
@@ -163,6 +164,11 @@ pub struct Scheduler {
     gpu_uuids: HashMap<u32, String>,
     /// A GPU probe is under way.
     gpu_probing: bool,
+    /// Ended jobs being removed by a clean: out of the history, put back if their removal
+    /// fails.
+    cleaning: HashMap<JobId, crate::history::Past>,
+    /// When `[retention]` last ran, and whether its removal is under way.
+    retention: (Option<std::time::Instant>, bool),
 }
 
 impl Scheduler {
@@ -215,6 +221,7 @@ impl Scheduler {
                         crate::systemd::status(&line);
                         last_status = line;
                     }
+                    self.retention_due();
                 }
             }
         }
@@ -268,6 +275,7 @@ impl Scheduler {
                 let st = self.stats();
                 self.reply_synced(reply, st)
             }
+            Request::Clean { req, peer, reply } => self.clean(&req, &peer, reply),
             Request::SpoolOrigins { reply } => {
                 let set = self
                     .jobs
@@ -312,6 +320,12 @@ impl Scheduler {
             }
             Event::Settled { ids, failed } => self.settled(ids, failed),
             Event::Revived { id, rec } => self.revived(id, rec),
+            Event::Cleaned {
+                results,
+                kept,
+                reply,
+                by,
+            } => self.cleaned(results, kept, reply, &by),
             Event::Rewrite => {
                 for id in std::mem::take(&mut self.rewrite) {
                     self.pending.persist_detached(id);

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use cyb_proto::job::{Origin, Owner};
-use cyb_proto::rpc::{JobSummary, ListFilter, Stats};
+use cyb_proto::rpc::{CleanReport, CleanRequest, JobSummary, ListFilter, Stats};
 use cyb_proto::{JobId, JobRecord, JobSpec, RpcError, Submitted};
 use tokio::sync::oneshot;
 
@@ -59,6 +59,12 @@ pub enum Request {
     },
     Stats {
         reply: Reply<Stats>,
+    },
+    /// Remove ended jobs (`cybctl clean`); see `clean.rs`.
+    Clean {
+        req: CleanRequest,
+        peer: Peer,
+        reply: Reply<Result<CleanReport, RpcError>>,
     },
     /// Identities of spool files already accepted (for intake after a restart).
     SpoolOrigins {
@@ -135,6 +141,14 @@ pub enum Event {
     },
     /// Time to write again the records whose writes failed.
     Rewrite,
+    /// The file-system work of a clean is done: per job, gone or kept (and why). `reply`
+    /// is the caller's (none for `[retention]`).
+    Cleaned {
+        results: Vec<(JobId, Result<(), String>)>,
+        kept: Vec<cyb_proto::rpc::KeptJob>,
+        reply: Option<Reply<Result<CleanReport, RpcError>>>,
+        by: String,
+    },
     /// The record of an ended job, read back from the store for the requests about it
     /// that came meanwhile (see `Scheduler::revive`).
     Revived {

@@ -14,8 +14,11 @@ pub enum Deps {
     Met,
     /// These have not ended yet.
     Waiting(Vec<JobId>),
-    /// This one ended without success (or does not exist): the job cannot run.
+    /// This one ended without success: the job cannot run.
     Failed(JobId, StateName),
+    /// This one does not exist (any more: ended jobs can be cleaned, though never while a
+    /// job that has not ended depends on them): the job cannot run.
+    Missing(JobId),
 }
 
 /// Where `deps` stand, given each job's state (`None`: no such job).
@@ -26,7 +29,7 @@ pub fn deps(deps: &[JobId], state_of: impl Fn(JobId) -> Option<StateName>) -> De
             Some(StateName::Succeeded) => {}
             Some(s) if s.is_terminal() => return Deps::Failed(d, s),
             Some(_) => waiting.push(d),
-            None => return Deps::Failed(d, StateName::Failed),
+            None => return Deps::Missing(d),
         }
     }
     if waiting.is_empty() {
@@ -125,7 +128,8 @@ mod tests {
         assert_eq!(deps(&[1, 2, 3], states), Deps::Waiting(vec![2, 3]));
         assert_eq!(deps(&[2, 4], states), Deps::Failed(4, StateName::Failed));
         assert_eq!(deps(&[5], states), Deps::Failed(5, StateName::Cancelled));
-        assert_eq!(deps(&[99], states), Deps::Failed(99, StateName::Failed));
+        assert_eq!(deps(&[99], states), Deps::Missing(99));
+        assert_eq!(deps(&[1, 99, 4], states), Deps::Missing(99));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Recovery: what the store holds, read before the scheduler starts ([`Recovered::read`]),
 //! and the scheduler built from it ([`Scheduler::recover`]): running attempts are adopted
-//! through their backends, run directories of ids never recorded are removed, and any
-//! `result.json` a crash left missing is written.
+//! through their backends, removals of ended jobs a crash interrupted are finished, run
+//! directories of ids never recorded are removed, and any `result.json` a crash left
+//! missing is written.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -38,9 +39,11 @@ pub struct Recovered {
 }
 
 impl Recovered {
-    /// Reads every record, keeping ended jobs as summaries only, and removes the run
-    /// directories of ids that were never recorded (blocking).
+    /// Finishes the removals of jobs a crash interrupted ([`crate::cleanup`]), reads every
+    /// record, keeping ended jobs as summaries only, and removes the run directories of ids
+    /// that were never recorded (blocking).
     pub fn read(store: &Store, cfg: &Config) -> Recovered {
+        crate::cleanup::finish_interrupted(&cfg.paths);
         let mut live = Vec::new();
         let mut history = History::default();
         let mut tally = Tally::default();
@@ -141,6 +144,8 @@ impl Scheduler {
             gpus: super::GpuPool::new(usable),
             gpu_uuids,
             gpu_probing: false,
+            cleaning: HashMap::new(),
+            retention: (None, false),
         };
         let mut to_adopt = Vec::new();
         for rec in live {
@@ -231,10 +236,7 @@ impl Scheduler {
 /// never given out again.
 fn recover_run_dirs(cfg: &Config, loaded: &Loaded, recorded: impl Fn(JobId) -> bool) -> JobId {
     let jobs = cfg.paths.spool.join("jobs");
-    let mark: JobId = std::fs::read_to_string(jobs.join("max_id"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
+    let mark = crate::cleanup::read_high_water(&jobs);
     let quarantined: HashSet<JobId> = loaded
         .quarantined
         .iter()
@@ -249,18 +251,7 @@ fn recover_run_dirs(cfg: &Config, loaded: &Loaded, recorded: impl Fn(JobId) -> b
     if orphans.is_empty() {
         return max;
     }
-    let marked = crate::fsutil::open_dir(&jobs).and_then(|dir| {
-        crate::fsutil::write_at(
-            &dir,
-            "max_id",
-            format!("{max}\n").as_bytes(),
-            crate::fsutil::WriteOpts {
-                sync: true,
-                ..Default::default()
-            },
-        )?;
-        crate::fsutil::sync_dir(&dir)
-    });
+    let marked = crate::cleanup::raise_high_water(&jobs, max);
     if let Err(e) = marked {
         warn!(
             "cannot record the highest job id in {}/max_id ({e}); leaving run directories of unrecorded jobs",

@@ -21,25 +21,29 @@ impl Scheduler {
     pub(super) fn enqueue(&mut self, id: JobId) {
         let Some(rec) = self.jobs.get(&id) else { return };
         let deps: Vec<JobId> = rec.spec.depends_on.iter().map(|d| *d as JobId).collect();
-        match super::ready::deps(&deps, |d| self.state_of(d)) {
+        let failed = match super::ready::deps(&deps, |d| self.state_of(d)) {
             Deps::Met => {
                 let (class, priority) = (rec.spec.class(), rec.priority);
                 self.ready.insert(class, priority, id);
+                None
             }
             Deps::Waiting(pending) => {
                 for d in pending {
                     self.ready.wait_for(d, id);
                 }
+                None
             }
-            Deps::Failed(d, s) => {
-                let outcome = Outcome::now(Reason::DependencyFailed, format!("dependency job {d} ended {s}"));
-                self.finish(
-                    id,
-                    JobState::Failed {
-                        outcome: Box::new(outcome),
-                    },
-                );
-            }
+            Deps::Failed(d, s) => Some(format!("dependency job {d} ended {s}")),
+            Deps::Missing(d) => Some(format!("dependency job {d} no longer exists (it was cleaned)")),
+        };
+        if let Some(why) = failed {
+            let outcome = Outcome::now(Reason::DependencyFailed, why);
+            self.finish(
+                id,
+                JobState::Failed {
+                    outcome: Box::new(outcome),
+                },
+            );
         }
     }
 

@@ -28,6 +28,13 @@ impl Tally {
         self.count(now, true);
     }
 
+    /// Job `id` is no longer counted (it was removed by a clean).
+    pub fn forget(&mut self, id: JobId) {
+        if let Some(old) = self.of.remove(&id) {
+            self.count(old, false);
+        }
+    }
+
     fn count(&mut self, (state, class): (StateName, Class), add: bool) {
         let bump = |n: &mut usize| *n = if add { *n + 1 } else { n.saturating_sub(1) };
         bump(self.states.entry(state).or_default());
@@ -68,5 +75,9 @@ mod tests {
         assert_eq!(t.state(StateName::Succeeded), 1);
         assert_eq!(t.state(StateName::Cancelled), 1);
         assert_eq!(t.queued_in(Class::CpuShort), 0);
+        t.forget(2);
+        t.forget(2);
+        assert_eq!(t.state(StateName::Cancelled), 0);
+        assert_eq!(t.state(StateName::Succeeded), 1);
     }
 }
