@@ -15,6 +15,9 @@ your `cybd --user` daemon's socket if it exists ($XDG_RUNTIME_DIR/cyb/cybd.sock;
 that variable /run/user/UID/cyb/cybd.sock if that directory is yours, else
 ~/.local/state/cyb/cybd.sock), else /run/cyb/cybd.sock (the system daemon).
 
+On a terminal, tables are cut to its width and states are coloured; NO_COLOR
+turns colour off. A pipe gets everything in full, uncoloured.
+
 Exit codes:
     0    success
     1    any other error
@@ -35,7 +38,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Print JSON instead of human-readable text
+    /// Print JSON instead of human-readable text (indented on a terminal, else one line per answer)
     #[arg(long, global = true)]
     pub json: bool,
 
