@@ -221,9 +221,21 @@ impl Host {
         let class = cfg.class(spec.class());
         let r = spec.resources.as_ref();
         let limits: Vec<String> = [
-            ("memory", r.and_then(|r| r.memory).is_some() || class.memory.is_some(), caps.memory),
-            ("cpus", r.and_then(|r| r.cpus).is_some() || class.cpus.is_some(), caps.cpu),
-            ("pids", r.and_then(|r| r.pids).is_some() || class.pids.is_some(), caps.pids),
+            (
+                "memory",
+                r.and_then(|r| r.memory).is_some() || class.memory.is_some(),
+                caps.memory,
+            ),
+            (
+                "cpus",
+                r.and_then(|r| r.cpus).is_some() || class.cpus.is_some(),
+                caps.cpu,
+            ),
+            (
+                "pids",
+                r.and_then(|r| r.pids).is_some() || class.pids.is_some(),
+                caps.pids,
+            ),
             ("gpus", spec.gpus() > 0, caps.devices),
         ]
         .into_iter()

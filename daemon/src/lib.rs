@@ -41,7 +41,10 @@ pub use config::Config;
 fn cannot_create(cfg: &Config, dir: &std::path::Path) -> String {
     match &cfg.runtime_source {
         Some(src) if dir.starts_with(&cfg.paths.runtime) => {
-            format!("cannot create {} (the runtime directory: {src}; set `paths.runtime` in the config to choose another)", dir.display())
+            format!(
+                "cannot create {} (the runtime directory: {src}; set `paths.runtime` in the config to choose another)",
+                dir.display()
+            )
         }
         _ => format!("cannot create {}", dir.display()),
     }

@@ -42,7 +42,12 @@ pub struct NotEnforced {
 
 impl std::fmt::Display for NotEnforced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: not enforced on this host ({})", self.limits.join(", "), self.why)
+        write!(
+            f,
+            "{}: not enforced on this host ({})",
+            self.limits.join(", "),
+            self.why
+        )
     }
 }
 

@@ -19,7 +19,10 @@ fn code(out: &Output) -> i32 {
 }
 
 fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("cyb-everyday-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("cyb-everyday-")
+        .tempdir()
+        .unwrap()
 }
 
 /// A job from `cybctl submit` finds programs on the submitter's PATH and sees their
@@ -39,7 +42,9 @@ fn submit_passes_the_callers_environment_and_export_restricts_it() {
     let submit = |extra: &[&str]| -> Value {
         let mut c = d.ctl_cmd(&["--json", "submit", "--wait"]);
         c.args(extra).args(["--", "mytool"]);
-        c.env("PATH", &path).env("GREETING", "hello").current_dir(t.path());
+        c.env("PATH", &path)
+            .env("GREETING", "hello")
+            .current_dir(t.path());
         let out = c.output().unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", shown(&out)))
     };
@@ -77,7 +82,10 @@ fn submit_passes_the_callers_environment_and_export_restricts_it() {
 /// The test user's private home for one test (HOME points there, so nothing of a real
 /// home is touched).
 fn private_home(uid: u32, gid: u32) -> tempfile::TempDir {
-    let home = tempfile::Builder::new().prefix("cyb-home-").tempdir_in("/tmp").unwrap();
+    let home = tempfile::Builder::new()
+        .prefix("cyb-home-")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::os::unix::fs::chown(home.path(), Some(uid), Some(gid)).unwrap();
     home
 }
@@ -85,10 +93,19 @@ fn private_home(uid: u32, gid: u32) -> tempfile::TempDir {
 /// `cmd` as the test user with HOME=`home` and no XDG_RUNTIME_DIR, as `su`/`runuser` leave it.
 fn as_test_user(home: &Path, cmd: &Path) -> Command {
     let mut c = Command::new("runuser");
-    c.args(["-u", TEST_USER, "--", "env", "-u", "XDG_RUNTIME_DIR", "-u", "CYB_SOCKET"])
-        .arg(format!("HOME={}", home.display()))
-        .arg(cmd)
-        .current_dir(home);
+    c.args([
+        "-u",
+        TEST_USER,
+        "--",
+        "env",
+        "-u",
+        "XDG_RUNTIME_DIR",
+        "-u",
+        "CYB_SOCKET",
+    ])
+    .arg(format!("HOME={}", home.display()))
+    .arg(cmd)
+    .current_dir(home);
     c
 }
 
@@ -97,7 +114,9 @@ fn stop(mut child: Child) -> Output {
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let _ = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+    let _ = wait_until(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    });
     let _ = child.kill();
     child.wait_with_output().unwrap()
 }
@@ -114,7 +133,9 @@ fn user_mode_without_xdg_runtime_dir() {
     let home = private_home(uid, gid);
     let run_user = format!("/run/user/{uid}");
     if Path::new(&run_user).exists() {
-        eprintln!("note: {run_user} exists here; the test covers the fallback after it only when it is absent");
+        eprintln!(
+            "note: {run_user} exists here; the test covers the fallback after it only when it is absent"
+        );
     }
     let daemon = as_test_user(home.path(), &bin("cybd"))
         .arg("--user")
@@ -122,7 +143,12 @@ fn user_mode_without_xdg_runtime_dir() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let ctl = |args: &[&str]| as_test_user(home.path(), &bin("cybctl")).args(args).output().unwrap();
+    let ctl = |args: &[&str]| {
+        as_test_user(home.path(), &bin("cybctl"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
     let socket = if Path::new(&run_user).exists() {
         Path::new(&run_user).join("cyb/cybd.sock")
     } else {
@@ -131,9 +157,24 @@ fn user_mode_without_xdg_runtime_dir() {
     let up = wait_until(LONG, || socket.exists() && code(&ctl(&["stats"])) == 0);
     if !up {
         let out = stop(daemon);
-        panic!("user-mode daemon did not come up at {}: {}", socket.display(), shown(&out));
+        panic!(
+            "user-mode daemon did not come up at {}: {}",
+            socket.display(),
+            shown(&out)
+        );
     }
-    let out = ctl(&["submit", "--wait", "--memory", "4G", "--cpus", "1", "--", "sh", "-c", "echo hi from $USER"]);
+    let out = ctl(&[
+        "submit",
+        "--wait",
+        "--memory",
+        "4G",
+        "--cpus",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo hi from $USER",
+    ]);
     assert_eq!(code(&out), 0, "{}", shown(&out));
     let err = text(&out.stderr);
     assert!(
@@ -145,7 +186,10 @@ fn user_mode_without_xdg_runtime_dir() {
     assert_eq!(code(&out), 0, "{}", shown(&out));
     assert!(!text(&out.stderr).contains("not enforced"), "{}", shown(&out));
     let logs = home.path().join(".local/state/cyb/logs/run_1/stdout.log");
-    assert_eq!(std::fs::read_to_string(&logs).unwrap(), format!("hi from {TEST_USER}\n"));
+    assert_eq!(
+        std::fs::read_to_string(&logs).unwrap(),
+        format!("hi from {TEST_USER}\n")
+    );
     stop(daemon);
 
     // A runtime directory it may not create: the failure names the path and the variable.

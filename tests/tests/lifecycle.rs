@@ -435,7 +435,8 @@ fn rpc_callers_are_authorized_by_their_uid() {
         let mut c = d.ctl_cmd(args);
         // The user's own shell environment, which cybctl passes on; not the daemon's.
         c.uid(uid).gid(gid).current_dir("/").env_clear();
-        c.env("PATH", "/usr/bin:/bin").env("CALLER_ONLY", "from-the-caller");
+        c.env("PATH", "/usr/bin:/bin")
+            .env("CALLER_ONLY", "from-the-caller");
         c.output().expect("run cybctl as the test user")
     };
     let user_submit = |argv: &[&str]| -> u64 {
@@ -465,7 +466,10 @@ fn rpc_callers_are_authorized_by_their_uid() {
     assert_eq!(lines.next(), Some(cyb_tests::TEST_USER), "{log}");
     let job_env: Vec<&str> = lines.collect();
     assert!(job_env.contains(&"USER=cybtest"), "{log}");
-    assert!(job_env.contains(&"CALLER_ONLY=from-the-caller"), "the caller's environment: {log}");
+    assert!(
+        job_env.contains(&"CALLER_ONLY=from-the-caller"),
+        "the caller's environment: {log}"
+    );
     let daemon_env = std::fs::read(format!("/proc/{}/environ", d.pid().unwrap())).unwrap();
     let own = ["HOME", "USER", "LOGNAME", "PATH", "PWD", "SHLVL", "_"];
     // Names the daemon has and a job must not inherit (cargo gives it plenty: CARGO_*...).

@@ -944,7 +944,14 @@ fn class_time_limits_default_lower_and_raise() {
     let r = result_of(&d, by_default, LONG);
     assert_eq!(r["state"], "timed_out");
     let msg = r["message"].as_str().unwrap_or_default();
-    for words in ["time limit of 1s", "class cpu_short", "classes.cpu_short.timeout", "--timeout", "up to 4s", "15m in class cpu_long"] {
+    for words in [
+        "time limit of 1s",
+        "class cpu_short",
+        "classes.cpu_short.timeout",
+        "--timeout",
+        "up to 4s",
+        "15m in class cpu_long",
+    ] {
         assert!(msg.contains(words), "`{words}` not in: {msg}");
     }
     let r = result_of(&d, lowered, LONG);
@@ -956,11 +963,20 @@ fn class_time_limits_default_lower_and_raise() {
     // Beyond the maximum of the class it names: refused, naming the field, the limit, the
     // config key and the class that would take it.
     let path = t.path().join("too-long.json");
-    std::fs::write(&path, r#"{"shell": "true", "cwd": "/", "timeout": "10s", "class": "cpu_short"}"#).unwrap();
+    std::fs::write(
+        &path,
+        r#"{"shell": "true", "cwd": "/", "timeout": "10s", "class": "cpu_short"}"#,
+    )
+    .unwrap();
     let out = d.ctl(&["submit", "-f", s(&path)]);
     assert_eq!(out.status.code(), Some(65));
     let err = text(&out.stderr);
-    for words in ["timeout", "4s allowed for class cpu_short", "classes.cpu_short.max_timeout", "--class cpu_long"] {
+    for words in [
+        "timeout",
+        "4s allowed for class cpu_short",
+        "classes.cpu_short.max_timeout",
+        "--class cpu_long",
+    ] {
         assert!(err.contains(words), "`{words}` not in: {err}");
     }
     // Naming no class, the same job goes to the first CPU class whose limit covers it.
@@ -971,12 +987,19 @@ fn class_time_limits_default_lower_and_raise() {
     assert_eq!(sub["time_limit_secs"], 10, "{sub}");
     let out = d.ctl(&["--json", "submit", "--", "true"]);
     let sub: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!((sub["class"].as_str(), sub["time_limit_secs"].as_u64()), (Some("cpu_short"), Some(1)), "{sub}");
+    assert_eq!(
+        (sub["class"].as_str(), sub["time_limit_secs"].as_u64()),
+        (Some("cpu_short"), Some(1)),
+        "{sub}"
+    );
     // Longer than any CPU class allows: refused, naming cpu_long's limit.
     let out = d.ctl(&["submit", "--timeout", "2h", "--", "true"]);
     assert_eq!(out.status.code(), Some(65));
     let err = text(&out.stderr);
-    assert!(err.contains("15m allowed for class cpu_long") && err.contains("classes.cpu_long.max_timeout"), "{err}");
+    assert!(
+        err.contains("15m allowed for class cpu_long") && err.contains("classes.cpu_long.max_timeout"),
+        "{err}"
+    );
 }
 
 /// A class's default limits apply to its jobs that set none; a job's own limit wins.

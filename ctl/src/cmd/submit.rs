@@ -123,7 +123,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     };
     let cwd = std::env::current_dir();
     let mut spec = build_spec(base, &args, cwd.as_deref().ok())?;
-    let caller = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let caller =
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     export_env(&mut spec, &args.export, caller)?;
     let default_cwd = if spec.contains_key("cwd") {
         None
@@ -443,9 +444,14 @@ mod tests {
     }
 
     fn caller() -> impl Iterator<Item = (String, String)> {
-        [("PATH", "/home/u/venv/bin:/usr/bin"), ("HOME", "/home/u"), ("CYB_SOCKET", "/x"), ("TOKEN", "t")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+        [
+            ("PATH", "/home/u/venv/bin:/usr/bin"),
+            ("HOME", "/home/u"),
+            ("CYB_SOCKET", "/x"),
+            ("TOKEN", "t"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
     }
 
     #[test]
@@ -462,7 +468,10 @@ mod tests {
             "everything but what cybd sets itself"
         );
         assert_eq!(with("NONE", &cmd), json!({}));
-        assert_eq!(with("PATH,NOSUCH,X=1", &cmd), json!({"PATH": "/home/u/venv/bin:/usr/bin", "X": "1"}));
+        assert_eq!(
+            with("PATH,NOSUCH,X=1", &cmd),
+            json!({"PATH": "/home/u/venv/bin:/usr/bin", "X": "1"})
+        );
         // --env wins over the caller's value.
         assert_eq!(
             with("TOKEN", &["submit", "--env", "TOKEN=mine", "--", "true"]),

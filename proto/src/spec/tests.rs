@@ -208,7 +208,17 @@ fn sizes_are_powers_of_1024_as_docker_slurm_and_systemd_read_them() {
     ] {
         assert_eq!(parse_size(text), Ok(bytes), "{text}");
     }
-    for bad in ["", "lots", "4X", "4 GiBs", "-4G", "1.2.3G", ".G", "99999999999999999999G", "16E"] {
+    for bad in [
+        "",
+        "lots",
+        "4X",
+        "4 GiBs",
+        "-4G",
+        "1.2.3G",
+        ".G",
+        "99999999999999999999G",
+        "16E",
+    ] {
         let e = parse_size(bad).unwrap_err();
         assert!(e.contains("K, M, G, T, P or E"), "{bad}: {e}");
     }
