@@ -15,6 +15,9 @@ your `cybd --user` daemon's socket if it exists ($XDG_RUNTIME_DIR/cyb/cybd.sock;
 that variable /run/user/UID/cyb/cybd.sock if that directory is yours, else
 ~/.local/state/cyb/cybd.sock), else /run/cyb/cybd.sock (the system daemon).
 
+On a terminal, tables are cut to its width and states are coloured; NO_COLOR
+turns colour off. A pipe gets everything in full, uncoloured.
+
 Exit codes:
     0    success
     1    any other error
@@ -25,6 +28,7 @@ Exit codes:
     77   permission denied
     124  wait --timeout ran out
     141  stdout was closed by its reader
+
 `wait`, `submit --wait` and `submit --follow` end with the job's own exit code.";
 
 #[derive(Debug, Parser)]
@@ -34,7 +38,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Print JSON instead of human-readable text
+    /// Print JSON instead of human-readable text (indented on a terminal, else one line per answer)
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -46,12 +50,14 @@ pub struct Cli {
 pub enum Command {
     /// Queue a job: `-- CMD ARGS...`, `--shell SCRIPT` or `-f FILE`
     Submit(Box<cmd::submit::Args>),
-    /// List jobs, newest first
+    /// List jobs, oldest first (by id); --limit N keeps the newest N
     Ls(cmd::ls::Args),
     /// Show one job in detail
     Show(cmd::show::Args),
-    /// Print a job's stdout (or stderr) log
+    /// Print a job's stdout and stderr (--stdout, --stderr: one of them)
     Logs(cmd::logs::Args),
+    /// Print one word for a job's state (for scripts and workflow tools)
+    State(cmd::state::Args),
     /// Cancel a job (a running one is stopped)
     Cancel(cmd::cancel::Args),
     /// Queue a job that has ended again
@@ -80,6 +86,19 @@ pub enum Command {
     Validate(cmd::validate::Args),
     /// Print the JSON Schema of the job spec
     Schema,
+    /// Print a shell's completion script: bash, zsh, fish, elvish or powershell
+    #[command(after_help = "\
+This shell:  source <(cybctl completions bash)
+bash:        cybctl completions bash > ~/.local/share/bash-completion/completions/cybctl
+zsh:         cybctl completions zsh > ~/.zfunc/_cybctl   (~/.zfunc in $fpath)
+fish:        cybctl completions fish > ~/.config/fish/completions/cybctl.fish
+The packages install the bash, zsh and fish scripts.")]
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `cybctl man | man -l -`
+    Man,
     /// (packaging) Write the man page and shell completions into DIR
     #[command(hide = true)]
     GenerateDocs {
@@ -93,9 +112,7 @@ pub fn generate_docs(out: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory as _;
     std::fs::create_dir_all(out)?;
     let cmd = Cli::command();
-    let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
-    std::fs::write(out.join("cybctl.1"), page)?;
+    std::fs::write(out.join("cybctl.1"), man_page()?)?;
     for shell in [
         clap_complete::Shell::Bash,
         clap_complete::Shell::Zsh,
@@ -104,4 +121,142 @@ pub fn generate_docs(out: &std::path::Path) -> std::io::Result<()> {
         clap_complete::generate_to(shell, &mut cmd.clone(), "cybctl", out)?;
     }
     Ok(())
+}
+
+/// Writes the completion script for `shell` to `out`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory as _;
+    clap_complete::generate(shell, &mut Cli::command(), "cybctl", out);
+}
+
+/// The manual page `cybctl(1)`, in roff: clap_mangen's title, name, synopsis, description
+/// and global options, then one page for everything: a COMMANDS section with each visible
+/// command's synopsis, description and options (clap_mangen's own SUBCOMMANDS section would
+/// refer to `cybctl-submit(1)` and the like, pages that do not exist), ENVIRONMENT, and SEE
+/// ALSO naming only pages the packages install.
+pub fn man_page() -> std::io::Result<Vec<u8>> {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    page.extend_from_slice(b".SH COMMANDS\n");
+    let globals: Vec<String> = cmd
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        // The global options are described once, above; -h is everywhere.
+        let mut sub = sub.clone().mut_arg("help", |a| a.hide(true));
+        for g in &globals {
+            sub = sub.mut_arg(g, |a| a.hide(true));
+        }
+        let m = clap_mangen::Man::new(sub.clone());
+        let name = sub.get_bin_name().unwrap_or(sub.get_name()).to_string();
+        page.extend_from_slice(format!(".SS \"{name}\"\n").as_bytes());
+        page.extend_from_slice(&without_headings(|w| m.render_synopsis_section(w))?);
+        page.extend_from_slice(b".PP\n");
+        page.extend_from_slice(&without_headings(|w| m.render_description_section(w))?);
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            page.extend_from_slice(&without_headings(|w| m.render_options_section(w))?);
+        }
+        if sub.get_after_help().is_some() {
+            // Its lines as written (examples, lists of words), not filled into a paragraph.
+            page.extend_from_slice(b".PP\n");
+            let extra = without_headings(|w| m.render_extra_section(w))?;
+            for line in String::from_utf8_lossy(&extra).lines() {
+                page.extend_from_slice(format!("{line}\n.br\n").as_bytes());
+            }
+        }
+    }
+    page.extend_from_slice(
+        concat!(
+            ".SH ENVIRONMENT\n",
+            ".TP\n\\fBCYB_SOCKET\\fR\nThe daemon\\(aqs socket, when \\fB\\-\\-socket\\fR is not given.\n",
+            ".TP\n\\fBNO_COLOR\\fR\nWhen set, no colour, even on a terminal (https://no\\-color.org).\n",
+            ".TP\n\\fBCOLUMNS\\fR\nThe terminal\\(aqs width, where it cannot be asked.\n",
+            ".SH \"SEE ALSO\"\n",
+            "\\fBcybd\\fR(8)\n",
+        )
+        .as_bytes(),
+    );
+    man.render_version_section(&mut page)?;
+    Ok(page)
+}
+
+/// The roff a section renders, without its `.SH` heading line.
+fn without_headings(render: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    render(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with(".SH "))
+        .flat_map(|l| [l, "\n"])
+        .collect::<String>()
+        .into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_man_page_refers_only_to_pages_that_exist() {
+        let page = String::from_utf8(man_page().unwrap()).unwrap();
+        // Every `name(N)` reference, roff escapes taken out.
+        let plain = page
+            .replace("\\fB", "")
+            .replace("\\fR", "")
+            .replace("\\fI", "")
+            .replace("\\-", "-");
+        let mut refs = Vec::new();
+        for (i, _) in plain.match_indices('(') {
+            let name: String = plain[..i]
+                .chars()
+                .rev()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            let rest = &plain[i + 1..];
+            if !name.is_empty()
+                && rest.len() > 1
+                && rest.as_bytes()[0].is_ascii_digit()
+                && rest.as_bytes()[1] == b')'
+            {
+                refs.push(format!("{name}({})", &rest[..1]));
+            }
+        }
+        refs.sort();
+        refs.dedup();
+        // cybd(8) is the only one, and the packages install it.
+        assert_eq!(refs, ["cybd(8)"], "{page}");
+        // One page for every command, with its options.
+        for want in [
+            ".SS \"cybctl submit\"",
+            ".SS \"cybctl state\"",
+            ".SS \"cybctl completions\"",
+            "\\-\\-parsable",
+            "\\-\\-stderr",
+            "snakemake",
+        ] {
+            assert!(page.contains(want), "the man page lacks {want}:\n{page}");
+        }
+        assert!(!page.contains("cybctl\\-submit("), "{page}");
+        assert!(
+            !page.contains("generate"),
+            "the hidden command is not shown:\n{page}"
+        );
+    }
 }

@@ -23,6 +23,7 @@ mod cmd;
 mod conn;
 mod exit;
 mod output;
+mod term;
 #[cfg(test)]
 mod testing;
 

@@ -5,10 +5,13 @@
 use std::io::Write;
 use std::time::Duration;
 
+use anstyle::Style;
 use anyhow::Context as _;
 use cyb_proto::{JobRecord, JobState, Outcome, Timestamp};
 use serde::Serialize;
 use time::{OffsetDateTime, UtcOffset};
+
+use crate::term::Term;
 
 /// Writes `text` to stdout as is.
 pub fn print(text: &str) -> anyhow::Result<()> {
@@ -37,18 +40,71 @@ pub fn note(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-/// Prints `value` as pretty JSON and a newline.
+/// Prints `value` as JSON and a newline: indented for a person when stdout is a terminal,
+/// on one line otherwise, so that a script or workflow tool reads one object per line (as
+/// `sbatch --parsable` gives one id per line).
 pub fn json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
-    let mut text = serde_json::to_string_pretty(value).context("cannot encode the answer as JSON")?;
-    text.push('\n');
-    print(&text)
+    use std::io::IsTerminal as _;
+    print(&json_text(value, std::io::stdout().is_terminal())?)
 }
 
-/// A table with a header row; columns are padded to their widest cell.
+/// `value` as JSON, `pretty` or on one line, with a newline.
+pub fn json_text<T: Serialize + ?Sized>(value: &T, pretty: bool) -> anyhow::Result<String> {
+    let mut text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    }
+    .context("cannot encode the answer as JSON")?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// A table cell: its text, and the style it is painted in when colour is on.
+#[derive(Clone, Debug, Default)]
+pub struct Cell {
+    text: String,
+    style: Style,
+}
+
+impl Cell {
+    pub fn styled(text: impl Into<String>, style: Style) -> Cell {
+        Cell {
+            text: text.into(),
+            style,
+        }
+    }
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Cell {
+        Cell {
+            text,
+            style: Style::new(),
+        }
+    }
+}
+
+impl From<&str> for Cell {
+    fn from(text: &str) -> Cell {
+        Cell::from(text.to_string())
+    }
+}
+
+/// The narrowest an elastic column is cut to (its header may be wider).
+const MIN_ELASTIC: usize = 8;
+
+/// A table with a header row; columns are padded to their widest cell. On a terminal the
+/// elastic columns are cut (marked `…`) until each line fits its width, the widest first,
+/// and if that is not enough the droppable columns are left out, one at a time.
 pub struct Table {
     headers: Vec<&'static str>,
     right_aligned: Vec<bool>,
-    rows: Vec<Vec<String>>,
+    elastic: Vec<bool>,
+    /// Columns left out, in this order, while the lines are too long even with the
+    /// elastic columns cut to their narrowest.
+    droppable: Vec<usize>,
+    rows: Vec<Vec<Cell>>,
 }
 
 impl Table {
@@ -57,34 +113,98 @@ impl Table {
         Table {
             headers: columns.iter().map(|c| c.0).collect(),
             right_aligned: columns.iter().map(|c| c.1).collect(),
+            elastic: vec![false; columns.len()],
+            droppable: Vec::new(),
             rows: Vec::new(),
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    /// Marks the columns with these headers as ones that may be cut to fit a terminal.
+    pub fn elastic(mut self, headers: &[&str]) -> Self {
+        for (e, h) in self.elastic.iter_mut().zip(&self.headers) {
+            *e = headers.contains(h);
+        }
+        self
+    }
+
+    /// The columns (by header) that may be left out on a narrow terminal, the first first.
+    pub fn droppable(mut self, headers: &[&str]) -> Self {
+        self.droppable = headers
+            .iter()
+            .filter_map(|h| self.headers.iter().position(|x| x == h))
+            .collect();
+        self
+    }
+
+    pub fn row(&mut self, cells: Vec<Cell>) {
         self.rows.push(cells);
     }
 
-    pub fn render(&self) -> String {
+    /// The columns shown and their widths: each column's widest cell, then, if `max` is
+    /// given and the lines are longer, the elastic columns narrowed one character at a
+    /// time, the widest first, and the droppable ones left out while that is not enough.
+    fn layout(&self, max: Option<usize>) -> (Vec<bool>, Vec<usize>) {
         let n = self.headers.len();
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
         for row in &self.rows {
             for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
+                *w = (*w).max(cell.text.chars().count());
             }
         }
+        let mut shown = vec![true; n];
+        let Some(max) = max else {
+            return (shown, widths);
+        };
+        let floor: Vec<usize> = (0..n)
+            .map(|i| widths[i].min(self.headers[i].chars().count().max(MIN_ELASTIC)))
+            .collect();
+        let total = |shown: &[bool], widths: &[usize]| {
+            let cols: Vec<usize> = (0..n).filter(|&i| shown[i]).map(|i| widths[i]).collect();
+            cols.iter().sum::<usize>() + 2 * cols.len().saturating_sub(1)
+        };
+        let mut drops = self.droppable.iter();
+        loop {
+            let mut fitted = widths.clone();
+            let mut over = total(&shown, &fitted).saturating_sub(max);
+            while over > 0 {
+                let widest = (0..n)
+                    .filter(|&i| shown[i] && self.elastic[i] && fitted[i] > floor[i])
+                    .max_by_key(|&i| (fitted[i], std::cmp::Reverse(i)));
+                let Some(i) = widest else { break };
+                fitted[i] -= 1;
+                over -= 1;
+            }
+            match drops.next() {
+                Some(&d) if over > 0 => shown[d] = false,
+                _ => return (shown, fitted),
+            }
+        }
+    }
+
+    pub fn render(&self, term: &Term) -> String {
+        let (shown, widths) = self.layout(term.width);
+        let last_shown = shown.iter().rposition(|s| *s).unwrap_or(0);
         let mut out = String::new();
-        let header: Vec<String> = self.headers.iter().map(|h| (*h).to_string()).collect();
+        let header: Vec<Cell> = self
+            .headers
+            .iter()
+            .map(|h| Cell::styled(*h, crate::term::HEADER))
+            .collect();
         for row in std::iter::once(&header).chain(&self.rows) {
             let mut line = String::new();
-            for (i, cell) in row.iter().enumerate().take(n) {
-                let pad = widths[i].saturating_sub(cell.chars().count());
-                let last = i + 1 == n;
+            for (i, cell) in row.iter().enumerate().take(shown.len()) {
+                if !shown[i] {
+                    continue;
+                }
+                let text = ellipsize(&cell.text, widths[i]);
+                let pad = widths[i].saturating_sub(text.chars().count());
+                let last = i == last_shown;
+                let painted = term.paint(&text, cell.style);
                 if self.right_aligned[i] {
                     line.extend(std::iter::repeat_n(' ', pad));
-                    line.push_str(cell);
+                    line.push_str(&painted);
                 } else {
-                    line.push_str(cell);
+                    line.push_str(&painted);
                     if !last {
                         line.extend(std::iter::repeat_n(' ', pad));
                     }
@@ -98,6 +218,34 @@ impl Table {
         }
         out
     }
+}
+
+/// `text` broken at spaces into lines of at most `width` characters (a longer word is cut
+/// across lines); one line when `width` is `None`.
+pub fn wrap(text: &str, width: Option<usize>) -> Vec<String> {
+    let Some(width) = width.filter(|w| *w > 0) else {
+        return vec![text.to_string()];
+    };
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        let mut word: Vec<char> = word.chars().collect();
+        let len = line.chars().count();
+        if len > 0 && len + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        while line.chars().count() + word.len() > width {
+            let room = width - line.chars().count();
+            line.extend(word.drain(..room));
+            lines.push(std::mem::take(&mut line));
+        }
+        line.extend(word);
+    }
+    lines.push(line);
+    lines
 }
 
 /// Shortens `s` to at most `max` characters, marking the cut with `…`.
@@ -311,9 +459,126 @@ mod tests {
         t.row(vec!["7".into(), "train".into(), "running".into()]);
         t.row(vec!["12".into(), "x".into(), "queued".into()]);
         assert_eq!(
-            t.render(),
+            t.render(&Term::default()),
             "ID  NAME   STATE\n 7  train  running\n12  x      queued\n"
         );
+    }
+
+    #[test]
+    fn tables_fit_the_terminal_by_cutting_elastic_columns() {
+        let mut t = Table::new(&[("ID", true), ("NAME", false), ("STATE", false), ("REASON", false)])
+            .elastic(&["NAME", "REASON"]);
+        let long = "a-very-long-job-name-indeed-with-more";
+        t.row(vec![
+            "7".into(),
+            long.into(),
+            "failed".into(),
+            "x".repeat(30).into(),
+        ]);
+        // Not a terminal: in full.
+        let full = t.render(&Term::default());
+        assert!(full.contains(long), "{full}");
+        // 40 columns: every line fits, the widest column was cut first, the cut is marked.
+        let narrow = Term {
+            width: Some(40),
+            color: false,
+        };
+        let text = t.render(&narrow);
+        for line in text.lines() {
+            assert!(line.chars().count() <= 40, "{line:?} is wider than 40");
+        }
+        assert!(text.contains("a-very-long-…  failed  xxxxxxxxxxxx…"), "{text}");
+        assert!(text.contains("failed"), "{text}");
+        // Too narrow for even the floor: the elastic columns stop at 8, nothing else is cut.
+        let tiny = t.render(&Term {
+            width: Some(10),
+            color: false,
+        });
+        assert_eq!(
+            tiny.lines().nth(1).unwrap(),
+            " 7  a-very-…  failed  xxxxxxx…",
+            "{tiny}"
+        );
+    }
+
+    #[test]
+    fn droppable_columns_go_when_cutting_is_not_enough() {
+        let mut t = Table::new(&[
+            ("ID", true),
+            ("NAME", false),
+            ("ATTEMPTS", true),
+            ("CLASS", false),
+        ])
+        .elastic(&["NAME"])
+        .droppable(&["ATTEMPTS", "CLASS"]);
+        t.row(vec![
+            "7".into(),
+            "a-long-name-here".into(),
+            "1".into(),
+            "cpu_short".into(),
+        ]);
+        let at = |w| {
+            t.render(&Term {
+                width: Some(w),
+                color: false,
+            })
+        };
+        assert_eq!(
+            at(80),
+            "ID  NAME              ATTEMPTS  CLASS\n 7  a-long-name-here         1  cpu_short\n"
+        );
+        // 30: NAME cut to 8 is not enough (ID 2 + 8 + 8 + 9 + 6 = 33); ATTEMPTS goes, and
+        // NAME gets back what it can.
+        assert_eq!(
+            at(30),
+            "ID  NAME             CLASS\n 7  a-long-name-he…  cpu_short\n"
+        );
+        assert_eq!(at(12), "ID  NAME\n 7  a-long-…\n");
+    }
+
+    #[test]
+    fn colour_does_not_move_columns() {
+        let mut t = Table::new(&[("STATE", false), ("ID", true)]);
+        t.row(vec![
+            Cell::styled("failed", crate::term::state_style(cyb_proto::StateName::Failed)),
+            "7".into(),
+        ]);
+        t.row(vec!["queued".into(), "12".into()]);
+        let plain = t.render(&Term::default());
+        let coloured = t.render(&Term {
+            width: Some(80),
+            color: true,
+        });
+        assert!(coloured.contains("\x1b["), "{coloured:?}");
+        let stripped: String = strip_ansi(&coloured);
+        assert_eq!(stripped, plain);
+    }
+
+    fn strip_ansi(s: &str) -> String {
+        let mut out = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            if c == '\x1b' {
+                for c in chars.by_ref() {
+                    if c == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn wrapping() {
+        assert_eq!(wrap("a b c", None), ["a b c"]);
+        assert_eq!(
+            wrap("make -C dir all install", Some(10)),
+            ["make -C", "dir all", "install"]
+        );
+        assert_eq!(wrap("abcdefghijkl x", Some(5)), ["abcde", "fghij", "kl x"]);
     }
 
     #[test]

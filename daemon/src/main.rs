@@ -7,7 +7,13 @@ use clap::{Parser, Subcommand};
 use cybd::Config;
 
 #[derive(Parser)]
-#[command(name = "cybd", version, about = "cybd: a job daemon for GPU/CPU hosts")]
+// No `help` subcommand: the man page would name a cybd-help(8) that does not exist.
+#[command(
+    name = "cybd",
+    version,
+    about = "cybd: a job daemon for GPU/CPU hosts",
+    disable_help_subcommand = true
+)]
 struct Cli {
     /// Configuration file (default /etc/cyb/cybd.toml; in user mode ~/.config/cyb/cybd.toml).
     #[arg(long, global = true)]

@@ -101,16 +101,17 @@ fn foreign_cell(procs: &[GpuProcess]) -> String {
         .join(", ")
 }
 
-/// The human table of `cybctl gpus`: a line with the source and health, one row per GPU,
-/// then one line per GPU that has a note or an unreadable lockfile. Ends with a newline.
-pub fn render_table(report: &GpuReport) -> String {
-    let mut out = format!("source: {}; {}\n", report.source, report.health);
-    if report.gpus.is_empty() {
-        out.push_str("no GPUs\n");
-        return out;
-    }
-    let header = ["GPU", "NAME", "MEMORY", "UTIL", "TEMP", "LOCK", "OTHER PROCESSES"];
-    let rows: Vec<[String; 7]> = report
+/// The columns of the GPU table.
+pub const TABLE_HEADER: [&str; 7] = ["GPU", "NAME", "MEMORY", "UTIL", "TEMP", "LOCK", "OTHER PROCESSES"];
+
+/// The first line of the GPU table: where the inventory came from and its health.
+pub fn table_title(report: &GpuReport) -> String {
+    format!("source: {}; {}", report.source, report.health)
+}
+
+/// One row of the GPU table per GPU, in [`TABLE_HEADER`]'s columns.
+pub fn table_rows(report: &GpuReport) -> Vec<[String; 7]> {
+    report
         .gpus
         .iter()
         .map(|g| {
@@ -126,8 +127,35 @@ pub fn render_table(report: &GpuReport) -> String {
                 foreign_cell(&g.foreign_processes),
             ]
         })
-        .collect();
-    let mut widths = header.map(str::len);
+        .collect()
+}
+
+/// The lines after the GPU table: one per GPU with a note or an unreadable lockfile.
+pub fn table_notes(report: &GpuReport) -> Vec<String> {
+    let mut out = Vec::new();
+    for g in &report.gpus {
+        if let LockInfo::Unknown { error } = &g.lock {
+            out.push(format!("gpu {}: lock state unknown: {error}", g.index));
+        }
+        if let Some(note) = &g.note {
+            out.push(format!("gpu {}: {note}", g.index));
+        }
+    }
+    out
+}
+
+/// The human table of `cybctl gpus` (cybctl fits it to a terminal; this is the plain form):
+/// a line with the source and health, one row per GPU, then one line per GPU that has a
+/// note or an unreadable lockfile. Ends with a newline.
+pub fn render_table(report: &GpuReport) -> String {
+    let mut out = table_title(report);
+    out.push('\n');
+    if report.gpus.is_empty() {
+        out.push_str("no GPUs\n");
+        return out;
+    }
+    let rows = table_rows(report);
+    let mut widths = TABLE_HEADER.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -145,17 +173,13 @@ pub fn render_table(report: &GpuReport) -> String {
         out.push_str(l.trim_end());
         out.push('\n');
     };
-    line(&header);
+    line(&TABLE_HEADER);
     for row in &rows {
         line(&row.each_ref().map(String::as_str));
     }
-    for g in &report.gpus {
-        if let LockInfo::Unknown { error } = &g.lock {
-            let _ = writeln!(out, "gpu {}: lock state unknown: {error}", g.index);
-        }
-        if let Some(note) = &g.note {
-            let _ = writeln!(out, "gpu {}: {note}", g.index);
-        }
+    for n in table_notes(report) {
+        out.push_str(&n);
+        out.push('\n');
     }
     out
 }

@@ -60,7 +60,7 @@ pub struct ListFilter {
     /// Only this user's jobs.
     #[serde(default)]
     pub user: Option<String>,
-    /// At most this many, newest first (all when None).
+    /// Only the newest this many (all when None). The list is in id order, oldest first.
     #[serde(default)]
     pub limit: Option<usize>,
 }

@@ -207,7 +207,7 @@ fn logs_prints_stdout_or_stderr_and_follows_a_running_job() {
     assert_eq!(d.ctl_ok(&["logs", &id.to_string()]), "to-out\n");
     assert_eq!(d.ctl_ok(&["logs", &id.to_string(), "--stderr"]), "to-err\n");
     let j = d.ctl_json(&["logs", &id.to_string()]);
-    assert_eq!(j["text"], "to-out\n", "{j}");
+    assert_eq!(j["stdout"], "to-out\n", "{j}");
 
     // logs -f on a running job: prints what is there, keeps printing until the job ends.
     let tmp = tempdir();

@@ -7,13 +7,14 @@ use cyb_proto::rpc::Health;
 use super::Ctx;
 use crate::exit;
 use crate::output;
+use crate::term::{self, Term};
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<i32> {
     let h = ctx.connect().await?.health().await?;
     if ctx.json {
         output::json(&h)?;
     } else {
-        output::print(&render(&h))?;
+        output::print(&render(&h, &ctx.term))?;
     }
     Ok(exit::OK)
 }
@@ -22,7 +23,8 @@ fn list(v: &[String]) -> String {
     if v.is_empty() { "none".into() } else { v.join(", ") }
 }
 
-fn render(h: &Health) -> String {
+/// On a terminal, what is not enforced and the warnings are yellow, working denial green.
+fn render(h: &Health, term: &Term) -> String {
     let mut out = format!(
         "cybd {}{}\n",
         h.version,
@@ -30,13 +32,19 @@ fn render(h: &Health) -> String {
     );
     out.push_str(&format!("cgroups:   {}\n", h.cgroups.description));
     out.push_str(&format!("enforced:  {}\n", list(&h.cgroups.enforced)));
-    out.push_str(&format!("not enforced: {}\n", list(&h.cgroups.not_enforced)));
+    let not_enforced = list(&h.cgroups.not_enforced);
+    let style = if h.cgroups.not_enforced.is_empty() {
+        anstyle::Style::new()
+    } else {
+        term::WARN
+    };
+    out.push_str(&format!("not enforced: {}\n", term.paint(&not_enforced, style)));
     out.push_str(&format!(
         "devices:   {} ({})\n",
         if h.devices.enforced {
-            "denial works"
+            term.paint("denial works", term::GOOD)
         } else {
-            "NOT enforced"
+            term.paint("NOT enforced", term::WARN)
         },
         h.devices.probe
     ));
@@ -56,7 +64,7 @@ fn render(h: &Health) -> String {
         out.push_str(&format!("note: {n}\n"));
     }
     for w in &h.warnings {
-        out.push_str(&format!("warning: {w}\n"));
+        out.push_str(&format!("{}: {w}\n", term.paint("warning", term::WARN)));
     }
     out
 }
@@ -71,7 +79,7 @@ mod tests {
         h.cgroups.description = "cgroups not used: user mode".into();
         h.cgroups.not_enforced = vec!["memory".into(), "cpu".into()];
         h.warnings = vec!["not enforced on this host: memory, cpu".into()];
-        let text = render(&h);
+        let text = render(&h, &Term::default());
         assert!(text.contains("enforced:  none"), "{text}");
         assert!(text.contains("not enforced: memory, cpu"), "{text}");
         assert!(text.contains("devices:   NOT enforced"), "{text}");

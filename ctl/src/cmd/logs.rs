@@ -1,13 +1,20 @@
-//! `cybctl logs`: prints a job's `stdout.log` or `stderr.log`, read straight from its run
-//! directory, and with `-f` follows it until the job ends. The following loop is shared with
-//! `submit --follow`.
+//! `cybctl logs`: prints a job's output, read straight from its run directory, and with
+//! `-f` follows it until the job ends. The following loop is shared with `submit --follow`.
+//!
+//! A run directory keeps the two streams apart (`stdout.log`, `stderr.log`), so by default
+//! both are printed as `docker logs` and `submit --follow` do: the job's stdout to
+//! cybctl's stdout, its stderr to cybctl's stderr. On a terminal a person sees both (a failed
+//! `make` shows its errors); a pipe gets stdout alone unless `2>&1` joins them. The files
+//! carry no times, so without `-f` the whole of stdout comes first, then stderr; `-f`
+//! copies each as it grows, so the two are interleaved as written, to within a poll (0.1 s).
+//! `--stdout` or `--stderr` prints that one alone, to stdout.
 
 use std::io::SeekFrom;
 use std::path::Path;
 use std::time::Duration;
 
 use cyb_proto::{JobId, JobRecord};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::Ctx;
@@ -21,6 +28,13 @@ pub const STDERR_LOG: &str = "stderr.log";
 pub const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "\
+By default both streams are printed: the job's stdout to stdout, its stderr to stderr
+(as `docker logs` and `submit --follow` do). Without -f all of stdout comes first, then
+stderr (the logs carry no times); with -f each is copied as it is written, so the two
+are interleaved in order to within 0.1 s. Join them with `2>&1`; pick one with
+--stdout or --stderr, which print it to stdout. --json: {\"id\", \"run_dir\", \"stdout\",
+\"stderr\"}, with the streams chosen.")]
 pub struct Args {
     /// The job's id
     pub id: JobId,
@@ -29,9 +43,27 @@ pub struct Args {
     #[arg(short = 'f', long)]
     pub follow: bool,
 
-    /// Print stderr.log instead of stdout.log
+    /// Only the job's stdout (stdout.log)
+    #[arg(long)]
+    pub stdout: bool,
+
+    /// Only the job's stderr (stderr.log), printed to stdout
     #[arg(long)]
     pub stderr: bool,
+}
+
+impl Args {
+    /// The logs to print and where to: both, each to its own stream, unless one is chosen.
+    fn tails(&self) -> Vec<Tail> {
+        match (self.stdout, self.stderr) {
+            (true, false) => vec![Tail::new(STDOUT_LOG, Sink::Stdout)],
+            (false, true) => vec![Tail::new(STDERR_LOG, Sink::Stdout)],
+            _ => vec![
+                Tail::new(STDOUT_LOG, Sink::Stdout),
+                Tail::new(STDERR_LOG, Sink::Stderr),
+            ],
+        }
+    }
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
@@ -42,9 +74,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     }
     let conn = ctx.connect().await?;
     let rec = conn.show(args.id).await?;
-    let file = if args.stderr { STDERR_LOG } else { STDOUT_LOG };
+    let tails = args.tails();
     if args.follow {
-        follow(&conn, rec, vec![Tail::new(file, Sink::Stdout)]).await?;
+        follow(&conn, rec, tails).await?;
         return Ok(exit::OK);
     }
     if rec.run_dir.is_empty() {
@@ -58,32 +90,51 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         )
         .into());
     }
-    let path = Path::new(&rec.run_dir).join(file);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Failure::new(
-                exit::ERROR,
-                format!(
-                    "no output yet: {} does not exist (job {} is {})",
-                    path.display(),
-                    rec.id,
-                    rec.state.name()
-                ),
-            )
-            .into());
+    // Read both before printing either, so that a missing file is reported alone.
+    let mut found = Vec::new();
+    for t in &tails {
+        let path = Path::new(&rec.run_dir).join(t.file);
+        match tokio::fs::read(&path).await {
+            Ok(b) => found.push((t, Some(b))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => found.push((t, None)),
+            Err(e) => return Err(read_error(&path, e)),
         }
-        Err(e) => return Err(read_error(&path, e)),
-    };
+    }
+    if found.iter().all(|(_, b)| b.is_none()) {
+        let names: Vec<String> = tails
+            .iter()
+            .map(|t| Path::new(&rec.run_dir).join(t.file).display().to_string())
+            .collect();
+        return Err(Failure::new(
+            exit::ERROR,
+            format!(
+                "no output yet: {} {} not exist (job {} is {})",
+                names.join(" and "),
+                if names.len() == 1 { "does" } else { "do" },
+                rec.id,
+                rec.state.name()
+            ),
+        )
+        .into());
+    }
     if ctx.json {
-        output::json(&json!({
-            "id": rec.id,
-            "file": file,
-            "path": path,
-            "text": String::from_utf8_lossy(&bytes),
-        }))?;
+        let mut obj = Map::new();
+        obj.insert("id".into(), json!(rec.id));
+        obj.insert("run_dir".into(), json!(rec.run_dir));
+        for (t, bytes) in &found {
+            let text = String::from_utf8_lossy(bytes.as_deref().unwrap_or_default());
+            obj.insert(
+                t.file.trim_end_matches(".log").into(),
+                Value::String(text.into_owned()),
+            );
+        }
+        output::json(&obj)?;
     } else {
-        output::write_bytes(&bytes)?;
+        for (t, bytes) in found {
+            if let Some(b) = bytes {
+                t.sink.write(&b)?;
+            }
+        }
     }
     Ok(exit::OK)
 }
@@ -93,6 +144,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
 pub enum Sink {
     Stdout,
     Stderr,
+}
+
+impl Sink {
+    fn write(self, bytes: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Sink::Stdout => output::write_bytes(bytes),
+            Sink::Stderr => output::write_err_bytes(bytes),
+        }
+    }
 }
 
 /// A log file in the run directory and how much of it has been copied.
@@ -111,11 +171,7 @@ impl Tail {
     /// Copies what was appended to the file since the last call to the tail's sink.
     async fn drain(&mut self, run_dir: &str) -> anyhow::Result<()> {
         let sink = self.sink;
-        self.drain_into(run_dir, |bytes| match sink {
-            Sink::Stdout => output::write_bytes(bytes),
-            Sink::Stderr => output::write_err_bytes(bytes),
-        })
-        .await
+        self.drain_into(run_dir, |bytes| sink.write(bytes)).await
     }
 
     /// Passes what was appended to the file since the last call to `out`. A file that does
@@ -233,6 +289,27 @@ mod tests {
         );
         assert_eq!(exit::code_of(&e), exit::NO_PERMISSION);
         assert!(e.to_string().contains("/logs/run_7/stdout.log"), "{e}");
+    }
+
+    #[test]
+    fn both_streams_unless_one_is_chosen() {
+        let tails = |stdout, stderr| {
+            Args {
+                id: 1,
+                follow: false,
+                stdout,
+                stderr,
+            }
+            .tails()
+            .into_iter()
+            .map(|t| (t.file, t.sink))
+            .collect::<Vec<_>>()
+        };
+        let both = vec![(STDOUT_LOG, Sink::Stdout), (STDERR_LOG, Sink::Stderr)];
+        assert_eq!(tails(false, false), both);
+        assert_eq!(tails(true, true), both);
+        assert_eq!(tails(true, false), [(STDOUT_LOG, Sink::Stdout)]);
+        assert_eq!(tails(false, true), [(STDERR_LOG, Sink::Stdout)]);
     }
 
     #[tokio::test]

@@ -1,14 +1,13 @@
-//! `cybctl ls`: lists jobs, newest first, as a table or JSON.
+//! `cybctl ls`: lists jobs oldest first (by id, as `squeue` and `pueue status` do, so the
+//! newest are next to the prompt), as a table or JSON. `--limit N` keeps the newest N.
 
 use cyb_proto::{JobSummary, ListFilter, StateName};
 use time::{OffsetDateTime, UtcOffset};
 
 use super::Ctx;
 use crate::exit;
-use crate::output::{self, Table};
-
-/// Longest name shown in the table.
-const NAME_WIDTH: usize = 32;
+use crate::output::{self, Cell, Table};
+use crate::term::{self, Term};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,7 +20,7 @@ pub struct Args {
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
 
-    /// At most N jobs
+    /// Only the newest N jobs (still listed oldest first)
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 }
@@ -38,12 +37,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     } else if jobs.is_empty() {
         output::print("no jobs\n")?;
     } else {
-        output::print(&table(&jobs, OffsetDateTime::now_utc(), ctx.tz))?;
+        output::print(&table(&jobs, OffsetDateTime::now_utc(), ctx.tz, &ctx.term))?;
     }
     Ok(exit::OK)
 }
 
-fn table(jobs: &[JobSummary], now: OffsetDateTime, tz: UtcOffset) -> String {
+/// The jobs in the order given (the daemon's: by id). On a terminal, NAME, USER and
+/// EXIT/REASON are cut to fit its width (then ATTEMPTS, PRI, CLASS, SUBMITTED and USER are
+/// left out, in that order, while it is still too narrow) and states are coloured.
+fn table(jobs: &[JobSummary], now: OffsetDateTime, tz: UtcOffset, term: &Term) -> String {
     let mut t = Table::new(&[
         ("ID", true),
         ("NAME", false),
@@ -54,21 +56,23 @@ fn table(jobs: &[JobSummary], now: OffsetDateTime, tz: UtcOffset) -> String {
         ("ATTEMPTS", true),
         ("SUBMITTED", false),
         ("EXIT/REASON", false),
-    ]);
+    ])
+    .elastic(&["NAME", "USER", "EXIT/REASON"])
+    .droppable(&["ATTEMPTS", "PRI", "CLASS", "SUBMITTED", "USER"]);
     for j in jobs {
         t.row(vec![
-            j.id.to_string(),
-            output::ellipsize(&j.name, NAME_WIDTH),
-            j.user.clone(),
-            j.class.to_string(),
-            j.priority.to_string(),
-            j.state.to_string(),
-            j.attempts.to_string(),
-            output::short_time(j.submitted_at.0, now, tz),
-            exit_or_reason(j),
+            j.id.to_string().into(),
+            j.name.clone().into(),
+            j.user.clone().into(),
+            j.class.to_string().into(),
+            j.priority.to_string().into(),
+            Cell::styled(j.state.to_string(), term::state_style(j.state)),
+            j.attempts.to_string().into(),
+            output::short_time(j.submitted_at.0, now, tz).into(),
+            exit_or_reason(j).into(),
         ]);
     }
-    t.render()
+    t.render(term)
 }
 
 /// `0`, `3`, `3 (timeout)`, `oom_killed`, or empty while the job has not ended.
@@ -110,15 +114,26 @@ mod tests {
             job(9, StateName::TimedOut, None, Some("timeout")),
             job(8, StateName::Queued, None, None),
         ];
-        let text = table(&jobs, datetime!(2025-11-23 15:00:00 UTC), UtcOffset::UTC);
+        let now = datetime!(2025-11-23 15:00:00 UTC);
+        let text = table(&jobs, now, UtcOffset::UTC, &Term::default());
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("ID  NAME"), "{text}");
+        // Not a terminal: the name in full.
         assert!(
-            lines[1].starts_with("12  a-rather-long-job-name-that-goe…  alice  cpu_short"),
+            lines[1].starts_with("12  a-rather-long-job-name-that-goes-on-and-on  alice  cpu_short"),
             "{text}"
         );
         assert!(lines[1].ends_with("14:03:07   3"), "{text}");
         assert!(lines[2].ends_with("timeout"), "{text}");
         assert!(lines[3].ends_with("14:03:07"), "{text}");
+        // An 80-column terminal: the name is cut, the line fits.
+        let term = Term {
+            width: Some(80),
+            color: false,
+        };
+        let text = table(&jobs, now, UtcOffset::UTC, &term);
+        assert!(text.lines().all(|l| l.chars().count() <= 80), "{text}");
+        assert!(text.contains("12  a-rathe…  alice"), "{text}");
+        assert!(text.contains('…'), "{text}");
     }
 }

@@ -15,6 +15,7 @@ pub mod resume;
 pub mod retry;
 pub mod schema;
 pub mod show;
+pub mod state;
 pub mod stats;
 pub mod submit;
 pub mod validate;
@@ -33,6 +34,8 @@ pub struct Ctx {
     pub json: bool,
     /// The local UTC offset, for printing times.
     pub tz: UtcOffset,
+    /// The terminal stdout is, if it is one: its width and whether to colour.
+    pub term: crate::term::Term,
     socket_flag: Option<PathBuf>,
 }
 
@@ -48,6 +51,7 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
     let ctx = Ctx {
         json: cli.json,
         tz,
+        term: crate::term::Term::of_stdout(),
         socket_flag: cli.socket,
     };
     match cli.command {
@@ -55,6 +59,7 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Ls(a) => ls::run(&ctx, a).await,
         Command::Show(a) => show::run(&ctx, a).await,
         Command::Logs(a) => logs::run(&ctx, a).await,
+        Command::State(a) => state::run(&ctx, a).await,
         Command::Cancel(a) => cancel::run(&ctx, a).await,
         Command::Retry(a) => retry::run(&ctx, a).await,
         Command::Hold(a) => hold::run(&ctx, a).await,
@@ -69,6 +74,18 @@ pub async fn run(cli: Cli, tz: UtcOffset) -> anyhow::Result<i32> {
         Command::Resume => resume::run(&ctx).await,
         Command::Validate(a) => validate::run(&ctx, a).await,
         Command::Schema => schema::run(),
+        Command::Completions { shell } => {
+            let mut text = Vec::new();
+            crate::cli::completions(shell, &mut text);
+            crate::output::write_bytes(&text)?;
+            Ok(crate::exit::OK)
+        }
+        Command::Man => {
+            let page =
+                crate::cli::man_page().map_err(|e| anyhow::anyhow!("cannot render the man page: {e}"))?;
+            crate::output::write_bytes(&page)?;
+            Ok(crate::exit::OK)
+        }
         Command::GenerateDocs { out } => {
             crate::cli::generate_docs(&out)
                 .map_err(|e| anyhow::anyhow!("cannot write docs into {}: {e}", out.display()))?;

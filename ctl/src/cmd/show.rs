@@ -8,6 +8,7 @@ use time::{OffsetDateTime, UtcOffset};
 use super::Ctx;
 use crate::exit;
 use crate::output;
+use crate::term::{self, Term};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -20,7 +21,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     if ctx.json {
         output::json(&rec)?;
     } else {
-        output::print(&render(&rec, OffsetDateTime::now_utc(), ctx.tz))?;
+        output::print(&render(&rec, OffsetDateTime::now_utc(), ctx.tz, &ctx.term))?;
     }
     Ok(exit::OK)
 }
@@ -33,16 +34,30 @@ impl Lines {
         self.0.push((key, value.into()));
     }
 
-    fn render(&self) -> String {
+    /// On a terminal a value too long for its width goes on over indented lines, and the
+    /// job's state (the first word of `state`) is coloured.
+    fn render(&self, term: &Term, state: cyb_proto::StateName) -> String {
         let width = self.0.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-        self.0
-            .iter()
-            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
-            .collect()
+        let room = term.width.map(|w| w.saturating_sub(width + 2).max(20));
+        let mut out = String::new();
+        for (k, v) in &self.0 {
+            for (i, line) in output::wrap(v, room).into_iter().enumerate() {
+                let key = if i == 0 { *k } else { "" };
+                let line = match line.strip_prefix(state.as_str()) {
+                    Some(rest) if i == 0 && *k == "state" => {
+                        format!("{}{rest}", term.paint(state.as_str(), term::state_style(state)))
+                    }
+                    _ => line,
+                };
+                out.push_str(format!("{key:<width$}  {line}").trim_end());
+                out.push('\n');
+            }
+        }
+        out
     }
 }
 
-fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
+fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset, term: &Term) -> String {
     let at = |t: Timestamp| format!("{} ({})", output::long_time(t.0, tz), output::relative(t.0, now));
     let mut l = Lines(Vec::new());
     l.add(
@@ -190,7 +205,7 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset) -> String {
     } else if let Some(u) = &rec.spec.callback_url {
         l.add("callback", format!("{u}, when the job ends"));
     }
-    l.render()
+    l.render(term, rec.state.name())
 }
 
 /// The longest `context` shown in full; a longer one is only measured.
@@ -310,7 +325,8 @@ mod tests {
                 }),
             },
         };
-        let text = render(&rec, datetime!(2025-11-23 14:10:00 UTC), UtcOffset::UTC);
+        let now = datetime!(2025-11-23 14:10:00 UTC);
+        let text = render(&rec, now, UtcOffset::UTC, &Term::default());
         for want in [
             "job          7 (build)\n",
             "state        failed (exit_code)\n",
@@ -326,6 +342,31 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+        // A 40-column terminal: the long lines go on under their value, the state is red.
+        let narrow = render(
+            &rec,
+            now,
+            UtcOffset::UTC,
+            &Term {
+                width: Some(40),
+                color: true,
+            },
+        );
+        assert!(
+            narrow.contains("\x1b[1m\x1b[31mfailed\x1b[0m (exit_code)"),
+            "{narrow:?}"
+        );
+        assert!(
+            narrow
+                .lines()
+                .filter(|l| !l.contains('\x1b'))
+                .all(|l| l.chars().count() <= 40),
+            "{narrow}"
+        );
+        assert!(
+            narrow.contains("error        artifacts not collected: no\n             space left on device\n"),
+            "{narrow}"
+        );
     }
 
     #[test]

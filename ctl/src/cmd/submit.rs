@@ -85,6 +85,11 @@ pub struct Args {
     #[arg(long)]
     pub follow: bool,
 
+    /// Print the job's id alone on stdout (as `sbatch --parsable`), for scripts and workflow
+    /// tools; with --wait nothing else is printed there
+    #[arg(long, conflicts_with = "follow")]
+    pub parsable: bool,
+
     /// The program and its arguments, after `--`
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -162,18 +167,22 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
         return Ok(rec.wait_exit_code());
     }
     if args.wait {
-        if !ctx.json {
+        if args.parsable {
+            output::print(&format!("{id}\n"))?;
+        } else if !ctx.json {
             output::print(&format!("submitted job {id}\n"))?;
         }
         let rec = wait::until_end(&conn, id, None).await?;
-        if ctx.json {
+        if ctx.json && !args.parsable {
             output::json(&rec)?;
-        } else {
+        } else if !args.parsable {
             output::print(&format!("{}\n", output::end_line(&rec)))?;
         }
         return Ok(rec.wait_exit_code());
     }
-    if ctx.json {
+    if args.parsable {
+        output::print(&format!("{id}\n"))?;
+    } else if ctx.json {
         output::json(&submitted)?;
     } else {
         output::print(&format!("submitted job {id}\n"))?;
