@@ -4,7 +4,8 @@
 //!
 //! Prerequisites that a host may lack (root, a cgroup controller, Docker...) go through
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
-//! the skip is a failure.
+//! the skip is a failure. A skip is printed as `SKIPPED <test>: <why>` on the real stderr,
+//! past libtest's capture, so `cargo test` shows it and `.ci/run` counts it.
 
 pub mod config;
 pub mod inproc;
@@ -32,8 +33,32 @@ pub fn require(ok: bool, what: &str) -> bool {
     if strict() {
         panic!("CYB_TEST_STRICT=1 and this test needs {what}");
     }
-    eprintln!("SKIP: this test needs {what}");
+    skip(&format!("needs {what}"));
     false
+}
+
+/// Reports that the calling test does not apply here (`why`), as [`require`] reports a
+/// missing prerequisite, but never fails, strict or not: for checks that only mean
+/// something on some hosts (a hybrid cgroup layout, say). The caller then returns.
+///
+/// The line goes to the process's stderr through `std::io::Write`: libtest captures what
+/// a passing test prints with `print!`/`eprint!`, so `eprintln!` would show a skip only
+/// with `--nocapture`. libtest names each test's thread after the test.
+pub fn skip(why: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(str::to_string)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "a test".into());
+    let line = format!("SKIPPED {test}: {why}\n");
+    // Nowhere else to report a failed write to stderr.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Whether `cmd` is on PATH.
