@@ -153,8 +153,23 @@ pub fn root_and_test_user() -> Option<(u32, u32)> {
     require(is_root(), "root").then(test_user)
 }
 
+/// Held (shared) by every process that uses [`TEST_USER`], so that the last one to exit
+/// can tell it is the last.
+const TEST_USER_LOCK: &str = "/run/cyb-tests-user.lock";
+/// Exists while [`TEST_USER`] is one that a test run created (and so must remove).
+const TEST_USER_CREATED: &str = "/run/cyb-tests-user.created";
+
 /// Creates [`TEST_USER`] if needed (root only) and returns its uid and gid.
+///
+/// A user the tests create is removed again (`userdel --remove`) when the last process
+/// using it exits: each such process holds a shared `flock` on [`TEST_USER_LOCK`] for its
+/// lifetime, and at exit the one that can turn its lock exclusive removes the user if
+/// [`TEST_USER_CREATED`] says a test run made it. A user that was there before is kept.
+/// Test binaries run one after another, so a `cargo test` run makes and removes it
+/// about once per binary (useradd and userdel take some 50 ms each).
 pub fn test_user() -> (u32, u32) {
+    static HOLD: std::sync::Once = std::sync::Once::new();
+    HOLD.call_once(hold_test_user);
     if nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {
         let st = Command::new("useradd")
             .args(["--create-home", "--user-group", "--shell", "/bin/sh", TEST_USER])
@@ -165,9 +180,69 @@ pub fn test_user() -> (u32, u32) {
             st.success() || nix::unistd::User::from_name(TEST_USER).ok().flatten().is_some(),
             "useradd {TEST_USER} failed"
         );
+        if st.success()
+            && let Err(e) = std::fs::write(TEST_USER_CREATED, TEST_USER)
+        {
+            eprintln!("cannot write {TEST_USER_CREATED} ({e}): user {TEST_USER} will be left behind");
+        }
     }
     let u = nix::unistd::User::from_name(TEST_USER).unwrap().unwrap();
     (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// The descriptor of [`TEST_USER_LOCK`] this process holds shared, for the exit handler.
+static TEST_USER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Takes the shared lock and registers [`remove_test_user_at_exit`].
+fn hold_test_user() {
+    use std::os::fd::IntoRawFd as _;
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(TEST_USER_LOCK)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot open {TEST_USER_LOCK} ({e}): user {TEST_USER} will not be removed");
+            return;
+        }
+    };
+    let fd = file.into_raw_fd();
+    // SAFETY: flock on a descriptor this process owns (kept open until exit on purpose).
+    if unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
+        eprintln!("cannot lock {TEST_USER_LOCK}: user {TEST_USER} will not be removed");
+        return;
+    }
+    TEST_USER_FD.store(fd, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: registers a plain `extern "C" fn()` that takes no arguments.
+    unsafe { libc::atexit(remove_test_user_at_exit) };
+}
+
+/// At exit: if no other process holds [`TEST_USER_LOCK`] and a test run created
+/// [`TEST_USER`], removes the user, its group and its home.
+extern "C" fn remove_test_user_at_exit() {
+    let fd = TEST_USER_FD.load(std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: flock on the descriptor hold_test_user opened; turning a shared lock
+    // exclusive without waiting fails while another process holds it.
+    if fd < 0 || unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return;
+    }
+    if !Path::new(TEST_USER_CREATED).exists() {
+        return;
+    }
+    let removed = Command::new("userdel")
+        .args(["--remove", TEST_USER])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if removed || nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {
+        let _ = std::fs::remove_file(TEST_USER_CREATED);
+    } else {
+        // Its processes still run (a job a test left): the next run removes it.
+        eprintln!("cannot remove the test user {TEST_USER} yet: userdel failed");
+    }
 }
 
 /// Runs `f` on a thread of its own whose effective ids are `uid:gid` (needs root), so the
