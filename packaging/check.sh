@@ -55,12 +55,14 @@ section() { printf '\n=== %s\n' "$*"; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# The files both packages must install. The units are the one difference: the .deb
-# puts them in /lib/systemd/system (Debian 12), the .rpm in /usr/lib/systemd/system.
+# The files both packages must install. The system units are the one difference: the
+# .deb puts them in /lib/systemd/system (Debian 12), the .rpm in /usr/lib/systemd/system;
+# both put the user unit in /usr/lib/systemd/user.
 common_files=(
     /usr/bin/cybd
     /usr/bin/cybctl
     /etc/cyb/cybd.toml
+    /usr/lib/systemd/user/cybd.service
     /usr/lib/tmpfiles.d/cybd.conf
     /usr/lib/sysusers.d/cybd.conf
     /usr/share/bash-completion/completions/cybctl
@@ -221,6 +223,10 @@ cmp -s "$r/etc/cyb/cybd.toml" "$root/etc/cybd.toml" || fail ".deb: /etc/cyb/cybd
 for u in cybd.service cybd.socket; do
     cmp -s "$r/lib/systemd/system/$u" "$root/systemd/$u" || fail ".deb: $u differs from systemd/$u"
 done
+cmp -s "$r/usr/lib/systemd/user/cybd.service" "$root/systemd/user/cybd.service" ||
+    fail ".deb: the user unit differs from systemd/user/cybd.service"
+# The user unit is each user's choice: no maintainer script enables it for anyone.
+expect_not_in ".deb postinst" "$c/postinst" '--global|--user'
 
 # ---------------------------------------------------------------- .rpm
 section "rpm -qip $rpm"
@@ -264,6 +270,9 @@ expect_binaries .rpm "$r"
 for u in cybd.service cybd.socket; do
     cmp -s "$r/usr/lib/systemd/system/$u" "$root/systemd/$u" || fail ".rpm: $u differs from systemd/$u"
 done
+cmp -s "$r/usr/lib/systemd/user/cybd.service" "$root/systemd/user/cybd.service" ||
+    fail ".rpm: the user unit differs from systemd/user/cybd.service"
+expect_not_in ".rpm scripts" "$s" '--global|--user'
 
 echo
 if [ "$failures" -ne 0 ]; then

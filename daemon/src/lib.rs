@@ -243,9 +243,10 @@ pub async fn run_until(
         notify(&|| systemd::ready("configuration reloaded"));
     }
     notify(&systemd::stopping);
+    let user_manager = cfg.user_mode;
     let stopping_for_good = opts.whole_process
         && systemd::under_systemd()
-        && tokio::task::spawn_blocking(systemd::unit_is_stopping)
+        && tokio::task::spawn_blocking(move || systemd::unit_is_stopping(user_manager))
             .await
             .unwrap_or(false);
     if stopping_for_good {

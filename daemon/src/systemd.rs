@@ -97,9 +97,15 @@ fn unit_from_cgroup(text: &str) -> Option<String> {
 ///
 /// systemd signals the daemon the same way in both cases; the pending job of the unit
 /// (`systemctl list-jobs`) tells them apart: `stop` versus `restart` / `try-restart`.
-pub fn unit_is_stopping() -> bool {
+/// `user_manager`: the unit is the user-mode one, run by the user's own systemd
+/// (`systemctl --user`), whose jobs the system manager does not list.
+pub fn unit_is_stopping(user_manager: bool) -> bool {
     let Some(unit) = own_unit() else { return false };
-    let out = std::process::Command::new("systemctl")
+    let mut cmd = std::process::Command::new("systemctl");
+    if user_manager {
+        cmd.arg("--user");
+    }
+    let out = cmd
         .args(["list-jobs", "--no-legend", "--plain", "--no-pager"])
         .output();
     match out {

@@ -4,7 +4,8 @@
 //!
 //! Prerequisites that a host may lack (root, a cgroup controller, Docker...) go through
 //! [`require`]: without them a test prints why it skips, unless `CYB_TEST_STRICT=1`, where
-//! the skip is a failure.
+//! the skip is a failure. A skip is printed as `SKIPPED <test>: <why>` on the real stderr,
+//! past libtest's capture, so `cargo test` shows it and `.ci/run` counts it.
 
 pub mod config;
 pub mod inproc;
@@ -32,8 +33,32 @@ pub fn require(ok: bool, what: &str) -> bool {
     if strict() {
         panic!("CYB_TEST_STRICT=1 and this test needs {what}");
     }
-    eprintln!("SKIP: this test needs {what}");
+    skip(&format!("needs {what}"));
     false
+}
+
+/// Reports that the calling test does not apply here (`why`), as [`require`] reports a
+/// missing prerequisite, but never fails, strict or not: for checks that only mean
+/// something on some hosts (a hybrid cgroup layout, say). The caller then returns.
+///
+/// The line goes to the process's stderr through `std::io::Write`: libtest captures what
+/// a passing test prints with `print!`/`eprint!`, so `eprintln!` would show a skip only
+/// with `--nocapture`. libtest names each test's thread after the test.
+pub fn skip(why: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(str::to_string)
+        .or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        })
+        .unwrap_or_else(|| "a test".into());
+    let line = format!("SKIPPED {test}: {why}\n");
+    // Nowhere else to report a failed write to stderr.
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Whether `cmd` is on PATH.
@@ -59,6 +84,37 @@ pub fn run_script(cmd: &mut Command, what: &str, done_marker: &str) {
         text.contains(done_marker),
         "{what} did not say {done_marker:?}:\n{text}"
     );
+}
+
+/// Builds the .deb and .rpm with packaging/build.sh in the workspace's own target
+/// directory (the parent of [`bin_dir`], so a `CARGO_TARGET_DIR` is honoured) and returns
+/// that directory and the .deb's path. Its release build is the one `cargo build --release`
+/// makes: warm, build.sh takes some 20 s (packing and compressing); from nothing it adds
+/// one release build (8 min on this project's 2-core VM). It does not wait on the lock of
+/// the `cargo test` running it: that one holds `target/debug`, this one `target/release`.
+pub fn build_packages() -> (PathBuf, PathBuf) {
+    let top = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = bin_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| top.join("target"));
+    let out = Command::new("bash")
+        .arg(top.join("packaging/build.sh"))
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run packaging/build.sh: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "packaging/build.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // build.sh prints the .deb's path, then the .rpm's.
+    let deb = stdout
+        .lines()
+        .find(|l| l.ends_with(".deb"))
+        .unwrap_or_else(|| panic!("packaging/build.sh printed no .deb path: {stdout}"));
+    (target, PathBuf::from(deb))
 }
 
 pub fn is_root() -> bool {
@@ -97,8 +153,23 @@ pub fn root_and_test_user() -> Option<(u32, u32)> {
     require(is_root(), "root").then(test_user)
 }
 
+/// Held (shared) by every process that uses [`TEST_USER`], so that the last one to exit
+/// can tell it is the last.
+const TEST_USER_LOCK: &str = "/run/cyb-tests-user.lock";
+/// Exists while [`TEST_USER`] is one that a test run created (and so must remove).
+const TEST_USER_CREATED: &str = "/run/cyb-tests-user.created";
+
 /// Creates [`TEST_USER`] if needed (root only) and returns its uid and gid.
+///
+/// A user the tests create is removed again (`userdel --remove`) when the last process
+/// using it exits: each such process holds a shared `flock` on [`TEST_USER_LOCK`] for its
+/// lifetime, and at exit the one that can turn its lock exclusive removes the user if
+/// [`TEST_USER_CREATED`] says a test run made it. A user that was there before is kept.
+/// Test binaries run one after another, so a `cargo test` run makes and removes it
+/// about once per binary (useradd and userdel take some 50 ms each).
 pub fn test_user() -> (u32, u32) {
+    static HOLD: std::sync::Once = std::sync::Once::new();
+    HOLD.call_once(hold_test_user);
     if nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {
         let st = Command::new("useradd")
             .args(["--create-home", "--user-group", "--shell", "/bin/sh", TEST_USER])
@@ -109,9 +180,69 @@ pub fn test_user() -> (u32, u32) {
             st.success() || nix::unistd::User::from_name(TEST_USER).ok().flatten().is_some(),
             "useradd {TEST_USER} failed"
         );
+        if st.success()
+            && let Err(e) = std::fs::write(TEST_USER_CREATED, TEST_USER)
+        {
+            eprintln!("cannot write {TEST_USER_CREATED} ({e}): user {TEST_USER} will be left behind");
+        }
     }
     let u = nix::unistd::User::from_name(TEST_USER).unwrap().unwrap();
     (u.uid.as_raw(), u.gid.as_raw())
+}
+
+/// The descriptor of [`TEST_USER_LOCK`] this process holds shared, for the exit handler.
+static TEST_USER_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Takes the shared lock and registers [`remove_test_user_at_exit`].
+fn hold_test_user() {
+    use std::os::fd::IntoRawFd as _;
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(TEST_USER_LOCK)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cannot open {TEST_USER_LOCK} ({e}): user {TEST_USER} will not be removed");
+            return;
+        }
+    };
+    let fd = file.into_raw_fd();
+    // SAFETY: flock on a descriptor this process owns (kept open until exit on purpose).
+    if unsafe { libc::flock(fd, libc::LOCK_SH) } != 0 {
+        eprintln!("cannot lock {TEST_USER_LOCK}: user {TEST_USER} will not be removed");
+        return;
+    }
+    TEST_USER_FD.store(fd, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: registers a plain `extern "C" fn()` that takes no arguments.
+    unsafe { libc::atexit(remove_test_user_at_exit) };
+}
+
+/// At exit: if no other process holds [`TEST_USER_LOCK`] and a test run created
+/// [`TEST_USER`], removes the user, its group and its home.
+extern "C" fn remove_test_user_at_exit() {
+    let fd = TEST_USER_FD.load(std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: flock on the descriptor hold_test_user opened; turning a shared lock
+    // exclusive without waiting fails while another process holds it.
+    if fd < 0 || unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return;
+    }
+    if !Path::new(TEST_USER_CREATED).exists() {
+        return;
+    }
+    let removed = Command::new("userdel")
+        .args(["--remove", TEST_USER])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if removed || nix::unistd::User::from_name(TEST_USER).ok().flatten().is_none() {
+        let _ = std::fs::remove_file(TEST_USER_CREATED);
+    } else {
+        // Its processes still run (a job a test left): the next run removes it.
+        eprintln!("cannot remove the test user {TEST_USER} yet: userdel failed");
+    }
 }
 
 /// Runs `f` on a thread of its own whose effective ids are `uid:gid` (needs root), so the

@@ -813,7 +813,7 @@ fn hybrid_routing_is_decided_once_and_followed() {
         return;
     };
     if f.cg.mode() != Mode::Hybrid {
-        println!("skipped: not a hybrid host ({})", f.cg.describe());
+        cyb_tests::skip(&format!("not a hybrid host ({})", f.cg.describe()));
         return;
     }
     let r = f.cg.routing();

@@ -41,8 +41,13 @@ fn datagram_bound(path: &str) -> bool {
         })
 }
 
-/// A standalone systemd-journald (no systemd as PID 1 needed), started by this test.
-struct Journald(Option<std::process::Child>);
+/// Directories journald makes on a host that has none of its own running: its sockets and
+/// its volatile journal. Those the test's journald made are removed when it stops.
+const JOURNALD_DIRS: [&str; 2] = ["/run/systemd/journal", "/run/log/journal"];
+
+/// A standalone systemd-journald (no systemd as PID 1 needed), started by this test, and
+/// which of [`JOURNALD_DIRS`] were not there before it (to remove them after it).
+struct Journald(Option<std::process::Child>, Vec<&'static str>);
 
 impl Journald {
     fn start() -> Option<Journald> {
@@ -61,6 +66,10 @@ impl Journald {
             wait_until(Duration::from_secs(5), || !journald_running()),
             "a systemd-journald is already running on this host"
         );
+        let made: Vec<&'static str> = JOURNALD_DIRS
+            .into_iter()
+            .filter(|d| !std::path::Path::new(d).exists())
+            .collect();
         let log = std::env::temp_dir().join("cyb-test-journald.stderr");
         let err = std::fs::File::create(&log).expect("journald's stderr file");
         let mut child = Command::new(JOURNALD_BIN)
@@ -76,7 +85,8 @@ impl Journald {
             "systemd-journald did not come up: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        Some(Journald(Some(child)))
+        let _ = std::fs::remove_file(&log);
+        Some(Journald(Some(child), made))
     }
 
     /// Stops it (SIGTERM, then SIGKILL after 5 s) and reaps it.
@@ -91,9 +101,17 @@ impl Journald {
     }
 }
 
+/// Stopped for good: also removes the directories this journald made.
+fn stop_and_clean(j: &mut Journald) {
+    j.stop();
+    for d in std::mem::take(&mut j.1) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 impl Drop for Journald {
     fn drop(&mut self) {
-        self.stop();
+        stop_and_clean(self);
     }
 }
 

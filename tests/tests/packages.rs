@@ -1,13 +1,15 @@
 //! The .deb and .rpm: packaging/check.sh runs lintian (no errors, only the warnings listed
 //! in packaging/README.md), `rpm -qip`/`rpm -qlp`, and checks that both packages hold the
 //! binaries, units, tmpfiles.d/sysusers.d files, the config as a conffile, completions and
-//! man pages. CI builds the packages first (packaging/build.sh); otherwise this test builds
-//! them in a target directory of its own.
+//! man pages. CI builds the packages first (packaging/build.sh) and says where
+//! (CYB_PACKAGES_TARGET_DIR); otherwise this test runs build.sh on the workspace's own
+//! target directory, so its release build is the one `cargo build --release` makes (and
+//! reuses), not a second one.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use cyb_tests::{have, is_root, require, run_script};
+use cyb_tests::{build_packages, have, is_root, require, run_script};
 
 #[test]
 fn packages_pass_lintian_and_hold_every_file() {
@@ -19,21 +21,10 @@ fn packages_pass_lintian_and_hold_every_file() {
     ) {
         return;
     }
-    let target = std::env::var_os("CYB_PACKAGES_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| top.join("target/packages-test"));
-    if std::env::var_os("CYB_PACKAGES_TARGET_DIR").is_none() {
-        let out = Command::new("bash")
-            .arg(top.join("packaging/build.sh"))
-            .env("CARGO_TARGET_DIR", &target)
-            .output()
-            .expect("run build.sh");
-        assert!(
-            out.status.success(),
-            "build.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let target = match std::env::var_os("CYB_PACKAGES_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => build_packages().0,
+    };
     run_script(
         Command::new("bash")
             .arg(top.join("packaging/check.sh"))
