@@ -54,7 +54,12 @@ fn commands_under(heading: &str) -> Vec<String> {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_once("  #").map_or(l, |(cmd, _)| cmd).trim_end().to_string())
+        .map(|l| {
+            l.split_once("  #")
+                .map_or(l, |(cmd, _)| cmd)
+                .trim_end()
+                .to_string()
+        })
         .collect()
 }
 
@@ -69,7 +74,9 @@ fn stop(mut child: Child) {
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let _ = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+    let _ = wait_until(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    });
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -89,7 +96,10 @@ fn the_readme_walkthrough_runs_as_written() {
         return;
     };
     // The user's home, holding what the walkthrough reads from the checkout.
-    let home = tempfile::Builder::new().prefix("cyb-readme-").tempdir_in("/tmp").unwrap();
+    let home = tempfile::Builder::new()
+        .prefix("cyb-readme-")
+        .tempdir_in("/tmp")
+        .unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     std::fs::create_dir_all(home.path().join("etc/examples")).unwrap();
     std::fs::copy(
@@ -127,7 +137,9 @@ fn the_readme_walkthrough_runs_as_written() {
     let mut script = String::new();
     for (i, cmd) in cmds.iter().enumerate() {
         let cmd = cmd.replace("$PWD/target/release", &bins);
-        script.push_str(&format!("printf '\\n@@cmd {i}\\n'\n{cmd}\nprintf '\\n@@rc %d\\n' $?\n"));
+        script.push_str(&format!(
+            "printf '\\n@@cmd {i}\\n'\n{cmd}\nprintf '\\n@@rc %d\\n' $?\n"
+        ));
     }
     let script_path = home.path().join("walkthrough.sh");
     std::fs::write(&script_path, &script).unwrap();
