@@ -97,14 +97,15 @@ fn logs_prints_both_streams_unless_one_is_chosen() {
 }
 
 /// A job that waits for `go` in its directory, then writes out1, err1, out2, err2 with
-/// 0.4 s between them (more than `-f`'s 0.1 s poll).
+/// 0.8 s between them (eight of `-f`'s 0.1 s polls, so a loaded machine's late poll still
+/// sees them one at a time).
 fn interleaving_job(d: &Daemon, dir: &std::path::Path) -> u64 {
     d.submit(
         &["--cwd", dir.to_str().unwrap()],
         &[
             "sh",
             "-c",
-            "while [ ! -e go ]; do sleep 0.05; done; echo out1; sleep 0.4; echo err1 >&2; sleep 0.4; echo out2; sleep 0.4; echo err2 >&2",
+            "while [ ! -e go ]; do sleep 0.05; done; echo out1; sleep 0.8; echo err1 >&2; sleep 0.8; echo out2; sleep 0.8; echo err2 >&2",
         ],
     )
 }
