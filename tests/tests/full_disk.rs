@@ -122,7 +122,8 @@ fn a_job_ending_while_the_disk_is_full_is_recorded_once_there_is_room() {
     };
     let probe = Daemon::start();
     probe.ctl_ok(&["pause"]);
-    let pid = probe.submit(&["--env", "PAD="], &["sleep", "3"]);
+    // No caller environment (cybctl passes it by default): the sizes are the spec's alone.
+    let pid = probe.submit(&["--export", "NONE", "--env", "PAD="], &["sleep", "3"]);
     let queued = record_size(&probe, pid);
     probe.ctl_ok(&["resume"]);
     probe.wait_state(pid, "succeeded", Duration::from_secs(20));
@@ -139,7 +140,7 @@ fn a_job_ending_while_the_disk_is_full_is_recorded_once_there_is_room() {
         jobs_dir = d.mount_tmpfs("spool/jobs", "1m");
         logs_dir = d.mount_tmpfs("logs", "1m");
     });
-    let id = d.submit(&["--env", &format!("PAD={pad}")], &["sleep", "3"]);
+    let id = d.submit(&["--export", "NONE", "--env", &format!("PAD={pad}")], &["sleep", "3"]);
     d.wait_state(id, "running", Duration::from_secs(10));
     let fillers = [fill(&jobs_dir), fill(&logs_dir)];
 
