@@ -915,3 +915,19 @@ impl Default for Rng {
         Rng::new()
     }
 }
+
+/// Stops `child` as a terminal's Ctrl-C or `kill` would: SIGTERM, up to 10 s to exit, then
+/// SIGKILL; returns what it printed (where piped).
+pub fn terminate(mut child: Child) -> Output {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = wait_until(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    let _ = child.kill();
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("cannot wait for the stopped process: {e}"))
+}

@@ -6,7 +6,7 @@
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use cyb_tests::{Daemon, TEST_USER, bin, root_and_test_user, shown, text, wait_until};
@@ -114,18 +114,6 @@ fn as_test_user(home: &Path, cmd: &Path) -> Command {
     c
 }
 
-fn stop(mut child: Child) -> Output {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = wait_until(Duration::from_secs(10), || {
-        child.try_wait().ok().flatten().is_some()
-    });
-    let _ = child.kill();
-    child.wait_with_output().unwrap()
-}
-
 /// Under `runuser` (no XDG_RUNTIME_DIR, no /run/user/<uid>), `cybd --user` and `cybctl`
 /// agree on `~/.local/state/cyb/cybd.sock`; a submission asking for limits user mode does
 /// not enforce is told so on stderr; a runtime directory that cannot be made is named, with
@@ -161,7 +149,7 @@ fn user_mode_without_xdg_runtime_dir() {
     };
     let up = wait_until(LONG, || socket.exists() && code(&ctl(&["stats"])) == 0);
     if !up {
-        let out = stop(daemon);
+        let out = cyb_tests::terminate(daemon);
         panic!(
             "user-mode daemon did not come up at {}: {}",
             socket.display(),
@@ -195,7 +183,7 @@ fn user_mode_without_xdg_runtime_dir() {
         std::fs::read_to_string(&logs).unwrap(),
         format!("hi from {TEST_USER}\n")
     );
-    stop(daemon);
+    cyb_tests::terminate(daemon);
 
     // A runtime directory it may not create: the failure names the path and the variable.
     let out = Command::new("runuser")

@@ -140,7 +140,10 @@ fn a_job_ending_while_the_disk_is_full_is_recorded_once_there_is_room() {
         jobs_dir = d.mount_tmpfs("spool/jobs", "1m");
         logs_dir = d.mount_tmpfs("logs", "1m");
     });
-    let id = d.submit(&["--export", "NONE", "--env", &format!("PAD={pad}")], &["sleep", "3"]);
+    let id = d.submit(
+        &["--export", "NONE", "--env", &format!("PAD={pad}")],
+        &["sleep", "3"],
+    );
     d.wait_state(id, "running", Duration::from_secs(10));
     let fillers = [fill(&jobs_dir), fill(&logs_dir)];
 

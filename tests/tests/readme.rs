@@ -9,7 +9,7 @@
 //! puts the binaries) is replaced by the directory of the binaries under test.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cyb_tests::{TEST_USER, bin, bin_dir, root_and_test_user, wait_until};
@@ -67,18 +67,6 @@ fn commands_under(heading: &str) -> Vec<String> {
 struct Ran {
     out: String,
     rc: i32,
-}
-
-fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = wait_until(Duration::from_secs(10), || {
-        child.try_wait().ok().flatten().is_some()
-    });
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[test]
@@ -150,7 +138,7 @@ fn the_readme_walkthrough_runs_as_written() {
     } else {
         None
     };
-    stop(daemon);
+    cyb_tests::terminate(daemon);
     let out = out.expect("the user-mode daemon did not come up");
     let all = format!(
         "{}{}",
