@@ -217,17 +217,23 @@ pub(super) fn time_limit_words(cfg: &crate::config::Config, spec: &JobSpec) -> S
             show(c.max_timeout)
         )
     };
-    let cpu = [Class::CpuShort, Class::CpuLong];
-    if let Some(other) = cpu
-        .into_iter()
-        .find(|o| cpu.contains(&class) && *o != class && cfg.class(*o).max_timeout > c.max_timeout)
-    {
+    if let Some(other) = cpu_sibling(class).filter(|o| cfg.class(*o).max_timeout > c.max_timeout) {
         words.push_str(&format!(
             ", or up to {} in class {other} (--class {other})",
             show(cfg.class(other).max_timeout)
         ));
     }
     words
+}
+
+/// The other CPU class of a CPU class, where a job that needs more time may go (a GPU
+/// class has no sibling that runs the same way).
+fn cpu_sibling(class: Class) -> Option<Class> {
+    match class {
+        Class::CpuShort => Some(Class::CpuLong),
+        Class::CpuLong => Some(Class::CpuShort),
+        Class::Gpu | Class::GpuSlurm => None,
+    }
 }
 
 /// Why `timeout` is refused in `class`: the limit, the class, and what would change it.
@@ -239,14 +245,7 @@ fn too_long(cfg: &crate::config::Config, class: Class, asked: std::time::Duratio
         show(asked),
         show(max)
     );
-    // A CPU job may move to the other CPU class; a GPU class has no roomier sibling that
-    // runs the same way.
-    let cpu = [Class::CpuShort, Class::CpuLong];
-    let roomier = cpu
-        .into_iter()
-        .filter(|c| cpu.contains(&class) && *c != class)
-        .find(|c| cfg.class(*c).max_timeout >= asked);
-    if let Some(c) = roomier {
+    if let Some(c) = cpu_sibling(class).filter(|c| cfg.class(*c).max_timeout >= asked) {
         msg.push_str(&format!(
             "; class {c} allows up to {}: submit with --class {c} (\"class\": \"{c}\" in a job file)",
             show(cfg.class(c).max_timeout)
