@@ -59,6 +59,8 @@ struct RawConfig {
     callbacks: crate::callback::RawCallbacks,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    docker: crate::backend::docker::config::RawDocker,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +212,8 @@ pub struct Config {
     pub callbacks: crate::callback::CallbacksConfig,
     /// `[retention]`: ended jobs removed by the daemon itself.
     pub retention: Retention,
+    /// `[docker]`: the engine, and what docker jobs may use.
+    pub docker: crate::backend::docker::config::DockerConfig,
 }
 
 impl Config {
@@ -415,6 +419,8 @@ impl Config {
         }
         let callbacks =
             crate::callback::CallbacksConfig::resolve(raw.callbacks).map_err(|(k, m)| key_err(&k, m))?;
+        let docker = crate::backend::docker::config::DockerConfig::resolve(raw.docker)
+            .map_err(|(k, m)| key_err(&k, m))?;
         let gpus = crate::gpu::config::GpuConfig::resolve(raw.gpus, raw.gpu)
             .map_err(|e| key_err(&e.key(), e.message()))?;
         let mut classes = BTreeMap::new();
@@ -522,6 +528,7 @@ impl Config {
             rpc,
             cybd_exe: PathBuf::from("/proc/self/exe"),
             callbacks,
+            docker,
             retention,
         })
     }

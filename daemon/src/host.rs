@@ -49,6 +49,8 @@ pub struct Host {
     inventory: Mutex<Inventory>,
     pub locks: GpuLocks,
     user_mode: bool,
+    /// The Docker engine, once the docker backend is made (for `cybctl health`).
+    docker: std::sync::OnceLock<std::sync::Arc<crate::backend::docker::engine::Engine>>,
 }
 
 /// What a job gets when it starts, kept until its supervisor holds it.
@@ -98,7 +100,13 @@ impl Host {
             inventory: Mutex::new(inventory),
             locks,
             user_mode: cfg.user_mode,
+            docker: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells health about the Docker engine docker jobs run on.
+    pub fn set_docker_engine(&self, e: std::sync::Arc<crate::backend::docker::engine::Engine>) {
+        let _ = self.docker.set(e);
     }
 
     fn inventory(&self) -> std::sync::MutexGuard<'_, Inventory> {
@@ -455,8 +463,32 @@ impl Host {
                 source: inv.source.as_str().to_string(),
                 health: inv.health().to_string(),
             },
+            docker: self.docker_health(cfg, &mut warnings),
             warnings,
         }
+    }
+
+    fn docker_health(&self, cfg: &Config, warnings: &mut Vec<String>) -> cyb_proto::rpc::DockerHealth {
+        let configured = if cfg.docker.allowed_images.is_empty() {
+            Err("docker jobs are not allowed on this host: [docker] allowed_images is empty".to_string())
+        } else {
+            Ok(())
+        };
+        let Some(e) = self.docker.get() else {
+            return cyb_proto::rpc::DockerHealth {
+                problem: configured.err(),
+                ..Default::default()
+            };
+        };
+        let on = configured.is_ok();
+        let h = e.health(configured, &cfg.docker.gpu_runtime);
+        if on && !h.reachable {
+            warnings.push(format!(
+                "docker jobs wait in the queue: {}",
+                h.problem.as_deref().unwrap_or("the docker engine is not reachable")
+            ));
+        }
+        h
     }
 
     /// For `cybctl gpus`.

@@ -181,10 +181,16 @@ pub async fn run_until(
             .await
             .context("cannot inspect this host's cgroups and GPUs")?,
     );
-    let backends = backend::Backends::new(vec![Arc::new(backend::native::Native::new(
-        cfg.clone(),
-        host.clone(),
-    ))]);
+    let native = backend::native::Native::new(cfg.clone(), host.clone());
+    let docker = backend::docker::Docker::new(native.clone());
+    host.set_docker_engine(docker.engine());
+    // The first check of the engine before recovery, so docker jobs found running are
+    // adopted with the engine's answers at hand (a down engine is simply noted).
+    if !cfg.docker.allowed_images.is_empty() {
+        let _ = docker.engine().check().await;
+    }
+    docker.start_monitor(|_| {});
+    let backends = backend::Backends::new(vec![Arc::new(native), Arc::new(docker)]);
     let (sched, handle, rx) =
         scheduler::Scheduler::recover(cfg.clone(), store, found, host.clone(), backends).await;
     let sched_task = tokio::spawn(sched.run(rx));

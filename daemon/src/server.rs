@@ -92,7 +92,9 @@ impl Conn {
             ))));
         }
         let mut spec = cyb_proto::parse_job(req.spec_json.as_bytes()).map_err(RpcError::InvalidSpec)?;
+        // (A container's working directory is `docker.workdir`, in the container.)
         if spec.cwd.is_none()
+            && spec.docker.is_none()
             && let Some(cwd) = req.default_cwd.filter(|c| c.starts_with('/'))
         {
             spec.cwd = Some(cwd);

@@ -197,6 +197,9 @@ pub struct Outcome {
     /// The GPUs the attempt held.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<HeldGpu>,
+    /// The container the attempt ran in (docker jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     /// What went wrong around the job without deciding how it ended: artifacts that could
     /// not be collected, a cgroup that could not be cleaned up.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -216,6 +219,7 @@ impl Outcome {
             peak_memory_bytes: None,
             cpu_usage_ms: None,
             gpus: Vec::new(),
+            container_id: None,
             errors: Vec::new(),
         }
     }
@@ -230,6 +234,20 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RunHandle {
+    /// A container, driven by a supervisor exactly as a native job is (the supervisor
+    /// attaches to it, starts it, stops it and records how it ended).
+    Docker {
+        /// The container's name (`cyb-<instance>-<job>-<attempt>`), fixed before it is
+        /// created, so a record written while it was being created still finds it.
+        container: String,
+        /// The engine's id of the container, once created.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        container_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        supervisor: Option<ProcRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<String>,
+    },
     Native {
         /// The attempt's supervisor, once it has been handed the job.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,6 +264,21 @@ impl RunHandle {
     pub fn backend(&self) -> crate::spec::Backend {
         match self {
             RunHandle::Native { .. } => crate::spec::Backend::Native,
+            RunHandle::Docker { .. } => crate::spec::Backend::Docker,
+        }
+    }
+
+    /// The attempt's supervisor (every backend so far runs one per attempt).
+    pub fn supervisor(&self) -> Option<ProcRef> {
+        match self {
+            RunHandle::Native { supervisor, .. } | RunHandle::Docker { supervisor, .. } => *supervisor,
+        }
+    }
+
+    /// The boot the attempt started in.
+    pub fn boot_id(&self) -> Option<&str> {
+        match self {
+            RunHandle::Native { boot_id, .. } | RunHandle::Docker { boot_id, .. } => boot_id.as_deref(),
         }
     }
 }

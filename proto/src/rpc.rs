@@ -186,8 +186,41 @@ pub struct Health {
     pub cgroups: CgroupHealth,
     pub devices: DeviceHealth,
     pub gpus: GpuHealth,
+    /// The Docker engine docker jobs run on.
+    #[serde(default)]
+    pub docker: DockerHealth,
     /// One line per problem a person should act on; empty when all is well.
     pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DockerHealth {
+    /// The Engine API socket.
+    pub socket: String,
+    /// Docker jobs are allowed here (`[docker] allowed_images` is set).
+    pub configured: bool,
+    /// The last check reached the engine.
+    pub reachable: bool,
+    /// Why docker jobs cannot run now, if they cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    #[serde(default)]
+    pub server_version: String,
+    /// The API version cybd and the engine agreed on.
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub cgroup_driver: String,
+    #[serde(default)]
+    pub cgroup_version: String,
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// The engine can give containers GPUs (it has `[docker] gpu_runtime`).
+    #[serde(default)]
+    pub gpus: bool,
+    /// Why GPU docker jobs are refused, if they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_problem: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -16,7 +16,7 @@ use crate::output;
 const PAYLOAD_FIELDS: [&str; 4] = ["command", "shell", "docker", "task"];
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("payload").required(true).multiple(true).args(["file", "shell", "command"])))]
+#[command(group(ArgGroup::new("payload").required(true).multiple(true).args(["file", "shell", "command", "image"])))]
 pub struct Args {
     /// Job file (JSON, as in the spool; `-` reads stdin); flags given alongside replace its fields
     #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -25,6 +25,28 @@ pub struct Args {
     /// Run SCRIPT with /bin/sh -c instead of a command
     #[arg(long, value_name = "SCRIPT", conflicts_with = "command")]
     pub shell: Option<String>,
+
+    /// Run the command (after `--`; the image's own without one) in a container of IMAGE on
+    /// this host's Docker engine (only images the admin allows; sets `docker.image`)
+    #[arg(long, value_name = "IMAGE", conflicts_with = "shell")]
+    pub image: Option<String>,
+
+    /// Bind-mount a host path into the container, read-only with `:ro` (repeatable; only
+    /// under the admin's `[docker] allowed_mount_prefixes`; sets `docker.mounts`)
+    #[arg(long = "mount", value_name = "HOST:CTR[:ro]", requires = "image")]
+    pub mounts: Vec<String>,
+
+    /// Docker network to join [default: none] (only networks the admin allows)
+    #[arg(long, value_name = "NAME", requires = "image")]
+    pub network: Option<String>,
+
+    /// Working directory in the container [default: the image's]
+    #[arg(long, value_name = "DIR", requires = "image")]
+    pub workdir: Option<String>,
+
+    /// Override the image's entrypoint with PROGRAM
+    #[arg(long, value_name = "PROGRAM", requires = "image")]
+    pub entrypoint: Option<String>,
 
     /// Job name [default: chosen by cybd from the command]
     #[arg(long, value_name = "NAME")]
@@ -67,13 +89,14 @@ pub struct Args {
     pub env: Vec<String>,
 
     /// Which of your environment variables the job gets, as sbatch's --export: ALL (the
-    /// default), NONE, or a comma-separated list of NAME or NAME=VALUE. `--env` and the
-    /// file's `env` are added on top either way.
-    #[arg(long, value_name = "ALL|NONE|NAME[=VALUE],...", default_value = "ALL")]
-    pub export: String,
+    /// default), NONE (the default with --image: a container keeps its image's
+    /// environment, as with `docker run`), or a comma-separated list of NAME or NAME=VALUE.
+    /// `--env` and the file's `env` are added on top either way.
+    #[arg(long, value_name = "ALL|NONE|NAME[=VALUE],...")]
+    pub export: Option<String>,
 
     /// Working directory [default: the current directory]
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
     pub cwd: Option<PathBuf>,
 
     /// Wait for the job to end and exit with its exit code
@@ -125,8 +148,13 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     let mut spec = build_spec(base, &args, cwd.as_deref().ok())?;
     let caller =
         std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-    export_env(&mut spec, &args.export, caller)?;
-    let default_cwd = if spec.contains_key("cwd") {
+    let export = match (&args.export, spec.contains_key("docker")) {
+        (Some(e), _) => e.as_str(),
+        (None, true) => "NONE",
+        (None, false) => "ALL",
+    };
+    export_env(&mut spec, export, caller)?;
+    let default_cwd = if spec.contains_key("cwd") || spec.contains_key("docker") {
         None
     } else {
         let cwd = cwd.map_err(|e| {
@@ -309,7 +337,26 @@ pub fn build_spec(
     if let Some(shell) = &args.shell {
         set_payload(&mut spec, "shell", json!(shell));
     }
-    if !args.command.is_empty() {
+    if let Some(image) = &args.image {
+        let mut d = Map::new();
+        d.insert("image".into(), json!(image));
+        if !args.command.is_empty() {
+            d.insert("command".into(), json!(args.command));
+        }
+        if let Some(e) = &args.entrypoint {
+            d.insert("entrypoint".into(), json!([e]));
+        }
+        if !args.mounts.is_empty() {
+            d.insert("mounts".into(), json!(args.mounts));
+        }
+        if let Some(n) = &args.network {
+            d.insert("network".into(), json!(n));
+        }
+        if let Some(w) = &args.workdir {
+            d.insert("workdir".into(), json!(w));
+        }
+        set_payload(&mut spec, "docker", Value::Object(d));
+    } else if !args.command.is_empty() {
         set_payload(&mut spec, "command", json!(args.command));
     }
     if let Some(name) = &args.name {
@@ -480,8 +527,13 @@ mod tests {
         let mut spec = build(&cmd);
         assert!(export_env(&mut spec, "CYB_JOB_ID=3", caller()).is_err());
         // The flag parses, and defaults to ALL.
-        assert_eq!(args(&cmd).export, "ALL");
-        assert_eq!(args(&["submit", "--export", "NONE", "--", "true"]).export, "NONE");
+        assert_eq!(args(&cmd).export, None);
+        assert_eq!(
+            args(&["submit", "--export", "NONE", "--", "true"])
+                .export
+                .as_deref(),
+            Some("NONE")
+        );
     }
 
     #[test]

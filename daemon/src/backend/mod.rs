@@ -18,6 +18,7 @@
 //! ([`AttemptEnd`]): the scheduler turns that into the job's next state without knowing
 //! which backend ran it (`scheduler::outcome`).
 
+pub mod docker;
 pub mod native;
 
 use std::collections::BTreeSet;
@@ -78,6 +79,8 @@ pub struct Usage {
     pub finished_at: Option<Timestamp>,
     pub peak_memory_bytes: Option<u64>,
     pub cpu_ms: Option<u64>,
+    /// The container the attempt ran in (docker jobs).
+    pub container_id: Option<String>,
 }
 
 /// The end of one attempt: how, what it used, and what went wrong around it without
@@ -114,6 +117,7 @@ pub struct Attempt {
 /// the backend that made it looks inside.
 pub enum Prepared {
     Native(native::Prepared),
+    Docker(docker::Prepared),
 }
 
 /// A committed attempt.
@@ -173,6 +177,8 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start docker job {id}: {why}")]
+    Docker { id: JobId, why: String },
     #[error("the start of job {id} failed: {why}")]
     Task { id: JobId, why: String },
 }
@@ -188,8 +194,14 @@ pub trait Backend: Send + Sync {
     fn not_enforced(&self, _spec: &JobSpec, _cfg: &Config) -> Option<cyb_proto::NotEnforced> {
         None
     }
-    /// The handle recorded in the `running` record while the attempt is being prepared.
-    fn handle_before_start(&self) -> RunHandle;
+    /// Whether jobs can start now (the engine or controller they need answers); a job
+    /// whose backend is not ready stays queued, and `why` is what `cybctl show` says.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// The handle recorded in the `running` record while attempt `attempt` of job `id` is
+    /// being prepared.
+    fn handle_before_start(&self, id: JobId, attempt: u32) -> RunHandle;
     /// Makes everything ready for the attempt without starting the job.
     fn prepare(&self, a: Attempt) -> BoxFuture<Result<Prepared, BackendError>>;
     /// Starts the prepared job: called only once its `running` record is durable.

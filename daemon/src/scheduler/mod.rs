@@ -27,7 +27,7 @@ mod start;
 mod submit;
 mod tally;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,6 +169,9 @@ pub struct Scheduler {
     cleaning: HashMap<JobId, crate::history::Past>,
     /// When `[retention]` last ran, and whether its removal is under way.
     retention: (Option<std::time::Instant>, bool),
+    /// Backends that could not start jobs at the last scheduling (the Docker engine was
+    /// down...), with why: their jobs stay queued, and scheduling looks again every second.
+    backends_down: BTreeMap<cyb_proto::spec::Backend, String>,
 }
 
 impl Scheduler {
@@ -222,6 +225,10 @@ impl Scheduler {
                         last_status = line;
                     }
                     self.retention_due();
+                    if !self.backends_down.is_empty() {
+                        self.schedule();
+                        self.flush();
+                    }
                 }
             }
         }

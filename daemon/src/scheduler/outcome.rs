@@ -168,6 +168,7 @@ fn outcome(
         peak_memory_bytes: usage.peak_memory_bytes,
         cpu_usage_ms: usage.cpu_ms,
         gpus: a.gpus.clone(),
+        container_id: usage.container_id.clone(),
         errors,
     }
 }

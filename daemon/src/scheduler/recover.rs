@@ -146,6 +146,7 @@ impl Scheduler {
             gpu_probing: false,
             cleaning: HashMap::new(),
             retention: (None, false),
+            backends_down: Default::default(),
         };
         let mut to_adopt = Vec::new();
         for rec in live {

@@ -57,8 +57,12 @@ impl Scheduler {
         if self.paused {
             return;
         }
+        let was_down = std::mem::take(&mut self.backends_down);
         for class in Class::ALL {
             let slots = self.cfg.class(class).slots;
+            // Heads whose backend cannot start jobs now: they keep their place, and the
+            // jobs behind them of other backends go ahead.
+            let mut deferred = Vec::new();
             loop {
                 let busy = self.running_per_class.get(&class).copied().unwrap_or(0);
                 if busy >= slots {
@@ -70,6 +74,15 @@ impl Scheduler {
                 // cancel/retry): it starts once that is done.
                 if self.phases.contains_key(&id) {
                     self.ready.pop(class);
+                    continue;
+                }
+                if let Some(kind) = self.jobs.get(&id).map(|r| r.spec.backend())
+                    && let Some(b) = self.backends.get(kind)
+                    && let Err(why) = b.ready()
+                {
+                    self.ready.pop(class);
+                    deferred.push(id);
+                    self.backends_down.insert(kind, why);
                     continue;
                 }
                 // GPUs: the head of the class waits until enough are free; jobs of other
@@ -93,6 +106,27 @@ impl Scheduler {
                 } else {
                     self.claim_gpus(id, class, gpus);
                 }
+            }
+            for id in deferred {
+                if let Some(r) = self.jobs.get(&id) {
+                    self.ready.insert(class, r.priority, id);
+                }
+            }
+        }
+        for (kind, why) in &self.backends_down {
+            if !was_down.contains_key(kind) {
+                info!("{kind} jobs wait in the queue: {why}");
+            }
+        }
+        for (kind, why) in was_down {
+            if self.backends_down.contains_key(&kind) {
+                continue;
+            }
+            if self.backends.get(kind).is_some_and(|b| b.ready().is_ok()) {
+                info!("{kind} jobs can start again");
+            } else {
+                // None of its jobs came up this time (their classes were full).
+                self.backends_down.insert(kind, why);
             }
         }
     }
@@ -180,7 +214,7 @@ impl Scheduler {
             started_at: now,
             attempt,
             gpus: gpus.clone(),
-            handle: backend.handle_before_start(),
+            handle: backend.handle_before_start(id, attempt),
         };
         let class = rec.spec.class();
         let rec = rec.clone();

@@ -104,9 +104,13 @@ pub struct DockerSpec {
     /// `host_path:container_path[:ro]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mounts: Vec<String>,
-    /// Network mode, e.g. `none`, `bridge`.
+    /// Network to join (`none` unless named; only networks `[docker] allowed_networks`
+    /// lists are accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Working directory inside the container (the image's otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
 }
 
 /// Built-in task kinds.
@@ -285,7 +289,7 @@ pub enum Payload<'a> {
 }
 
 /// The backend that runs a payload.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     Native,
@@ -458,6 +462,26 @@ impl JobSpec {
                 && c.is_empty()
             {
                 return Err(SpecError::field("docker.command", "must not be empty when given"));
+            }
+            if let Some(w) = &d.workdir
+                && (!w.starts_with('/') || w.contains('\0'))
+            {
+                return Err(SpecError::field(
+                    "docker.workdir",
+                    format!("`{w}` is not an absolute path in the container"),
+                ));
+            }
+            if !self.artifacts.is_empty() {
+                return Err(SpecError::field(
+                    "artifacts",
+                    "docker jobs write artifacts to /cyb/artifacts in the container (the run directory's artifacts/); `artifacts` globs are for native jobs",
+                ));
+            }
+            if self.cwd.is_some() {
+                return Err(SpecError::field(
+                    "cwd",
+                    "a docker job's working directory is `docker.workdir` (a path in the container)",
+                ));
             }
             for (i, m) in d.mounts.iter().enumerate() {
                 let parts: Vec<&str> = m.split(':').collect();

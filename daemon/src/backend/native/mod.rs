@@ -43,18 +43,21 @@ use supervisor::{ExitRecord, Launch};
 #[derive(Clone)]
 pub struct Native {
     /// Paths only (they do not change while cybd runs).
-    cfg: Arc<Config>,
-    host: Arc<Host>,
-    launcher: Arc<Launcher>,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) host: Arc<Host>,
+    pub(crate) launcher: Arc<Launcher>,
     /// This boot's id, recorded with every attempt it starts.
-    boot_id: Option<String>,
+    pub(crate) boot_id: Option<String>,
 }
 
 /// A supervisor that waits for its job.
 pub struct Prepared {
-    spawned: runner::Spawned,
-    launch: Launch,
+    pub(crate) spawned: runner::Spawned,
+    pub(crate) launch: Launch,
 }
+
+/// Makes the handle recorded for a supervised attempt, given its supervisor.
+pub(crate) type HandleOf = Arc<dyn Fn(Option<ProcRef>) -> RunHandle + Send + Sync>;
 
 impl Native {
     pub fn new(cfg: Arc<Config>, host: Arc<Host>) -> Native {
@@ -83,7 +86,7 @@ impl Native {
 
     /// The end of an attempt, once its supervisor is gone; an attempt lost with its
     /// supervisor first has whatever it left in its cgroup killed and the cgroup removed.
-    fn watch(&self, id: JobId, run: Running) -> BoxFuture<AttemptEnd> {
+    pub(crate) fn watch(&self, id: JobId, run: Running) -> BoxFuture<AttemptEnd> {
         let host = self.host.clone();
         Box::pin(async move {
             match runner::wait(&run).await {
@@ -95,14 +98,14 @@ impl Native {
 }
 
 /// A lost attempt: nobody watches what it left running, so that is killed first.
-async fn lost(host: Arc<Host>, id: JobId, why: String) -> AttemptEnd {
+pub(crate) async fn lost(host: Arc<Host>, id: JobId, why: String) -> AttemptEnd {
     let _ = tokio::task::spawn_blocking(move || host.remove_job_cgroup(id)).await;
     AttemptEnd::of(Exit::Lost { why })
 }
 
 /// Turns a supervisor's exit record into the typed end; the memory cgroup it left for the
 /// next job goes back to the pool.
-fn end_of(host: &Host, mut e: ExitRecord) -> AttemptEnd {
+pub(crate) fn end_of(host: &Host, mut e: ExitRecord) -> AttemptEnd {
     if let Some(spare) = e.spare.take() {
         host.keep_spare(spare);
     }
@@ -164,12 +167,13 @@ pub fn attempt_end(e: ExitRecord) -> AttemptEnd {
             finished_at: e.finished_at,
             peak_memory_bytes: e.peak_memory_bytes,
             cpu_ms: e.cpu_usage_ms,
+            container_id: e.container_id,
         },
         errors,
     }
 }
 
-fn task_failed(id: JobId, e: tokio::task::JoinError) -> BackendError {
+pub(crate) fn task_failed(id: JobId, e: tokio::task::JoinError) -> BackendError {
     BackendError::Task {
         id,
         why: e.to_string(),
@@ -206,7 +210,7 @@ impl Backend for Native {
         self.host.not_enforced(cfg, spec)
     }
 
-    fn handle_before_start(&self) -> RunHandle {
+    fn handle_before_start(&self, _id: JobId, _attempt: u32) -> RunHandle {
         self.handle(None)
     }
 
@@ -215,39 +219,7 @@ impl Backend for Native {
         let id = a.rec.id;
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                let Attempt {
-                    rec,
-                    attempt,
-                    gpus,
-                    leases,
-                    cfg,
-                } = a;
-                let acct = users::account_cached(rec.owner.uid).map_err(|e| BackendError::Account {
-                    id,
-                    uid: rec.owner.uid,
-                    why: e.to_string(),
-                })?;
-                let mut launch = runner::launch_for(&cfg, &rec, &acct, attempt, &gpus, host.gpu_env(&gpus))?;
-                let conf = host
-                    .prepare(&cfg, &rec, &gpus, leases, attempt)
-                    .map_err(|source| BackendError::Host { id, source })?;
-                launch.cgroup = conf.cgroup;
-                let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
-                let files = SupFiles::new(&cfg, id);
-                match runner::spawn_supervisor(&launcher, files, &rec, &launch, &held) {
-                    Ok(spawned) => {
-                        drop(held);
-                        crate::host::hand_gpus_to(conf.gpus, spawned.pid());
-                        Ok(AnyPrepared::Native(Prepared { spawned, launch }))
-                    }
-                    Err(e) => {
-                        drop(held);
-                        if let Some(cg) = &launch.cgroup {
-                            let _ = cg.remove();
-                        }
-                        Err(e)
-                    }
-                }
+                prepare_supervised(&host, &launcher, a, runner::launch_for, true).map(AnyPrepared::Native)
             })
             .await
             .map_err(|e| task_failed(id, e))?
@@ -255,98 +227,28 @@ impl Backend for Native {
     }
 
     fn commit(&self, p: AnyPrepared) -> BoxFuture<Result<Started, BackendError>> {
-        let AnyPrepared::Native(p) = p;
-        let id = p.launch.job_id;
+        let AnyPrepared::Native(p) = p else {
+            return Box::pin(async { Err(BackendError::Task { id: 0, why: "not a native attempt".into() }) });
+        };
         let this = self.clone();
-        Box::pin(async move {
-            let run = tokio::task::spawn_blocking(move || runner::hand_over(p.spawned, &p.launch))
-                .await
-                .map_err(|e| task_failed(id, e))?;
-            Ok(Started {
-                handle: this.handle(Some(run.proc_ref())),
-                end: this.watch(id, run),
-            })
-        })
+        self.commit_as(p, Arc::new(move |sup| this.handle(sup)))
     }
 
     fn abort(&self, p: AnyPrepared) -> BoxFuture<()> {
-        let AnyPrepared::Native(p) = p;
-        Box::pin(async move {
-            let _ = tokio::task::spawn_blocking(move || {
-                runner::abandon(p.spawned);
-                if let Some(cg) = &p.launch.cgroup {
-                    let _ = cg.remove();
-                }
-            })
-            .await;
-        })
+        let AnyPrepared::Native(p) = p else {
+            return Box::pin(async {});
+        };
+        Self::abort_prepared(p)
     }
 
     /// The supervisor keeps the grace period it was started with (`kill_grace` then).
     fn cancel(&self, id: JobId, handle: &RunHandle, _grace: Duration) -> BoxFuture<Result<(), BackendError>> {
-        let RunHandle::Native {
-            supervisor: Some(sup),
-            ..
-        } = handle.clone()
-        else {
-            // Not handed over yet: the scheduler cancels it once it is.
-            return Box::pin(async { Ok(()) });
-        };
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || runner::cancel(sup))
-                .await
-                .map_err(|e| task_failed(id, e))?
-                .map_err(|source| BackendError::Signal {
-                    id,
-                    pid: sup.pid,
-                    source,
-                })
-        })
+        Self::cancel_supervised(id, handle)
     }
 
     fn adopt(&self, rec: &JobRecord) -> BoxFuture<Adoption> {
-        let id = rec.id;
-        let (attempt, rebooted) = match &rec.state {
-            cyb_proto::JobState::Running {
-                attempt,
-                handle: RunHandle::Native { boot_id, .. },
-                ..
-            } => (*attempt, boot_id.is_some() && *boot_id != self.boot_id),
-            _ => {
-                return Box::pin(async move {
-                    Adoption::Ended(AttemptEnd::of(Exit::Lost {
-                        why: format!("job {id} is not a running native job"),
-                    }))
-                });
-            }
-        };
-        let files = SupFiles::new(&self.cfg, id);
-        let run_dir = PathBuf::from(&rec.run_dir);
         let this = self.clone();
-        Box::pin(async move {
-            let found =
-                tokio::task::spawn_blocking(move || runner::adopt(files, &run_dir, attempt, rebooted))
-                    .await
-                    .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
-            match found {
-                Adopted::Alive(run) => {
-                    info!(job_id = id, pid = run.sup.pid, "re-adopted running job");
-                    Adoption::Running(Started {
-                        handle: this.handle(Some(run.proc_ref())),
-                        end: this.watch(id, run),
-                    })
-                }
-                Adopted::Ended(e) => Adoption::Ended(end_of(&this.host, e)),
-                Adopted::Lost(why) => Adoption::Ended(lost(this.host.clone(), id, why).await),
-                Adopted::NeverLaunched => {
-                    info!(
-                        job_id = id,
-                        "job was being started when cybd stopped; queueing it again"
-                    );
-                    Adoption::Ended(AttemptEnd::of(Exit::NotStarted(NotStarted::Interrupted)))
-                }
-            }
-        })
+        self.adopt_as(rec, Arc::new(move |sup| this.handle(sup)))
     }
 
     fn finished(&self, id: JobId) -> BoxFuture<()> {
@@ -367,6 +269,164 @@ impl Backend for Native {
                 runner::sweep_sup_dir(&cfg, &recorded);
             })
             .await;
+        })
+    }
+}
+
+/// Builds an attempt's launch description: (config, record, account, attempt, GPUs, GPU
+/// environment).
+pub(crate) type LaunchOf = fn(
+    &Config,
+    &JobRecord,
+    &users::Account,
+    u32,
+    &[u32],
+    Vec<(String, String)>,
+) -> Result<Launch, BackendError>;
+
+/// Prepares a supervised attempt (blocking): the job's cgroup with its limits and device
+/// rules, its GPU locks handed to a supervisor that waits for the launch `launch_of` makes.
+/// `confine`: the job gets a cgroup of cybd's (a native job); a container gets its cgroup
+/// from the engine, so a docker job only takes its GPU locks here.
+pub(crate) fn prepare_supervised(
+    host: &Host,
+    launcher: &Launcher,
+    a: Attempt,
+    launch_of: LaunchOf,
+    confine: bool,
+) -> Result<Prepared, BackendError> {
+    let Attempt {
+        rec,
+        attempt,
+        gpus,
+        leases,
+        cfg,
+    } = a;
+    let id = rec.id;
+    let acct = users::account_cached(rec.owner.uid).map_err(|e| BackendError::Account {
+        id,
+        uid: rec.owner.uid,
+        why: e.to_string(),
+    })?;
+    let mut launch = launch_of(&cfg, &rec, &acct, attempt, &gpus, host.gpu_env(&gpus))?;
+    let conf = if confine {
+        host.prepare(&cfg, &rec, &gpus, leases, attempt)
+            .map_err(|source| BackendError::Host { id, source })?
+    } else {
+        crate::host::Confinement {
+            cgroup: None,
+            gpus: leases,
+        }
+    };
+    launch.cgroup = conf.cgroup;
+    let held: Vec<_> = conf.gpus.iter().map(|l| l.as_fd()).collect();
+    let files = SupFiles::new(&cfg, id);
+    match runner::spawn_supervisor(launcher, files, &rec, &launch, &held) {
+        Ok(spawned) => {
+            drop(held);
+            crate::host::hand_gpus_to(conf.gpus, spawned.pid());
+            Ok(Prepared { spawned, launch })
+        }
+        Err(e) => {
+            drop(held);
+            if let Some(cg) = &launch.cgroup {
+                let _ = cg.remove();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What every supervised backend shares: handing over, abandoning, cancelling and adopting
+/// an attempt run by a supervisor; only the handle recorded differs.
+impl Native {
+    pub(crate) fn commit_as(&self, p: Prepared, handle_of: HandleOf) -> BoxFuture<Result<Started, BackendError>> {
+        let id = p.launch.job_id;
+        let this = self.clone();
+        Box::pin(async move {
+            let run = tokio::task::spawn_blocking(move || runner::hand_over(p.spawned, &p.launch))
+                .await
+                .map_err(|e| task_failed(id, e))?;
+            Ok(Started {
+                handle: handle_of(Some(run.proc_ref())),
+                end: this.watch(id, run),
+            })
+        })
+    }
+
+    pub(crate) fn abort_prepared(p: Prepared) -> BoxFuture<()> {
+        Box::pin(async move {
+            let _ = tokio::task::spawn_blocking(move || {
+                runner::abandon(p.spawned);
+                if let Some(cg) = &p.launch.cgroup {
+                    let _ = cg.remove();
+                }
+            })
+            .await;
+        })
+    }
+
+    /// Asks the attempt's supervisor to cancel its job; it keeps the grace period it was
+    /// started with (`kill_grace` then).
+    pub(crate) fn cancel_supervised(id: JobId, handle: &RunHandle) -> BoxFuture<Result<(), BackendError>> {
+        let Some(sup) = handle.supervisor() else {
+            // Not handed over yet: the scheduler cancels it once it is.
+            return Box::pin(async { Ok(()) });
+        };
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || runner::cancel(sup))
+                .await
+                .map_err(|e| task_failed(id, e))?
+                .map_err(|source| BackendError::Signal {
+                    id,
+                    pid: sup.pid,
+                    source,
+                })
+        })
+    }
+
+    /// Finds the supervisor of the attempt `rec` (running) describes.
+    pub(crate) fn adopt_as(&self, rec: &JobRecord, handle_of: HandleOf) -> BoxFuture<Adoption> {
+        let id = rec.id;
+        let (attempt, rebooted) = match &rec.state {
+            cyb_proto::JobState::Running { attempt, handle, .. } => (
+                *attempt,
+                handle.boot_id().is_some() && handle.boot_id() != self.boot_id.as_deref(),
+            ),
+            _ => {
+                return Box::pin(async move {
+                    Adoption::Ended(AttemptEnd::of(Exit::Lost {
+                        why: format!("job {id} is not running"),
+                    }))
+                });
+            }
+        };
+        let files = SupFiles::new(&self.cfg, id);
+        let run_dir = PathBuf::from(&rec.run_dir);
+        let this = self.clone();
+        Box::pin(async move {
+            let found =
+                tokio::task::spawn_blocking(move || runner::adopt(files, &run_dir, attempt, rebooted))
+                    .await
+                    .unwrap_or_else(|e| Adopted::Lost(format!("adoption failed: {e}")));
+            match found {
+                Adopted::Alive(run) => {
+                    info!(job_id = id, pid = run.sup.pid, "re-adopted running job");
+                    Adoption::Running(Started {
+                        handle: handle_of(Some(run.proc_ref())),
+                        end: this.watch(id, run),
+                    })
+                }
+                Adopted::Ended(e) => Adoption::Ended(end_of(&this.host, e)),
+                Adopted::Lost(why) => Adoption::Ended(lost(this.host.clone(), id, why).await),
+                Adopted::NeverLaunched => {
+                    info!(
+                        job_id = id,
+                        "job was being started when cybd stopped; queueing it again"
+                    );
+                    Adoption::Ended(AttemptEnd::of(Exit::NotStarted(NotStarted::Interrupted)))
+                }
+            }
         })
     }
 }

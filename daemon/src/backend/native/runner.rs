@@ -191,26 +191,48 @@ pub fn launch_for(
     gpus: &[u32],
     gpu_env: Vec<(String, String)>,
 ) -> Result<Launch, BackendError> {
-    let argv = rec.spec.argv().ok_or(BackendError::WrongBackend {
-        id: rec.id,
-        backend: cyb_proto::spec::Backend::Native,
-    })?;
+    let docker = rec.spec.docker.is_some();
+    let argv = match rec.spec.argv() {
+        Some(a) => a,
+        // A container's command is in its create request, not here.
+        None if docker => Vec::new(),
+        None => {
+            return Err(BackendError::WrongBackend {
+                id: rec.id,
+                backend: cyb_proto::spec::Backend::Native,
+            });
+        }
+    };
     let run_dir = &rec.run_dir;
-    let mut env: Vec<(String, String)> = vec![
-        ("HOME".into(), acct.home.clone()),
-        ("USER".into(), acct.name.clone()),
-        ("LOGNAME".into(), acct.name.clone()),
-        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
-    ];
+    // A container keeps its image's HOME and PATH.
+    let mut env: Vec<(String, String)> = match docker {
+        true => Vec::new(),
+        false => vec![
+            ("HOME".into(), acct.home.clone()),
+            ("USER".into(), acct.name.clone()),
+            ("LOGNAME".into(), acct.name.clone()),
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ],
+    };
     // The job's own `env` (from cybctl: the submitter's environment) replaces the defaults;
     // what cybd sets last (its CYB_* and the GPU variables) replaces the job's, so a
     // CUDA_VISIBLE_DEVICES from the submitter's shell never names GPUs the job was not given.
-    let ours = [
-        ("CYB_JOB_ID".to_string(), rec.id.to_string()),
-        ("CYB_RUN_DIR".to_string(), run_dir.clone()),
-        ("CYB_ARTIFACTS_DIR".to_string(), format!("{run_dir}/artifacts")),
-        ("CYB_ATTEMPT".to_string(), attempt.to_string()),
-    ];
+    let ours = match docker {
+        true => vec![
+            ("CYB_JOB_ID".to_string(), rec.id.to_string()),
+            (
+                "CYB_ARTIFACTS_DIR".to_string(),
+                crate::backend::docker::request::ARTIFACTS_MOUNT.to_string(),
+            ),
+            ("CYB_ATTEMPT".to_string(), attempt.to_string()),
+        ],
+        false => vec![
+            ("CYB_JOB_ID".to_string(), rec.id.to_string()),
+            ("CYB_RUN_DIR".to_string(), run_dir.clone()),
+            ("CYB_ARTIFACTS_DIR".to_string(), format!("{run_dir}/artifacts")),
+            ("CYB_ATTEMPT".to_string(), attempt.to_string()),
+        ],
+    };
     let given = rec.spec.env.iter().map(|(k, v)| (k.clone(), v.clone()));
     for (k, v) in given.chain(ours).chain(gpu_env) {
         env.retain(|(ek, _)| *ek != k);
@@ -234,6 +256,7 @@ pub fn launch_for(
         artifacts: rec.spec.artifacts.clone(),
         cgroup: None,
         gpus: gpus.to_vec(),
+        docker: None,
     })
 }
 

@@ -64,6 +64,10 @@ pub struct Launch {
     /// GPUs the job holds (their lockfiles are among the supervisor's held descriptors).
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// Set for a docker job: the supervisor drives this container instead of starting
+    /// `argv` itself (`backend::docker::shim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<crate::backend::docker::shim::DockerLaunch>,
 }
 
 /// Written by the daemon right after it starts a supervisor; used to adopt it later.
@@ -117,6 +121,9 @@ pub struct ExitRecord {
     /// The job's memory cgroup, kept for another job ([`crate::cgroup::Spare`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spare: Option<crate::cgroup::Spare>,
+    /// The container the job ran in (docker jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 /// Runs one supervisor (in a process forked by the launcher, stdin the launch pipe) and
@@ -295,6 +302,23 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
             return;
         }
     };
+    if let Some(d) = &l.docker {
+        if let Err(e) = ensure_artifacts_dir(dir, run_dir, l, as_root) {
+            exit.error = Some(e);
+            return;
+        }
+        let logs = [
+            LogFile::new(out_file, l.max_log_bytes),
+            LogFile::new(err_file, l.max_log_bytes),
+        ];
+        crate::backend::docker::shim::run(l, d, logs, signals, exit);
+        if exit.started
+            && let Some(cg) = &l.cgroup
+        {
+            finish_cgroup(cg, exit);
+        }
+        return;
+    }
     if l.argv.is_empty() {
         exit.error = Some("empty command".into());
         return;
@@ -384,7 +408,7 @@ fn run(dir: &OwnedFd, run_dir: &Path, l: &Launch, exit: &mut ExitRecord, signals
 
 /// After the job (whose cgroup the watch loop already killed): what it used is read, its
 /// memory cgroup is kept for another job where it may be, and the rest is removed.
-fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
+pub(crate) fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
     // The watch loop killed the cgroup when the job's main process ended.
     let mut problems = Vec::new();
     let mut cg = cg.clone();
@@ -392,7 +416,8 @@ fn finish_cgroup(cg: &crate::cgroup::JobCgroup, exit: &mut ExitRecord) {
         Ok((st, spare)) => {
             exit.peak_memory_bytes = st.peak_memory_bytes;
             exit.cpu_usage_ms = st.cpu_usage_ms;
-            exit.oom_killed = st.oom_killed;
+            // (A docker job's engine may have said so already.)
+            exit.oom_killed |= st.oom_killed;
             exit.spare = spare;
         }
         Err(e) => problems.push(e.to_string()),
@@ -415,13 +440,47 @@ enum EndedBy {
     Timeout,
 }
 
-/// One output stream of the job: a pipe copied into a log file, capped, the cut marked.
+/// One output stream of the job: a pipe copied into a log file.
 struct LogSink {
     pipe: Option<OwnedFd>,
+    log: LogFile,
+}
+
+/// A log file of the run directory, capped at `max_log_bytes`, the cut marked.
+pub(crate) struct LogFile {
     file: File,
     cap: u64,
     written: u64,
     cut: bool,
+}
+
+impl LogFile {
+    pub(crate) fn new(file: File, cap: u64) -> LogFile {
+        LogFile {
+            file,
+            cap,
+            written: 0,
+            cut: false,
+        }
+    }
+
+    /// Appends `data`, up to the cap; past it, drops the rest (once marking the cut).
+    pub(crate) fn keep(&mut self, data: &[u8]) {
+        if self.cut {
+            return; // keep draining so the job never blocks on a full pipe
+        }
+        let room = self.cap.saturating_sub(self.written);
+        let take = (data.len() as u64).min(room) as usize;
+        if take > 0 && self.file.write_all(&data[..take]).is_err() {
+            self.cut = true;
+            return;
+        }
+        self.written += take as u64;
+        if take < data.len() {
+            self.cut = true;
+            let _ = writeln!(self.file, "\n[cybd: output truncated at {} bytes]", self.cap);
+        }
+    }
 }
 
 impl LogSink {
@@ -430,10 +489,7 @@ impl LogSink {
         let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
         LogSink {
             pipe: Some(pipe),
-            file,
-            cap,
-            written: 0,
-            cut: false,
+            log: LogFile::new(file, cap),
         }
     }
 
@@ -448,7 +504,7 @@ impl LogSink {
                 }
                 Ok(n) => {
                     let n = n.min(buf.len());
-                    self.keep(&buf[..n]);
+                    self.log.keep(&buf[..n]);
                 }
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) => return,
@@ -457,23 +513,6 @@ impl LogSink {
                     return;
                 }
             }
-        }
-    }
-
-    fn keep(&mut self, data: &[u8]) {
-        if self.cut {
-            return; // keep draining so the job never blocks on a full pipe
-        }
-        let room = self.cap.saturating_sub(self.written);
-        let take = (data.len() as u64).min(room) as usize;
-        if take > 0 && self.file.write_all(&data[..take]).is_err() {
-            self.cut = true;
-            return;
-        }
-        self.written += take as u64;
-        if take < data.len() {
-            self.cut = true;
-            let _ = writeln!(self.file, "\n[cybd: output truncated at {} bytes]", self.cap);
         }
     }
 }
