@@ -18,6 +18,7 @@
 //! ([`AttemptEnd`]): the scheduler turns that into the job's next state without knowing
 //! which backend ran it (`scheduler::outcome`).
 
+pub mod docker;
 pub mod native;
 
 use std::collections::BTreeSet;

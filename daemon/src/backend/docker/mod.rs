@@ -1,0 +1,4 @@
+//! (placeholder doc)
+
+pub mod image;
+pub mod mounts;
