@@ -91,7 +91,7 @@ pub enum MountError {
         source: std::io::Error,
     },
     #[error(
-        "mount `{mount}`: host path {} is not under any of [docker] allowed_mount_prefixes ({prefixes})",
+        "mount `{mount}`: host path {} is not under any of [docker] allowed_mount_prefixes ({prefixes}) once `..` and symlinks are resolved",
         path.display()
     )]
     OutsidePrefixes {
@@ -125,7 +125,10 @@ pub enum MountError {
 /// - The host path is canonicalized (`..` and symlinks resolved; it must exist) and must be
 ///   one of `prefixes` or under one, component-wise (`/data2` is not under `/data`), the
 ///   prefixes being canonicalized too (one that does not exist allows nothing). No
-///   prefixes: every mount is refused.
+///   prefixes: every mount is refused. A refusal for being outside the prefixes names the
+///   path as written, and a missing path outside them is refused the same way, so that
+///   refusals do not tell where a symlink leads or what exists outside the prefixes
+///   (inside them, "does not exist" and "cannot search" still differ).
 /// - Never a unix socket, never the Docker socket (any of `sockets`, also through a hard
 ///   link) nor a directory containing it (`/run` holds `/run/docker.sock`).
 /// - `creds` must be able to reach it by mode bits alone: x on every directory from `/`
@@ -169,40 +172,54 @@ pub fn resolve(
         return Err(MountError::NoPrefixes { mount: mount() });
     }
     let host_path = Path::new(host);
-    let canonical = std::fs::canonicalize(host_path).map_err(|source| {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            MountError::HostNotFound {
-                mount: mount(),
-                path: host_path.to_path_buf(),
-            }
-        } else {
-            MountError::HostIo {
+    let canonical_prefixes: Vec<PathBuf> = prefixes
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    // Named as written, never resolved: the refusal of a path outside the prefixes says
+    // nothing about whether it exists or where its symlinks lead.
+    let outside = || MountError::OutsidePrefixes {
+        mount: mount(),
+        path: host_path.to_path_buf(),
+        prefixes: prefixes
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let canonical = match std::fs::canonicalize(host_path) {
+        Ok(c) => c,
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            let lexical = normalize(host_path);
+            let inside = prefixes
+                .iter()
+                .map(|p| normalize(p))
+                .chain(canonical_prefixes.iter().cloned())
+                .any(|p| lexical.starts_with(p));
+            return Err(if inside {
+                MountError::HostNotFound {
+                    mount: mount(),
+                    path: host_path.to_path_buf(),
+                }
+            } else {
+                outside()
+            });
+        }
+        Err(source) => {
+            return Err(MountError::HostIo {
                 mount: mount(),
                 path: host_path.to_path_buf(),
                 source,
-            }
+            });
         }
-    })?;
+    };
     let io = |path: &Path, source: std::io::Error| MountError::HostIo {
         mount: mount(),
         path: path.to_path_buf(),
         source,
     };
-
-    let under_prefix = prefixes
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .any(|p| canonical.starts_with(&p));
-    if !under_prefix {
-        return Err(MountError::OutsidePrefixes {
-            mount: mount(),
-            path: canonical,
-            prefixes: prefixes
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
+    if !canonical_prefixes.iter().any(|p| canonical.starts_with(p)) {
+        return Err(outside());
     }
 
     let meta = std::fs::metadata(&canonical).map_err(|e| io(&canonical, e))?;
@@ -269,6 +286,21 @@ pub fn resolve(
         container: container.to_string(),
         read_only,
     })
+}
+
+/// `p` with `.` dropped and `..` applied textually (not above `/`), symlinks untouched.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 const R: u32 = 4;
@@ -446,17 +478,16 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, MountError::OutsidePrefixes { .. }), "{e}");
         assert!(e.to_string().contains("allowed_mount_prefixes"), "{e}");
-        assert!(
-            e.to_string()
-                .contains(&t.top.join("outside/secret").display().to_string()),
-            "{e}"
-        );
+        assert!(e.to_string().contains("/../outside/secret"), "{e}");
         // A symlink inside the prefix pointing outside.
         std::os::unix::fs::symlink(t.top.join("outside"), t.data.join("link")).unwrap();
         let e = t
             .resolve(&t.spec(&t.data.join("link/secret"), "/x:ro"), &root())
             .unwrap_err();
         assert!(matches!(e, MountError::OutsidePrefixes { .. }), "{e}");
+        // ... without saying where the symlink leads.
+        assert!(!e.to_string().contains("outside/secret"), "{e}");
+        assert!(e.to_string().contains("link/secret"), "{e}");
         // A sibling that merely starts with the prefix's name.
         let e = t
             .resolve(&t.spec(&t.top.join("data2"), "/x:ro"), &root())
@@ -514,6 +545,16 @@ mod tests {
         let e = t.resolve(&t.spec(&missing, "/x:ro"), &root()).unwrap_err();
         assert!(matches!(e, MountError::HostNotFound { .. }), "{e}");
         assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
+        // Outside the prefixes, a missing path is refused like an existing one, so that
+        // refusals tell nothing of what exists there.
+        for p in [t.top.join("outside/missing"), t.top.join("outside/secret")] {
+            let e = t.resolve(&t.spec(&p, "/x:ro"), &root()).unwrap_err();
+            assert!(matches!(e, MountError::OutsidePrefixes { .. }), "{e}");
+        }
+        let e = t
+            .resolve(&format!("{}/../outside/missing:/x:ro", t.data.display()), &root())
+            .unwrap_err();
+        assert!(matches!(e, MountError::OutsidePrefixes { .. }), "{e}");
     }
 
     #[test]
