@@ -485,7 +485,9 @@ impl Host {
         if on && !h.reachable {
             warnings.push(format!(
                 "docker jobs wait in the queue: {}",
-                h.problem.as_deref().unwrap_or("the docker engine is not reachable")
+                h.problem
+                    .as_deref()
+                    .unwrap_or("the docker engine is not reachable")
             ));
         }
         h

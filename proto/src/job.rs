@@ -494,6 +494,9 @@ pub struct RunResult {
     pub cpu_usage_ms: Option<u64>,
     /// The backend that ran the job (`native`, `docker`, `slurm`, `builtin`).
     pub backend: crate::spec::Backend,
+    /// The container the last attempt ran in (docker jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
     /// The GPUs the last attempt held, by index and UUID.
     #[serde(default)]
     pub gpus: Vec<HeldGpu>,
@@ -540,6 +543,7 @@ impl RunResult {
             peak_memory_bytes: outcome.peak_memory_bytes,
             cpu_usage_ms: outcome.cpu_usage_ms,
             backend: rec.spec.backend(),
+            container_id: outcome.container_id.clone(),
             gpus: outcome.gpus.clone(),
             errors: outcome.errors.clone(),
         })

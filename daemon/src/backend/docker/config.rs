@@ -82,7 +82,10 @@ impl DockerConfig {
         let err = |k: &str, m: String| (format!("docker.{k}"), m);
         let socket = raw.socket.unwrap_or(d.socket);
         if !socket.is_absolute() {
-            return Err(err("socket", format!("`{}` is not an absolute path", socket.display())));
+            return Err(err(
+                "socket",
+                format!("`{}` is not an absolute path", socket.display()),
+            ));
         }
         let pull = match raw.pull.as_deref() {
             None | Some("never") => Pull::Never,
@@ -107,14 +110,18 @@ impl DockerConfig {
             if p == std::path::Path::new("/") {
                 return Err(err(
                     "allowed_mount_prefixes",
-                    "`/` would let a job mount any path of the host, the docker socket's directory included".into(),
+                    "`/` would let a job mount any path of the host, the docker socket's directory included"
+                        .into(),
                 ));
             }
         }
         let dur = |v: Option<Dur>, def: Duration, key: &str, min: Duration| match v.map(|d| d.0) {
             None => Ok(def),
             Some(x) if x >= min => Ok(x),
-            Some(_) => Err(err(key, format!("must be at least {}", humantime::format_duration(min)))),
+            Some(_) => Err(err(
+                key,
+                format!("must be at least {}", humantime::format_duration(min)),
+            )),
         };
         Ok(DockerConfig {
             socket,
@@ -123,14 +130,24 @@ impl DockerConfig {
             allowed_mount_prefixes: raw.allowed_mount_prefixes,
             pull,
             gpu_runtime: raw.gpu_runtime.unwrap_or(d.gpu_runtime),
-            api_timeout: dur(raw.api_timeout, d.api_timeout, "api_timeout", Duration::from_secs(1))?,
+            api_timeout: dur(
+                raw.api_timeout,
+                d.api_timeout,
+                "api_timeout",
+                Duration::from_secs(1),
+            )?,
             engine_check_interval: dur(
                 raw.engine_check_interval,
                 d.engine_check_interval,
                 "engine_check_interval",
                 Duration::from_millis(100),
             )?,
-            lost_engine_grace: dur(raw.lost_engine_grace, d.lost_engine_grace, "lost_engine_grace", Duration::ZERO)?,
+            lost_engine_grace: dur(
+                raw.lost_engine_grace,
+                d.lost_engine_grace,
+                "lost_engine_grace",
+                Duration::ZERO,
+            )?,
         })
     }
 }

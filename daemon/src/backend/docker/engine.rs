@@ -50,7 +50,10 @@ impl Engine {
 
     /// What the last check found.
     pub fn status(&self) -> Result<EngineInfo, String> {
-        self.last.lock().map(|g| g.clone()).unwrap_or_else(|e| e.into_inner().clone())
+        self.last
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
     }
 
     fn set(&self, v: Result<EngineInfo, String>) {
@@ -93,18 +96,9 @@ impl Engine {
             Ok(EngineInfo {
                 server_version: version.version.unwrap_or_default(),
                 api_version: format!("{}.{}", v.major_version, v.minor_version),
-                cgroup_driver: info
-                    .cgroup_driver
-                    .map(|d| d.to_string())
-                    .unwrap_or_default(),
-                cgroup_version: info
-                    .cgroup_version
-                    .map(|d| d.to_string())
-                    .unwrap_or_default(),
-                runtimes: info
-                    .runtimes
-                    .map(|r| r.into_keys().collect())
-                    .unwrap_or_default(),
+                cgroup_driver: info.cgroup_driver.map(|d| d.to_string()).unwrap_or_default(),
+                cgroup_version: info.cgroup_version.map(|d| d.to_string()).unwrap_or_default(),
+                runtimes: info.runtimes.map(|r| r.into_keys().collect()).unwrap_or_default(),
             })
         }
         .await;
@@ -133,7 +127,9 @@ impl Engine {
                             i.api_version,
                             i.cgroup_driver
                         ),
-                        Err(why) if was.is_some() => tracing::warn!("{why}; docker jobs wait until it is back"),
+                        Err(why) if was.is_some() => {
+                            tracing::warn!("{why}; docker jobs wait until it is back")
+                        }
                         Err(why) => tracing::info!("{why}; docker jobs wait until it is there"),
                     }
                     changed(up);
@@ -182,13 +178,19 @@ impl Engine {
 pub fn no_gpu_runtime(gpu_runtime: &str, runtimes: &[String]) -> String {
     format!(
         "the docker engine has no `{gpu_runtime}` runtime (it has: {}), so it cannot give containers GPUs; install the NVIDIA container toolkit, or set [docker] gpu_runtime",
-        if runtimes.is_empty() { "none".to_string() } else { runtimes.join(", ") }
+        if runtimes.is_empty() {
+            "none".to_string()
+        } else {
+            runtimes.join(", ")
+        }
     )
 }
 
 /// Connects to the engine on `socket` and negotiates the API version.
 pub async fn connect(socket: &Path, timeout: Duration) -> Result<Docker, String> {
-    let path = socket.to_str().ok_or_else(|| format!("{} is not a UTF-8 path", socket.display()))?;
+    let path = socket
+        .to_str()
+        .ok_or_else(|| format!("{} is not a UTF-8 path", socket.display()))?;
     let c = Docker::connect_with_unix(path, timeout.as_secs().max(1), bollard::API_DEFAULT_VERSION)
         .map_err(|e| engine_error(socket, &e))?;
     c.negotiate_version().await.map_err(|e| engine_error(socket, &e))
@@ -205,10 +207,7 @@ pub fn engine_error(socket: &Path, e: &bollard::errors::Error) -> String {
         E::DockerResponseServerError { status_code, message } => {
             format!("the docker engine answered {status_code}: {message}")
         }
-        E::RequestTimeoutError => format!(
-            "the docker engine on {} did not answer in time",
-            socket.display()
-        ),
+        E::RequestTimeoutError => format!("the docker engine on {} did not answer in time", socket.display()),
         other => format!(
             "the docker engine is not reachable on {}: {other}",
             socket.display()

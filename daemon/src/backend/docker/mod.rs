@@ -88,7 +88,8 @@ impl Docker {
     pub fn start_monitor(&self, changed: impl Fn(bool) + Send + 'static) {
         let cfg = &self.native.cfg;
         if configured(cfg).is_ok() {
-            self.engine.spawn_monitor(cfg.docker.engine_check_interval, changed);
+            self.engine
+                .spawn_monitor(cfg.docker.engine_check_interval, changed);
         }
     }
 
@@ -169,7 +170,13 @@ fn resolve_mounts(
     spec: &cyb_proto::spec::DockerSpec,
     creds: &mounts::Creds,
 ) -> Result<Vec<mounts::Bind>, SpecError> {
-    let sockets = [cfg.docker.socket.clone()];
+    // The engine's socket wherever it is configured, and where engines usually put theirs.
+    let sockets = [
+        cfg.docker.socket.clone(),
+        PathBuf::from("/var/run/docker.sock"),
+        PathBuf::from("/run/docker.sock"),
+        PathBuf::from("/run/containerd/containerd.sock"),
+    ];
     spec.mounts
         .iter()
         .enumerate()
@@ -181,11 +188,7 @@ fn resolve_mounts(
 }
 
 fn creds_of(acct: &crate::users::Account) -> mounts::Creds {
-    mounts::Creds {
-        uid: acct.uid,
-        gid: acct.gid,
-        groups: acct.groups.clone(),
-    }
+    mounts::Creds::from(acct)
 }
 
 /// The network a job gets: `none` unless it names one the config allows.
@@ -216,7 +219,8 @@ async fn resolve_image(
     reference: &str,
 ) -> Result<String, String> {
     let requested = image::parse_requested(reference).map_err(|e| format!("docker.image: {e}"))?;
-    let allow = image::Allowlist::new(&cfg.allowed_images).map_err(|e| format!("[docker] allowed_images: {e}"))?;
+    let allow =
+        image::Allowlist::new(&cfg.allowed_images).map_err(|e| format!("[docker] allowed_images: {e}"))?;
     let mut found = c.inspect_image(reference).await;
     if let Err(e) = &found
         && engine::not_found(e)
@@ -238,7 +242,10 @@ async fn resolve_image(
                 let mut pull = c.create_image(Some(opts), None, None);
                 while let Some(step) = pull.next().await {
                     if let Err(e) = step {
-                        return Err(format!("cannot pull image {reference}: {}", engine::engine_error(socket, &e)));
+                        return Err(format!(
+                            "cannot pull image {reference}: {}",
+                            engine::engine_error(socket, &e)
+                        ));
                     }
                 }
                 found = c.inspect_image(reference).await;
@@ -252,9 +259,15 @@ async fn resolve_image(
     }
     let img = found.map_err(|e| match engine::not_found(&e) {
         true => format!("image {reference} is not on this host's docker engine"),
-        false => format!("cannot inspect image {reference}: {}", engine::engine_error(socket, &e)),
+        false => format!(
+            "cannot inspect image {reference}: {}",
+            engine::engine_error(socket, &e)
+        ),
     })?;
-    let id = img.id.clone().ok_or_else(|| format!("the engine gave no id for image {reference}"))?;
+    let id = img
+        .id
+        .clone()
+        .ok_or_else(|| format!("the engine gave no id for image {reference}"))?;
     let names: Vec<String> = img
         .repo_tags
         .iter()
@@ -288,8 +301,12 @@ impl Backend for Docker {
         image::parse_requested(&d.image).map_err(|e| SpecError::field("docker.image", e.to_string()))?;
         network(cfg, d)?;
         if !d.mounts.is_empty() {
-            let acct = crate::users::account_cached(owner.uid)
-                .map_err(|e| SpecError::field("docker.mounts", format!("cannot check them for uid {}: {e}", owner.uid)))?;
+            let acct = crate::users::account_cached(owner.uid).map_err(|e| {
+                SpecError::field(
+                    "docker.mounts",
+                    format!("cannot check them for uid {}: {e}", owner.uid),
+                )
+            })?;
             resolve_mounts(cfg, d, &creds_of(&acct))?;
         }
         if spec.gpus() > 0
@@ -324,7 +341,10 @@ impl Backend for Docker {
             let cfg = a.cfg.clone();
             let Some(spec) = a.rec.spec.docker.clone() else {
                 crate::host::release_gpus(a.leases);
-                return Err(BackendError::WrongBackend { id, backend: Kind::Docker });
+                return Err(BackendError::WrongBackend {
+                    id,
+                    backend: Kind::Docker,
+                });
             };
             let socket = cfg.docker.socket.clone();
             let checked = async {
@@ -358,7 +378,9 @@ impl Backend for Docker {
                 .unwrap_or_default();
             let staged = tokio::task::spawn_blocking(move || {
                 let binds = match crate::users::account_cached(rec.owner.uid) {
-                    Ok(acct) => resolve_mounts(&cfg2, &spec2, &creds_of(&acct)).map_err(|e| failed(id, e.to_string())),
+                    Ok(acct) => {
+                        resolve_mounts(&cfg2, &spec2, &creds_of(&acct)).map_err(|e| failed(id, e.to_string()))
+                    }
                     Err(e) => Err(BackendError::Account {
                         id,
                         uid: rec.owner.uid,
@@ -372,7 +394,8 @@ impl Backend for Docker {
                         return Err(e);
                     }
                 };
-                native::prepare_supervised(&host, &launcher, a, native::runner::launch_for, false).map(|p| (p, binds))
+                native::prepare_supervised(&host, &launcher, a, native::runner::launch_for, false)
+                    .map(|p| (p, binds))
             })
             .await
             .map_err(|e| native::task_failed(id, e))?;
@@ -419,10 +442,17 @@ impl Backend for Docker {
                     Ok(r) => break Ok(r.id),
                     // Left by an attempt of the same number that never ran (a crash
                     // between create and record): it is ours, and goes.
-                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) if tries < 2 => {
+                    Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. })
+                        if tries < 2 =>
+                    {
                         let _ = this.remove(&name).await;
                     }
-                    Err(e) => break Err(format!("cannot create container {name}: {}", engine::engine_error(&socket, &e))),
+                    Err(e) => {
+                        break Err(format!(
+                            "cannot create container {name}: {}",
+                            engine::engine_error(&socket, &e)
+                        ));
+                    }
                 }
             };
             let container_id = match created {
@@ -437,7 +467,8 @@ impl Backend for Docker {
                 container: name.clone(),
                 container_id: container_id.clone(),
                 api_timeout_ms: u64::try_from(cfg.docker.api_timeout.as_millis()).unwrap_or(u64::MAX),
-                lost_engine_grace_ms: u64::try_from(cfg.docker.lost_engine_grace.as_millis()).unwrap_or(u64::MAX),
+                lost_engine_grace_ms: u64::try_from(cfg.docker.lost_engine_grace.as_millis())
+                    .unwrap_or(u64::MAX),
                 cgroup_parent,
                 cgroup_version: info.cgroup_version.clone(),
             });
@@ -451,7 +482,12 @@ impl Backend for Docker {
 
     fn commit(&self, p: AnyPrepared) -> BoxFuture<Result<Started, BackendError>> {
         let AnyPrepared::Docker(p) = p else {
-            return Box::pin(async { Err(BackendError::Task { id: 0, why: "not a docker attempt".into() }) });
+            return Box::pin(async {
+                Err(BackendError::Task {
+                    id: 0,
+                    why: "not a docker attempt".into(),
+                })
+            });
         };
         let boot_id = self.native.boot_id.clone();
         let (container, container_id) = (p.container, p.container_id);
@@ -474,7 +510,10 @@ impl Backend for Docker {
         Box::pin(async move {
             Native::abort_prepared(p.inner).await;
             if let Err(e) = this.remove(&p.container).await {
-                warn!("cannot remove container {} of an attempt that never started: {e}", p.container);
+                warn!(
+                    "cannot remove container {} of an attempt that never started: {e}",
+                    p.container
+                );
             }
         })
     }
@@ -583,23 +622,36 @@ impl Docker {
         let Ok(c) = self.engine.client().await else {
             return AttemptEnd::of(Exit::Lost { why });
         };
-        let Ok(i) = c.inspect_container(container, None::<InspectContainerOptions>).await else {
+        let Ok(i) = c
+            .inspect_container(container, None::<InspectContainerOptions>)
+            .await
+        else {
             return AttemptEnd::of(Exit::Lost { why });
         };
         let st = i.state.unwrap_or_default();
         if st.running == Some(true) {
             let _ = self.remove(container).await;
             return AttemptEnd::of(Exit::Lost {
-                why: format!("{why}; its container {container} was still running, unwatched, and was removed"),
+                why: format!(
+                    "{why}; its container {container} was still running, unwatched, and was removed"
+                ),
             });
         }
         let code = st.exit_code.and_then(|c| i32::try_from(c).ok());
         let exit = match (st.oom_killed, code) {
-            (Some(true), c) if c != Some(0) => Exit::OomKilled { code: c, signal: None },
-            (_, Some(code)) if st.started_at.as_deref().is_some_and(|s| !s.starts_with("0001")) => Exit::Exited { code },
+            (Some(true), c) if c != Some(0) => Exit::OomKilled {
+                code: c,
+                signal: None,
+            },
+            (_, Some(code)) if st.started_at.as_deref().is_some_and(|s| !s.starts_with("0001")) => {
+                Exit::Exited { code }
+            }
             _ => Exit::Lost { why },
         };
-        info!(job_id = id, "finalized job {id} from its container {container}, which ended while nobody watched");
+        info!(
+            job_id = id,
+            "finalized job {id} from its container {container}, which ended while nobody watched"
+        );
         AttemptEnd {
             exit,
             usage: Usage {

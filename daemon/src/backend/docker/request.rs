@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, HostConfigLogConfig};
 
 /// The path in the container where the run directory's `artifacts/` is mounted.
-pub const ARTIFACTS_MOUNT: &str = "/cyb/artifacts";
+pub use super::mounts::ARTIFACTS_MOUNT;
 
 /// Labels every container of cybd carries.
 pub const LABEL_JOB: &str = "cyb.job_id";
@@ -175,6 +175,10 @@ mod tests {
         let mut r = gpu_job();
         r.gpus.clear();
         let body = serde_json::to_value(r.body()).unwrap();
-        assert!(body["HostConfig"].get("DeviceRequests").is_none_or(|v| v.is_null()));
+        assert!(
+            body["HostConfig"]
+                .get("DeviceRequests")
+                .is_none_or(|v| v.is_null())
+        );
     }
 }

@@ -49,10 +49,18 @@ pub struct DockerLaunch {
 }
 
 type Output = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
-type Wait = Pin<Box<dyn Stream<Item = Result<bollard::models::ContainerWaitResponse, bollard::errors::Error>> + Send>>;
+type Wait = Pin<
+    Box<dyn Stream<Item = Result<bollard::models::ContainerWaitResponse, bollard::errors::Error>> + Send>,
+>;
 
 /// Drives the container of launch `l` to its end and fills in `exit`.
-pub(crate) fn run(l: &Launch, d: &DockerLaunch, mut logs: [LogFile; 2], signals: &SignalFd, exit: &mut ExitRecord) {
+pub(crate) fn run(
+    l: &Launch,
+    d: &DockerLaunch,
+    mut logs: [LogFile; 2],
+    signals: &SignalFd,
+    exit: &mut ExitRecord,
+) {
     exit.container_id = Some(d.container_id.clone());
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -83,7 +91,13 @@ enum EndedBy {
     Timeout,
 }
 
-async fn drive(l: &Launch, d: &DockerLaunch, logs: &mut [LogFile; 2], signals: &SignalFd, exit: &mut ExitRecord) {
+async fn drive(
+    l: &Launch,
+    d: &DockerLaunch,
+    logs: &mut [LogFile; 2],
+    signals: &SignalFd,
+    exit: &mut ExitRecord,
+) {
     let socket = std::path::PathBuf::from(&d.socket);
     let api_timeout = Duration::from_millis(d.api_timeout_ms);
     let docker = match engine::connect(&socket, api_timeout).await {
@@ -139,7 +153,9 @@ async fn drive(l: &Launch, d: &DockerLaunch, logs: &mut [LogFile; 2], signals: &
             ));
             break;
         }
-        let reconnect_at = lost_since.as_ref().map(|_| tokio::time::Instant::now() + Duration::from_millis(500));
+        let reconnect_at = lost_since
+            .as_ref()
+            .map(|_| tokio::time::Instant::now() + Duration::from_millis(500));
         tokio::select! {
             item = output.next(), if !out_done => match item {
                 Some(Ok(LogOutput::StdOut { message })) => logs[0].keep(&message),
@@ -239,7 +255,11 @@ async fn attach(docker: &Docker, name: &str) -> Result<Output, bollard::errors::
 }
 
 /// The engine's stop (TERM, `grace` seconds, KILL); a stop that fails is followed by a kill.
-fn stop_container(docker: &Docker, name: &str, grace: i32) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+fn stop_container(
+    docker: &Docker,
+    name: &str,
+    grace: i32,
+) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     let (docker, name) = (docker.clone(), name.to_string());
     Box::pin(async move {
         let opts = StopContainerOptions {
@@ -261,7 +281,10 @@ fn watch_signals(signals: &SignalFd) -> Option<tokio::io::unix::AsyncFd<std::os:
     // than the returned AsyncFd lives (both live through `drive`, and the AsyncFd is
     // dropped first, deregistering the descriptor before it could be closed).
     unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(signals.as_fd().as_raw_fd(), tokio::io::Interest::READABLE)
+        tokio::io::unix::AsyncFd::register_with_interest(
+            signals.as_fd().as_raw_fd(),
+            tokio::io::Interest::READABLE,
+        )
     }
     .ok()
 }

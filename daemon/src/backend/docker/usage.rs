@@ -99,7 +99,12 @@ pub fn remove(rel: &str) -> Result<(), String> {
         }
         loop {
             let children: Vec<PathBuf> = std::fs::read_dir(&d)
-                .map(|r| r.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+                .map(|r| {
+                    r.flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.path())
+                        .collect()
+                })
                 .unwrap_or_default();
             for c in &children {
                 let _ = std::fs::remove_dir(c);
@@ -115,7 +120,17 @@ pub fn remove(rel: &str) -> Result<(), String> {
             }
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+    // The instance's directory too, once its last job is gone (another job's keeps it).
+    if let Some(instance) = Path::new(rel).parent() {
+        for (m, _, _) in cgroup_mounts() {
+            let _ = std::fs::remove_dir(m.join(instance.strip_prefix("/").unwrap_or(instance)));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 #[cfg(test)]

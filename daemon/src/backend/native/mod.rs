@@ -228,7 +228,12 @@ impl Backend for Native {
 
     fn commit(&self, p: AnyPrepared) -> BoxFuture<Result<Started, BackendError>> {
         let AnyPrepared::Native(p) = p else {
-            return Box::pin(async { Err(BackendError::Task { id: 0, why: "not a native attempt".into() }) });
+            return Box::pin(async {
+                Err(BackendError::Task {
+                    id: 0,
+                    why: "not a native attempt".into(),
+                })
+            });
         };
         let this = self.clone();
         self.commit_as(p, Arc::new(move |sup| this.handle(sup)))
@@ -340,7 +345,11 @@ pub(crate) fn prepare_supervised(
 /// What every supervised backend shares: handing over, abandoning, cancelling and adopting
 /// an attempt run by a supervisor; only the handle recorded differs.
 impl Native {
-    pub(crate) fn commit_as(&self, p: Prepared, handle_of: HandleOf) -> BoxFuture<Result<Started, BackendError>> {
+    pub(crate) fn commit_as(
+        &self,
+        p: Prepared,
+        handle_of: HandleOf,
+    ) -> BoxFuture<Result<Started, BackendError>> {
         let id = p.launch.job_id;
         let this = self.clone();
         Box::pin(async move {
