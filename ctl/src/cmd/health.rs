@@ -1,6 +1,6 @@
 //! `cybctl health`: what cybd enforces on this host: the cgroup layout and which limits
-//! hold, whether device denial works (the daemon's start-up probe), the GPU inventory, and
-//! warnings a person should act on.
+//! hold, whether device denial works (the daemon's start-up probe), the GPU inventory, the
+//! Docker engine, and warnings a person should act on.
 
 use cyb_proto::rpc::Health;
 
@@ -52,6 +52,7 @@ fn render(h: &Health, term: &Term) -> String {
         "gpus:      {} usable; {}\n",
         h.gpus.count, h.gpus.health
     ));
+    out.push_str(&format!("docker:    {}\n", docker_line(&h.docker, term)));
     out.push_str(&format!(
         "require_limits: {}\n",
         if h.require_limits {
@@ -67,6 +68,30 @@ fn render(h: &Health, term: &Term) -> String {
         out.push_str(&format!("{}: {w}\n", term.paint("warning", term::WARN)));
     }
     out
+}
+
+/// The engine in one line: reachable (versions, cgroup driver, GPUs) or why not.
+fn docker_line(d: &cyb_proto::rpc::DockerHealth, term: &Term) -> String {
+    if !d.configured {
+        return d.problem.clone().unwrap_or_else(|| "docker jobs are not allowed here".into());
+    }
+    if !d.reachable {
+        let why = d.problem.as_deref().unwrap_or("the engine is not reachable");
+        return term.paint(&format!("NOT reachable: {why} (docker jobs wait in the queue)"), term::WARN);
+    }
+    let gpus = match &d.gpu_problem {
+        None => "GPUs: yes".to_string(),
+        Some(why) => format!("GPUs: no ({why})"),
+    };
+    format!(
+        "{} on {}: engine {}, API {}, cgroup driver {} (cgroup v{}); {gpus}",
+        term.paint("reachable", term::GOOD),
+        d.socket,
+        d.server_version,
+        d.api_version,
+        d.cgroup_driver,
+        d.cgroup_version
+    )
 }
 
 #[cfg(test)]

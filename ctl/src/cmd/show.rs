@@ -93,12 +93,19 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset, term: &Term) -> S
             gpus,
             handle,
         } => {
-            let sup = match handle {
-                cyb_proto::job::RunHandle::Native {
-                    supervisor: Some(s), ..
-                } => format!(", supervisor pid {}", s.pid),
-                _ => String::new(),
+            let sup = match handle.supervisor() {
+                Some(s) => format!(", supervisor pid {}", s.pid),
+                None => String::new(),
             };
+            if let cyb_proto::job::RunHandle::Docker {
+                container,
+                container_id,
+                ..
+            } = handle
+            {
+                let id = container_id.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("not created yet");
+                l.add("container", format!("{container} ({id})"));
+            }
             l.add("state", format!("running (attempt {attempt}{sup})"));
             l.add("started", at(*started_at));
             if !gpus.is_empty() {
@@ -142,6 +149,9 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset, term: &Term) -> S
                     })
                     .collect();
                 l.add("gpus", list.join(", "));
+            }
+            if let Some(c) = &outcome.container_id {
+                l.add("container", c.clone());
             }
             for e in &outcome.errors {
                 l.add("error", e.clone());
