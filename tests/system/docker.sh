@@ -51,12 +51,21 @@ answers() {
   [ "$(curl -fsS --max-time 3 --unix-socket "$SOCK" http://localhost/_ping 2>/dev/null)" = OK ]
 }
 
+# Whether process $1 runs: exists and is no zombie. PID 1 here is not an init that
+# reaps at once, so a killed dockerd can linger as a zombie whose /proc entry remains.
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [ "${stat%% *}" != Z ]
+}
+
 # The pid of the dockerd this script started, if it still runs.
 our_dockerd() {
   local pid
   [ -s "$PIDFILE" ] || return 1
   pid=$(tr -cd '0-9' <"$PIDFILE")
-  [ -n "$pid" ] && [ -e "/proc/$pid/exe" ] || return 1
+  [ -n "$pid" ] && alive "$pid" || return 1
   [ "$(readlink "/proc/$pid/exe")" = /usr/sbin/dockerd ] || return 1
   printf '%s\n' "$pid"
 }
@@ -64,7 +73,7 @@ our_dockerd() {
 # Waits up to $2 seconds for process $1 to end; false if it is still there.
 await_exit() {
   local pid=$1 deadline=$((SECONDS + $2))
-  while [ -e "/proc/$pid" ]; do
+  while alive "$pid"; do
     [ "$SECONDS" -lt "$deadline" ] || return 1
     sleep 0.2
   done
@@ -140,7 +149,7 @@ start_dockerd() {
   deadline=$((SECONDS + TIMEOUT))
   while ! answers; do
     # $pid is setsid's until it execs dockerd, so only whether it still runs counts.
-    if ! [ -e "/proc/$pid" ]; then
+    if ! alive "$pid"; then
       log "dockerd $storage/$net exited while starting; its last errors:"
       grep -E 'level=(error|fatal)|failed' "$LOG" | tail -n 5 | sed 's/^/    /' >&2 || true
       return 1
@@ -154,6 +163,21 @@ start_dockerd() {
     sleep 0.25
   done
   log "dockerd answers (pid $pid, storage $storage, network $net)"
+}
+
+# After a dockerd that was killed (kill -9, say), the pidfile of its containerd may name
+# a process that is gone or a zombie; dockerd would take it for a running containerd and
+# wait for it to answer, in vain. A containerd that still runs is left alone: dockerd
+# uses it again.
+forget_dead_containerd() {
+  local pid
+  [ -s "$CONTAINERD_PIDFILE" ] || return 0
+  pid=$(tr -cd '0-9' <"$CONTAINERD_PIDFILE")
+  if [ -n "$pid" ] && alive "$pid" && [ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = /usr/bin/containerd ]; then
+    return 0
+  fi
+  log "removing the stale $CONTAINERD_PIDFILE (containerd ${pid:-?} is gone)"
+  rm -f "$CONTAINERD_PIDFILE" "$CONTAINERD_SOCK"
 }
 
 has_nvidia_runtime() {
@@ -221,6 +245,7 @@ cmd_up() {
     fail "an engine this script did not start (no live $PIDFILE) answers on $SOCK; stop it first"
   fi
   if ! answers; then
+    forget_dead_containerd
     local storages nets s n started=0
     storages=${CYB_DOCKER_STORAGE:-overlay2 vfs}
     nets=${CYB_DOCKER_NET:-bridge none}
@@ -286,8 +311,8 @@ stop_engine() {
       *containerd-shim*) ;;
       *) continue ;;
     esac
-    while [ -e "/proc/$p" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
-    if [ -e "/proc/$p" ]; then
+    while alive "$p" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+    if alive "$p"; then
       log "shim $p still runs; stopping it"
       kill -TERM "$p" 2>/dev/null || true
     fi
