@@ -8,6 +8,7 @@
 //! past libtest's capture, so `cargo test` shows it and `.ci/run` counts it.
 
 pub mod config;
+pub mod docker;
 pub mod inproc;
 pub mod powerfs;
 
