@@ -145,6 +145,7 @@ fn payload() -> impl Strategy<Value = Payloads> {
                     entrypoint: None,
                     mounts: vec!["/a:/b:ro".into()],
                     network: Some("none".into()),
+                    workdir: Some("/w".into()),
                 }),
                 None
             )),

@@ -331,6 +331,7 @@ mod tests {
                         index: 1,
                         uuid: Some("GPU-5e1c".into()),
                     }],
+                    container_id: None,
                     errors: vec!["artifacts not collected: no space left on device".into()],
                 }),
             },
