@@ -155,6 +155,7 @@ mod tests {
                     peak_memory_bytes: None,
                     cpu_usage_ms: None,
                     gpus: Vec::new(),
+                    container_id: None,
                     errors: Vec::new(),
                 }),
             },

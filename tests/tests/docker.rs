@@ -27,7 +27,11 @@ fn daemon_with(cfg: TestConfig, extra: &str) -> Daemon {
 /// `cybctl ARGS` as the test user (uid, gid), from `/`, with a plain environment.
 fn as_user(d: &Daemon, who: (u32, u32), args: &[&str]) -> Output {
     let mut c = d.ctl_cmd(args);
-    c.uid(who.0).gid(who.1).current_dir("/").env_clear().env("PATH", "/usr/bin:/bin");
+    c.uid(who.0)
+        .gid(who.1)
+        .current_dir("/")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin");
     c.output().expect("run cybctl as the test user")
 }
 
@@ -64,16 +68,22 @@ fn instance(e: &Engine, d: &Daemon) -> Value {
     v
 }
 
-/// The id of the running container of job `id` (from its record), once it runs.
+/// The id of the running container of job `id` (named in its record), once it runs.
 fn wait_container(e: &Engine, d: &Daemon, id: u64) -> String {
     let mut found = String::new();
     let ok = wait_until(LONG, || {
         let Ok(t) = std::fs::read_to_string(d.jobs_dir().join(format!("{id}.json"))) else {
             return false;
         };
-        let Ok(rec) = serde_json::from_str::<Value>(&t) else { return false };
-        match rec["container_id"].as_str() {
-            Some(c) if e.inspect(c)["State"]["Running"] == true => {
+        let Ok(rec) = serde_json::from_str::<Value>(&t) else {
+            return false;
+        };
+        let Some(name) = rec["container"].as_str() else {
+            return false;
+        };
+        let i = e.inspect(name);
+        match i["Id"].as_str() {
+            Some(c) if i["State"]["Running"] == true => {
                 found = c.to_string();
                 true
             }
@@ -126,7 +136,11 @@ fn a_docker_job_runs_as_its_owner_confined_and_leaves_its_outputs() {
     let lines: Vec<String> = stdout(&d, id).lines().map(String::from).collect();
     assert_eq!(lines[0], who.0.to_string(), "uid in the container");
     assert_eq!(lines[1], who.1.to_string(), "gid in the container");
-    assert_eq!(lines[2].split_whitespace().nth(1), Some("0000000000000000"), "{lines:?}");
+    assert_eq!(
+        lines[2].split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "{lines:?}"
+    );
     assert_eq!(lines[3], id.to_string());
     assert_eq!(stderr(&d, id), "oops\n");
     // What the container wrote to /cyb/artifacts is in the run directory, the user's.
@@ -156,7 +170,11 @@ fn the_container_gets_the_jobs_limits_and_nothing_more() {
     let _g = docker::shared();
     let Some(e) = docker::engine() else { return };
     let d = daemon("");
-    let id = submit(&d, &["--memory", "96M", "--cpus", "0.5", "--pids", "64"], &["sleep", "60"]);
+    let id = submit(
+        &d,
+        &["--memory", "96M", "--cpus", "0.5", "--pids", "64"],
+        &["sleep", "60"],
+    );
     let c = wait_container(&e, &d, id);
     let i = e.inspect(&c);
     let hc = &i["HostConfig"];
@@ -174,7 +192,12 @@ fn the_container_gets_the_jobs_limits_and_nothing_more() {
     // Health shows the engine.
     let h = d.ctl_json(&["health"]);
     assert_eq!(h["docker"]["reachable"], true, "{h}");
-    assert!(h["docker"]["api_version"].as_str().is_some_and(|v| v.starts_with("1.")), "{h}");
+    assert!(
+        h["docker"]["api_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1.")),
+        "{h}"
+    );
     assert_eq!(h["docker"]["cgroup_driver"], "cgroupfs", "{h}");
     let text_health = text(&d.ctl(&["health"]).stdout);
     assert!(text_health.contains("docker:    reachable"), "{text_health}");
@@ -224,7 +247,21 @@ fn only_allowed_mounts_and_networks_are_given_and_hostile_ones_are_refused() {
     ));
     // Allowed: read-only under the prefix.
     let m = format!("{}:/data:ro", share.display());
-    let out = as_user(&d, who, &["submit", "--wait", "--image", IMAGE, "--mount", &m, "--", "cat", "/data/in.txt"]);
+    let out = as_user(
+        &d,
+        who,
+        &[
+            "submit",
+            "--wait",
+            "--image",
+            IMAGE,
+            "--mount",
+            &m,
+            "--",
+            "cat",
+            "/data/in.txt",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
     // Refused at intake, each naming the mount and why.
     let refused = |args: &[&str], want: &[&str]| {
@@ -244,13 +281,29 @@ fn only_allowed_mounts_and_networks_are_given_and_hostile_ones_are_refused() {
     refused(&["--mount", &link], &["docker.mounts[0]"]);
     let elsewhere = format!("{}:/x", outside.display());
     refused(&["--mount", &elsewhere], &["docker.mounts[0]"]);
-    refused(&["--mount", "/var/run/docker.sock:/var/run/docker.sock"], &["docker.mounts[0]"]);
+    refused(
+        &["--mount", "/var/run/docker.sock:/var/run/docker.sock"],
+        &["docker.mounts[0]"],
+    );
     refused(&["--mount", "/var/run:/host-run"], &["docker.mounts[0]"]);
     let theirs = format!("{}:/x:ro", private.display());
     refused(&["--mount", &theirs], &["docker.mounts[0]"]);
     refused(&["--network", "bridge"], &["docker.network", "allowed_networks"]);
     // `host` only because it is listed.
-    let out = as_user(&d, who, &["submit", "--wait", "--image", IMAGE, "--network", "host", "--", "true"]);
+    let out = as_user(
+        &d,
+        who,
+        &[
+            "submit",
+            "--wait",
+            "--image",
+            IMAGE,
+            "--network",
+            "host",
+            "--",
+            "true",
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", shown(&out));
     // A docker job owned by root is refused unless allow_root_jobs (the harness allows it;
     // this daemon does not).
@@ -278,7 +331,10 @@ fn images_are_checked_on_what_they_resolve_to() {
     let r = run(IMAGE_ROOT_USER);
     assert_eq!(r["state"], "failed");
     let msg = field(&r, "message");
-    assert!(msg.contains(IMAGE_ROOT_USER) && msg.contains("allowed_images"), "{msg}");
+    assert!(
+        msg.contains(IMAGE_ROOT_USER) && msg.contains("allowed_images"),
+        "{msg}"
+    );
     // By image id (a digest) of that other image: what it resolves to is not allowed.
     let other_id = field(&e.inspect(IMAGE_ROOT_USER), "Id");
     let r = run(&other_id);
@@ -293,12 +349,19 @@ fn images_are_checked_on_what_they_resolve_to() {
     let r = run("registry.example.org/library/cyb-test:busybox");
     assert_eq!(r["state"], "failed");
     let msg = field(&r, "message");
-    assert!(msg.contains("registry.example.org/library/cyb-test:busybox") && msg.contains("not on this host"), "{msg}");
+    assert!(
+        msg.contains("registry.example.org/library/cyb-test:busybox") && msg.contains("not on this host"),
+        "{msg}"
+    );
     // An empty allowlist refuses docker jobs at intake, naming the key.
     let none = Daemon::start();
     let out = none.ctl(&["submit", "--image", IMAGE, "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
-    assert!(text(&out.stderr).contains("[docker] allowed_images"), "{}", shown(&out));
+    assert!(
+        text(&out.stderr).contains("[docker] allowed_images"),
+        "{}",
+        shown(&out)
+    );
 }
 
 #[test]
@@ -312,11 +375,18 @@ fn output_is_captured_from_the_first_line_and_capped() {
         assert_eq!(ended(&d, id)["state"], "succeeded");
         assert_eq!(stdout(&d, id), "first and only\n");
     }
-    let id = submit(&d, &[], &["sh", "-c", "yes 0123456789 | head -c 200000; echo done >&2"]);
+    let id = submit(
+        &d,
+        &[],
+        &["sh", "-c", "yes 0123456789 | head -c 200000; echo done >&2"],
+    );
     assert_eq!(ended(&d, id)["state"], "succeeded");
     let out = stdout(&d, id);
     assert!(out.starts_with("0123456789\n"), "{out}");
-    assert!(out.len() < 1100 && out.contains("[cybd: output truncated at 1000 bytes]"), "{out}");
+    assert!(
+        out.len() < 1100 && out.contains("[cybd: output truncated at 1000 bytes]"),
+        "{out}"
+    );
     assert_eq!(stderr(&d, id), "done\n");
 }
 
@@ -325,11 +395,27 @@ fn oom_comes_from_the_engine_never_from_exit_137_alone() {
     let _g = docker::shared();
     let Some(_e) = docker::engine() else { return };
     let d = daemon_with(TestConfig::new().kill_grace(Duration::from_secs(1)), "");
-    let oom = submit(&d, &["--memory", "32M"], &["sh", "-c", "head -c 300m /dev/zero | tail > /dev/null"]);
+    let oom = submit(
+        &d,
+        &["--memory", "32M"],
+        &["sh", "-c", "head -c 300m /dev/zero | tail > /dev/null"],
+    );
     let by_itself = submit(&d, &[], &["sh", "-c", "kill -9 $$"]);
-    let stubborn = submit(&d, &[], &["sh", "-c", "trap '' TERM; echo up; while true; do sleep 0.1; done"]);
+    let stubborn = submit(
+        &d,
+        &[],
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; echo up; while true; do sleep 0.1; done",
+        ],
+    );
     let r = ended(&d, oom);
-    assert_eq!((r["state"].clone(), r["reason"].clone()), ("failed".into(), "oom_killed".into()), "{r}");
+    assert_eq!(
+        (r["state"].clone(), r["reason"].clone()),
+        ("failed".into(), "oom_killed".into()),
+        "{r}"
+    );
     let r = ended(&d, by_itself);
     assert_eq!(r["reason"], "exit_code", "{r}");
     assert_eq!(r["exit_code"], 137);
@@ -339,7 +425,10 @@ fn oom_comes_from_the_engine_never_from_exit_137_alone() {
     let r = ended(&d, stubborn);
     assert_eq!(r["state"], "cancelled", "{r}");
     assert_eq!(r["exit_code"], 137, "killed after the grace period: {r}");
-    assert!(t.elapsed() >= Duration::from_millis(900), "stopped before the grace period");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "stopped before the grace period"
+    );
 }
 
 #[test]
@@ -347,13 +436,33 @@ fn a_timeout_stops_the_container_with_the_grace_period_then_kills_it() {
     let _g = docker::shared();
     let Some(_e) = docker::engine() else { return };
     let d = daemon_with(TestConfig::new().kill_grace(Duration::from_secs(1)), "");
-    let polite = submit(&d, &["--timeout", "2s"], &["sh", "-c", "trap 'echo bye; exit 5' TERM; while true; do sleep 0.1; done"]);
-    let stubborn = submit(&d, &["--timeout", "2s"], &["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"]);
+    let polite = submit(
+        &d,
+        &["--timeout", "2s"],
+        &[
+            "sh",
+            "-c",
+            "trap 'echo bye; exit 5' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    let stubborn = submit(
+        &d,
+        &["--timeout", "2s"],
+        &["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
+    );
     let r = ended(&d, polite);
-    assert_eq!((r["state"].clone(), r["exit_code"].clone()), ("timed_out".into(), 5.into()), "{r}");
+    assert_eq!(
+        (r["state"].clone(), r["exit_code"].clone()),
+        ("timed_out".into(), 5.into()),
+        "{r}"
+    );
     assert_eq!(stdout(&d, polite), "bye\n");
     let r = ended(&d, stubborn);
-    assert_eq!((r["state"].clone(), r["exit_code"].clone()), ("timed_out".into(), 137.into()), "{r}");
+    assert_eq!(
+        (r["state"].clone(), r["exit_code"].clone()),
+        ("timed_out".into(), 137.into()),
+        "{r}"
+    );
 }
 
 #[test]
@@ -385,7 +494,11 @@ fn a_restarted_cybd_readopts_its_containers_and_loses_no_line() {
     std::thread::sleep(Duration::from_millis(300));
     d.restart();
     let r = ended(&d, id);
-    assert_eq!((r["state"].clone(), r["exit_code"].clone()), ("failed".into(), 7.into()), "{r}");
+    assert_eq!(
+        (r["state"].clone(), r["exit_code"].clone()),
+        ("failed".into(), 7.into()),
+        "{r}"
+    );
     let want: String = (0..40).map(|i| format!("line {i}\n")).collect();
     assert_eq!(stdout(&d, id), want, "lines lost or doubled");
     assert_eq!(r["attempts"], 1);
@@ -397,7 +510,11 @@ fn a_restarted_cybd_readopts_its_containers_and_loses_no_line() {
     std::thread::sleep(Duration::from_millis(2000));
     d.restart();
     let r = ended(&d, id);
-    assert_eq!((r["exit_code"].clone(), r["attempts"].clone()), (3.into(), 1.into()), "{r}");
+    assert_eq!(
+        (r["exit_code"].clone(), r["attempts"].clone()),
+        (3.into(), 1.into()),
+        "{r}"
+    );
     assert_eq!(stdout(&d, id), "ran\n");
     assert!(wait_until(Duration::from_secs(10), || containers_of(&e, &d, id).is_empty()));
 }
@@ -426,7 +543,15 @@ fn a_container_cybd_created_but_never_recorded_is_removed() {
     let keep = submit(&d, &[], &["sh", "-c", "sleep 3; echo kept"]);
     wait_container(&e, &d, keep);
     // Another cybd's container with the same job id is not touched.
-    let foreign = e.cli_ok(["create", "--label", "cyb.instance=someone-else", "--label", "cyb.job_id=999999", IMAGE, "true"]);
+    let foreign = e.cli_ok([
+        "create",
+        "--label",
+        "cyb.instance=someone-else",
+        "--label",
+        "cyb.job_id=999999",
+        IMAGE,
+        "true",
+    ]);
     let foreign = foreign.trim().to_string();
     d.kill9();
     d.restart();
@@ -435,7 +560,10 @@ fn a_container_cybd_created_but_never_recorded_is_removed() {
         "the stray container is still there; log:\n{}",
         d.log()
     );
-    assert!(!e.inspect(&foreign).is_null(), "another cybd's container was removed");
+    assert!(
+        !e.inspect(&foreign).is_null(),
+        "another cybd's container was removed"
+    );
     e.cli_ok(["rm", "-f", &foreign]);
     let r = ended(&d, keep);
     assert_eq!(r["state"], "succeeded", "{r}");
@@ -463,7 +591,11 @@ fn gpu_docker_jobs_get_their_gpus_by_uuid_and_hold_the_locks() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = daemon_with(gpu_config(dir.path()), "");
     let gpus = d.ctl_json(&["gpus"]);
-    let id = submit(&d, &["--gpus", "1"], &["sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES; sleep 4"]);
+    let id = submit(
+        &d,
+        &["--gpus", "1"],
+        &["sh", "-c", "echo $NVIDIA_VISIBLE_DEVICES; sleep 4"],
+    );
     let c = wait_container(&e, &d, id);
     let req = &e.inspect(&c)["HostConfig"]["DeviceRequests"][0];
     assert_eq!(req["Driver"], "nvidia", "{req}");
@@ -471,26 +603,44 @@ fn gpu_docker_jobs_get_their_gpus_by_uuid_and_hold_the_locks() {
     assert!(gpus.to_string().contains(&uuid), "{uuid} not in {gpus}");
     // The lockfile of that GPU is held while the container runs, across a restart.
     let lock = d.runtime_dir().join("gpu/0.lock");
-    assert!(!cyb_tests::outside_can_lock(&lock), "GPU 0's lock is free while its job runs");
+    assert!(
+        !cyb_tests::outside_can_lock(&lock),
+        "GPU 0's lock is free while its job runs"
+    );
     d.kill9();
     d.restart();
-    assert!(!cyb_tests::outside_can_lock(&lock), "GPU 0's lock was lost with the daemon");
+    assert!(
+        !cyb_tests::outside_can_lock(&lock),
+        "GPU 0's lock was lost with the daemon"
+    );
     let r = ended(&d, id);
     assert_eq!(r["state"], "succeeded", "{r}");
     assert_eq!(stdout(&d, id).trim(), uuid);
-    assert!(wait_until(Duration::from_secs(5), || cyb_tests::outside_can_lock(&lock)));
-    assert!(e.nvidia_hook_log().contains(&uuid), "the engine's GPU hook never saw {uuid}");
+    assert!(wait_until(
+        Duration::from_secs(5),
+        || cyb_tests::outside_can_lock(&lock)
+    ));
+    assert!(
+        e.nvidia_hook_log().contains(&uuid),
+        "the engine's GPU hook never saw {uuid}"
+    );
 
     // Without the NVIDIA runtime, refused at intake, and health says why.
     let dir2 = tempfile::tempdir().unwrap();
     let none = daemon_with(gpu_config(dir2.path()), "gpu_runtime = \"cyb-absent-runtime\"");
     let h = none.ctl_json(&["health"]);
     assert_eq!(h["docker"]["gpus"], false, "{h}");
-    assert!(field(&h["docker"], "gpu_problem").contains("cyb-absent-runtime"), "{h}");
+    assert!(
+        field(&h["docker"], "gpu_problem").contains("cyb-absent-runtime"),
+        "{h}"
+    );
     let out = none.ctl(&["submit", "--gpus", "1", "--image", IMAGE, "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
     let err = text(&out.stderr);
-    assert!(err.contains("resources.gpus") && err.contains("cyb-absent-runtime"), "{err}");
+    assert!(
+        err.contains("resources.gpus") && err.contains("cyb-absent-runtime"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -506,7 +656,11 @@ fn with_the_engine_down_docker_jobs_wait_and_run_when_it_returns() {
         let native2 = d.submit(&[], &["true"]);
         assert_eq!(d.wait_result(native2, LONG)["state"], "succeeded");
         std::thread::sleep(Duration::from_secs(2));
-        assert_eq!(d.job_state(id), "queued", "a docker job did not wait for the engine");
+        assert_eq!(
+            d.job_state(id),
+            "queued",
+            "a docker job did not wait for the engine"
+        );
         let h = d.ctl_json(&["health"]);
         assert_eq!(h["docker"]["reachable"], false, "{h}");
         let warned = h["warnings"].to_string();
@@ -542,5 +696,8 @@ fn an_engine_restart_under_a_running_container_ends_the_attempt_and_the_retry_ru
     assert_eq!(r["state"], "succeeded", "{r}\n{}", d.log());
     assert_eq!(r["attempts"], 2, "{r}");
     // Each attempt's output follows the last one's.
-    assert_eq!(stdout(&d, id), "first\nsecond\n");
+    assert_eq!(
+        stdout(&d, id),
+        format!("first\n[cybd: attempt 2 of job {id}]\nsecond\n")
+    );
 }

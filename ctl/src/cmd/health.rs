@@ -73,11 +73,17 @@ fn render(h: &Health, term: &Term) -> String {
 /// The engine in one line: reachable (versions, cgroup driver, GPUs) or why not.
 fn docker_line(d: &cyb_proto::rpc::DockerHealth, term: &Term) -> String {
     if !d.configured {
-        return d.problem.clone().unwrap_or_else(|| "docker jobs are not allowed here".into());
+        return d
+            .problem
+            .clone()
+            .unwrap_or_else(|| "docker jobs are not allowed here".into());
     }
     if !d.reachable {
         let why = d.problem.as_deref().unwrap_or("the engine is not reachable");
-        return term.paint(&format!("NOT reachable: {why} (docker jobs wait in the queue)"), term::WARN);
+        return term.paint(
+            &format!("NOT reachable: {why} (docker jobs wait in the queue)"),
+            term::WARN,
+        );
     }
     let gpus = match &d.gpu_problem {
         None => "GPUs: yes".to_string(),

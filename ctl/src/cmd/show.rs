@@ -103,7 +103,10 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset, term: &Term) -> S
                 ..
             } = handle
             {
-                let id = container_id.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("not created yet");
+                let id = container_id
+                    .as_deref()
+                    .map(|c| &c[..c.len().min(12)])
+                    .unwrap_or("not created yet");
                 l.add("container", format!("{container} ({id})"));
             }
             l.add("state", format!("running (attempt {attempt}{sup})"));

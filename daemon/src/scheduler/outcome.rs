@@ -205,6 +205,7 @@ mod tests {
                 finished_at: Some(t(50)),
                 peak_memory_bytes: Some(1 << 20),
                 cpu_ms: Some(700),
+                container_id: None,
             },
             errors: vec!["artifacts not collected: x".into()],
         }

@@ -539,7 +539,12 @@ impl JobSpec {
                         format!("{g} is out of range (at most {MAX_GPUS})"),
                     ));
                 }
-                if g > 0 && !matches!(self.class(), Class::Gpu | Class::GpuSlurm) {
+                // (A job that names no class is placed in `gpu` when it asks for GPUs.)
+                if g > 0
+                    && self
+                        .class
+                        .is_some_and(|c| !matches!(c, Class::Gpu | Class::GpuSlurm))
+                {
                     return Err(SpecError::field(
                         "resources.gpus",
                         format!(

@@ -68,7 +68,10 @@ fn semantic_errors_name_their_field() {
             "resources.memory",
         ),
         (r#"{"command":["true"],"resources":{"cpus":0}}"#, "resources.cpus"),
-        (r#"{"command":["true"],"resources":{"gpus":1}}"#, "resources.gpus"),
+        (
+            r#"{"command":["true"],"class":"cpu_long","resources":{"gpus":1}}"#,
+            "resources.gpus",
+        ),
         (
             r#"{"command":["true"],"class":"gpu","resources":{"gpus":-1}}"#,
             "resources.gpus",
