@@ -701,3 +701,32 @@ fn an_engine_restart_under_a_running_container_ends_the_attempt_and_the_retry_ru
         format!("first\n[cybd: attempt 2 of job {id}]\nsecond\n")
     );
 }
+
+#[test]
+fn pull_missing_pulls_only_allowed_images_and_says_when_it_cannot() {
+    let _g = docker::shared();
+    let Some(_e) = docker::engine() else { return };
+    let d = Daemon::start_with(TestConfig::new().toml(
+        "[docker]\nallowed_images = [\"cyb-test:*\", \"registry.invalid/allowed/*\"]\npull = \"missing\"\nengine_check_interval = \"300ms\"\n",
+    ));
+    // Present: runs without a pull.
+    let id = d.submit(&["--image", IMAGE], &["true"]);
+    assert_eq!(ended(&d, id)["state"], "succeeded");
+    // Absent and not allowed: refused without a pull, naming the image.
+    let id = d.submit(&["--image", "registry.invalid/other/app:1"], &["true"]);
+    let r = ended(&d, id);
+    let msg = field(&r, "message");
+    assert!(
+        msg.contains("registry.invalid/other/app:1") && msg.contains("allowed_images"),
+        "{msg}"
+    );
+    // Absent and allowed: pulled, which fails here (no registry is reachable), said so.
+    let id = d.submit(&["--image", "registry.invalid/allowed/app:1"], &["true"]);
+    let r = ended(&d, id);
+    assert_eq!(r["state"], "failed");
+    let msg = field(&r, "message");
+    assert!(
+        msg.contains("cannot pull image registry.invalid/allowed/app:1"),
+        "{msg}"
+    );
+}

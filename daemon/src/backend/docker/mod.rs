@@ -311,7 +311,7 @@ impl Backend for Docker {
         }
         if spec.gpus() > 0
             && let Ok(info) = self.engine.status()
-            && !info.runtimes.iter().any(|r| *r == cfg.docker.gpu_runtime)
+            && !info.runtimes.contains(&cfg.docker.gpu_runtime)
         {
             return Err(SpecError::field(
                 "resources.gpus",
@@ -350,7 +350,7 @@ impl Backend for Docker {
             let checked = async {
                 let c = this.engine.client().await?;
                 let info = this.engine.check().await?;
-                if !a.gpus.is_empty() && !info.runtimes.iter().any(|r| *r == cfg.docker.gpu_runtime) {
+                if !a.gpus.is_empty() && !info.runtimes.contains(&cfg.docker.gpu_runtime) {
                     return Err(engine::no_gpu_runtime(&cfg.docker.gpu_runtime, &info.runtimes));
                 }
                 let image = resolve_image(&c, &socket, &cfg.docker, &spec.image).await?;
@@ -563,7 +563,7 @@ impl Backend for Docker {
                 Adoption::Ended(AttemptEnd {
                     exit: Exit::Lost { why },
                     ..
-                }) => Adoption::Ended(this.from_inspect(id, &container, why).await),
+                }) => Adoption::Ended(this.end_from_inspect(id, &container, why).await),
                 other => other,
             }
         })
@@ -618,7 +618,7 @@ impl Backend for Docker {
 impl Docker {
     /// How the container of an attempt whose supervisor vanished ended, if the engine
     /// knows; one still running is stopped (nothing watches it) and the attempt is lost.
-    async fn from_inspect(&self, id: JobId, container: &str, why: String) -> AttemptEnd {
+    async fn end_from_inspect(&self, id: JobId, container: &str, why: String) -> AttemptEnd {
         let Ok(c) = self.engine.client().await else {
             return AttemptEnd::of(Exit::Lost { why });
         };

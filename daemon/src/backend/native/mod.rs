@@ -90,7 +90,7 @@ impl Native {
         let host = self.host.clone();
         Box::pin(async move {
             match runner::wait(&run).await {
-                Ended::Exit(e) => end_of(&host, e),
+                Ended::Exit(e) => end_of(&host, *e),
                 Ended::Lost(why) => lost(host, id, why).await,
             }
         })

@@ -434,7 +434,7 @@ fn read_exit(files: &SupFiles, attempt: u32, pid: i32) -> Option<ExitRecord> {
 
 /// How a watched supervisor ended.
 pub enum Ended {
-    Exit(ExitRecord),
+    Exit(Box<ExitRecord>),
     Lost(String),
 }
 
@@ -461,7 +461,7 @@ pub async fn wait(run: &Running) -> Ended {
     let attempt = run.sup.attempt;
     let res = tokio::task::spawn_blocking(move || read_exit(&files, attempt, pid)).await;
     match res {
-        Ok(Some(e)) => Ended::Exit(e),
+        Ok(Some(e)) => Ended::Exit(Box::new(e)),
         Ok(None) => Ended::Lost(format!(
             "supervisor (pid {pid}) exited without writing its exit record"
         )),
