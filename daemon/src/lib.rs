@@ -78,6 +78,47 @@ fn bind_socket(cfg: &Config) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Takes `<spool>/cybd.lock` (flock) for as long as the daemon runs; fails at once, naming
+/// the holder, if another cybd runs on this spool. The kernel drops the lock with the
+/// process, however it ends.
+fn hold_spool(cfg: &Config) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    let path = cfg.paths.spool.join("cybd.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            let holder = holder.trim();
+            anyhow::bail!(
+                "another cybd{} already runs on the spool {} (it holds {}); stop it first",
+                if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {holder})")
+                },
+                cfg.paths.spool.display(),
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    // Who holds it, for the message above (best effort).
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
 /// Where the configuration came from, so SIGHUP can read it again.
 #[derive(Clone, Debug)]
 pub struct ConfigSource {
@@ -155,6 +196,9 @@ pub async fn run_until(
     for d in [&cfg.paths.spool, &cfg.paths.logs, &cfg.paths.runtime] {
         std::fs::create_dir_all(d).with_context(|| cannot_create(&cfg, d))?;
     }
+    // One daemon per spool, decided before anything is read or adopted: a second one
+    // started by mistake leaves the first one's jobs alone.
+    let _one = hold_spool(&cfg)?;
     intake::Intake::prepare_dirs(&cfg).context("cannot prepare the spool")?;
     let c = cfg.clone();
     tokio::task::spawn_blocking(move || backend::native::runner::prepare_sup_dir(&c))

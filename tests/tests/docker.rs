@@ -289,6 +289,15 @@ fn only_allowed_mounts_and_networks_are_given_and_hostile_ones_are_refused() {
     let theirs = format!("{}:/x:ro", private.display());
     refused(&["--mount", &theirs], &["docker.mounts[0]"]);
     refused(&["--network", "bridge"], &["docker.network", "allowed_networks"]);
+    let a = format!("{}:/in:ro", share.display());
+    refused(
+        &["--mount", &a, "--mount", &a],
+        &["docker.mounts[1]", "docker.mounts[0] does already"],
+    );
+    let p = format!("{}:/proc/x:ro", share.display());
+    refused(&["--mount", &p], &["docker.mounts[0]", "/proc/x"]);
+    refused(&["--memory", "1K"], &["resources.memory", "6MiB"]);
+    refused(&["--cpus", "1000"], &["resources.cpus", "the docker engine has"]);
     // `host` only because it is listed.
     let out = as_user(
         &d,
@@ -325,34 +334,43 @@ fn images_are_checked_on_what_they_resolve_to() {
         let id = d.submit(&["--image", image], &["true"]);
         ended(&d, id)
     };
+    // Refused at intake (on what the engine had at its last check), naming the image.
+    let refused = |image: &str, want: &[&str]| {
+        let out = d.ctl(&["submit", "--image", image, "--", "true"]);
+        assert_ne!(out.status.code(), Some(0), "{image} was accepted");
+        let err = text(&out.stderr);
+        for w in want {
+            assert!(err.contains(w), "{image}: wanted `{w}` in: {err}");
+        }
+    };
     assert_eq!(run(IMAGE)["state"], "succeeded");
     assert_eq!(run("docker.io/library/cyb-test:busybox")["state"], "succeeded");
-    // Another tag: refused, naming the image and the config key.
-    let r = run(IMAGE_ROOT_USER);
-    assert_eq!(r["state"], "failed");
-    let msg = field(&r, "message");
-    assert!(
-        msg.contains(IMAGE_ROOT_USER) && msg.contains("allowed_images"),
-        "{msg}"
+    // Another tag: refused, naming the image, the config key and what it allows.
+    refused(
+        IMAGE_ROOT_USER,
+        &[
+            IMAGE_ROOT_USER,
+            "allowed_images: docker.io/library/cyb-test:busybox",
+            "docker.image",
+        ],
     );
     // By image id (a digest) of that other image: what it resolves to is not allowed.
     let other_id = field(&e.inspect(IMAGE_ROOT_USER), "Id");
-    let r = run(&other_id);
-    assert_eq!(r["state"], "failed", "{r}");
-    assert!(field(&r, "message").contains("allowed_images"), "{r}");
+    refused(&other_id, &["allowed_images"]);
     // By the id of the allowed one: it resolves to an allowed name.
     let ok_id = field(&e.inspect(IMAGE), "Id");
     assert_eq!(run(&ok_id)["state"], "succeeded");
     // Another name of the same image resolves to it (same content): allowed.
     assert_eq!(run(IMAGE_OTHER_NAME)["state"], "succeeded");
     // Another registry's image of the same name: not on this engine, never pulled.
-    let r = run("registry.example.org/library/cyb-test:busybox");
-    assert_eq!(r["state"], "failed");
-    let msg = field(&r, "message");
-    assert!(
-        msg.contains("registry.example.org/library/cyb-test:busybox") && msg.contains("not on this host"),
-        "{msg}"
+    refused(
+        "registry.example.org/library/cyb-test:busybox",
+        &[
+            "registry.example.org/library/cyb-test:busybox",
+            "not on this host",
+        ],
     );
+    assert_eq!(d.records().len(), 4, "a refused job was recorded");
     // An empty allowlist refuses docker jobs at intake, naming the key.
     let none = Daemon::start();
     let out = none.ctl(&["submit", "--image", IMAGE, "--", "true"]);
@@ -712,13 +730,13 @@ fn pull_missing_pulls_only_allowed_images_and_says_when_it_cannot() {
     // Present: runs without a pull.
     let id = d.submit(&["--image", IMAGE], &["true"]);
     assert_eq!(ended(&d, id)["state"], "succeeded");
-    // Absent and not allowed: refused without a pull, naming the image.
-    let id = d.submit(&["--image", "registry.invalid/other/app:1"], &["true"]);
-    let r = ended(&d, id);
-    let msg = field(&r, "message");
+    // Absent and not allowed: refused at intake, without a pull, naming the image.
+    let out = d.ctl(&["submit", "--image", "registry.invalid/other/app:1", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
     assert!(
-        msg.contains("registry.invalid/other/app:1") && msg.contains("allowed_images"),
-        "{msg}"
+        err.contains("registry.invalid/other/app:1") && err.contains("allowed_images"),
+        "{err}"
     );
     // Absent and allowed: pulled, which fails here (no registry is reachable), said so.
     let id = d.submit(&["--image", "registry.invalid/allowed/app:1"], &["true"]);
@@ -729,4 +747,26 @@ fn pull_missing_pulls_only_allowed_images_and_says_when_it_cannot() {
         msg.contains("cannot pull image registry.invalid/allowed/app:1"),
         "{msg}"
     );
+}
+
+#[test]
+fn the_shipped_docker_example_runs_from_the_spool_as_its_owner() {
+    let Some(who) = root_and_test_user() else { return };
+    let _g = docker::shared();
+    let Some(_e) = docker::engine() else { return };
+    let d = daemon("");
+    let body =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../etc/examples/docker.json"))
+            .unwrap();
+    d.drop_job_as("docker.json", &body, who.0, who.1);
+    assert!(
+        wait_until(LONG, || d.records().len() == 1),
+        "the example was not taken; log:\n{}",
+        d.log()
+    );
+    let id = d.records()[0]["id"].as_u64().unwrap();
+    let r = ended(&d, id);
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert_eq!(r["uid"], who.0);
+    assert_eq!(stdout(&d, id), "hello from a container\n");
 }

@@ -53,7 +53,7 @@ fn native_examples_run() {
 fn examples_for_absent_backends_are_refused_clearly() {
     let d = Daemon::start();
     for (n, needle) in [
-        ("docker.json", "backend not available on this host"),
+        ("docker.json", "[docker] allowed_images is empty"),
         ("gpu-report.json", "backend not available on this host"),
         ("gpu-train.json", "this host has 0 GPU(s) available"),
     ] {

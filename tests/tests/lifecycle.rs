@@ -763,3 +763,34 @@ fn a_killed_launcher_is_replaced() {
     assert_ne!(new[0], old[0]);
     assert!(d.log().contains("the launcher went away"), "log:\n{}", d.log());
 }
+
+/// A second cybd started on the same spool by mistake stops at once, before it reads or
+/// adopts anything: the first one's running jobs are left alone.
+#[test]
+fn a_second_cybd_on_the_same_spool_refuses_to_start_and_touches_nothing() {
+    let d = Daemon::start();
+    let id = d.submit(&[], &["sh", "-c", "sleep 2; echo done"]);
+    d.wait_state(id, "running", Duration::from_secs(20));
+    let before = d.record(id);
+    let t = Instant::now();
+    let out = Command::new(bin("cybd"))
+        .arg("--config")
+        .arg(&d.config)
+        .arg("--log-target")
+        .arg("stderr")
+        .output()
+        .unwrap();
+    assert_ne!(code(&out), 0, "a second cybd started: {}", shown(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("already runs on the spool"), "{err}");
+    assert!(err.contains(&format!("pid {}", d.pid().unwrap())), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(!err.contains("re-adopted"), "the second cybd adopted jobs: {err}");
+    assert_eq!(d.record(id), before, "the second cybd changed the record");
+    let r = d.wait_result(id, Duration::from_secs(30));
+    assert_eq!(r["state"], "succeeded", "{r}");
+    assert_eq!(
+        std::fs::read_to_string(d.run_dir(id).join("stdout.log")).unwrap(),
+        "done\n"
+    );
+}

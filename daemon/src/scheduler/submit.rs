@@ -258,9 +258,14 @@ fn default_name(spec: &JobSpec, origin: &Origin) -> String {
     if let Origin::Spool { file, .. } = origin {
         return file.strip_suffix(".json").unwrap_or(file).to_string();
     }
-    match (&spec.command, &spec.shell) {
-        (Some(argv), _) => argv.join(" ").chars().take(64).collect(),
-        (_, Some(sh)) => sh.chars().take(64).collect(),
+    match (&spec.command, &spec.shell, &spec.docker) {
+        (Some(argv), _, _) => argv.join(" ").chars().take(64).collect(),
+        (_, Some(sh), _) => sh.chars().take(64).collect(),
+        // The container's command, else its image.
+        (_, _, Some(d)) => match &d.command {
+            Some(argv) => argv.join(" ").chars().take(64).collect(),
+            None => d.image.chars().take(64).collect(),
+        },
         _ => "job".into(),
     }
 }

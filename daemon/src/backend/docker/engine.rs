@@ -22,6 +22,31 @@ pub struct EngineInfo {
     pub cgroup_version: String,
     /// Runtimes the engine has (`runc`, `nvidia`...).
     pub runtimes: Vec<String>,
+    /// CPUs the engine sees (a container cannot be given more).
+    pub ncpu: Option<i64>,
+    /// The images the engine had at the check, for intake's early answers (a job's start
+    /// checks the engine itself again).
+    pub images: Vec<LocalImage>,
+}
+
+/// An image on the engine: its id and its names, normalized.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalImage {
+    pub id: String,
+    pub names: Vec<String>,
+}
+
+impl EngineInfo {
+    /// The image `requested` names, among those of the last check.
+    pub fn find(&self, requested: &super::image::Requested) -> Option<&LocalImage> {
+        match requested {
+            super::image::Requested::Id(id) => self.images.iter().find(|i| i.id == *id),
+            super::image::Requested::Named(r) => {
+                let want = r.canonical();
+                self.images.iter().find(|i| i.names.contains(&want))
+            }
+        }
+    }
 }
 
 /// The engine, and what the last check found.
@@ -92,6 +117,22 @@ impl Engine {
             let what = |e: bollard::errors::Error| engine_error(&self.socket, &e);
             let version = c.version().await.map_err(what)?;
             let info = c.info().await.map_err(what)?;
+            let list = c
+                .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+                .await
+                .map_err(what)?;
+            let images = list
+                .into_iter()
+                .map(|i| LocalImage {
+                    names: i
+                        .repo_tags
+                        .iter()
+                        .chain(i.repo_digests.iter())
+                        .filter_map(|n| super::image::parse(n).ok().map(|r| r.canonical()))
+                        .collect(),
+                    id: i.id,
+                })
+                .collect();
             let v = c.client_version();
             Ok(EngineInfo {
                 server_version: version.version.unwrap_or_default(),
@@ -99,6 +140,8 @@ impl Engine {
                 cgroup_driver: info.cgroup_driver.map(|d| d.to_string()).unwrap_or_default(),
                 cgroup_version: info.cgroup_version.map(|d| d.to_string()).unwrap_or_default(),
                 runtimes: info.runtimes.map(|r| r.into_keys().collect()).unwrap_or_default(),
+                ncpu: info.ncpu,
+                images,
             })
         }
         .await;

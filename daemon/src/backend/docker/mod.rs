@@ -177,19 +177,110 @@ fn resolve_mounts(
         PathBuf::from("/run/docker.sock"),
         PathBuf::from("/run/containerd/containerd.sock"),
     ];
-    spec.mounts
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            mounts::resolve(m, &cfg.docker.allowed_mount_prefixes, &sockets, creds)
-                .map_err(|e| SpecError::field(format!("docker.mounts[{i}]"), e.to_string()))
-        })
-        .collect()
+    let mut binds: Vec<mounts::Bind> = Vec::new();
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let field = format!("docker.mounts[{i}]");
+        let b = mounts::resolve(m, &cfg.docker.allowed_mount_prefixes, &sockets, creds)
+            .map_err(|e| SpecError::field(field.clone(), e.to_string()))?;
+        if let Some(j) = binds.iter().position(|o| o.container == b.container) {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "`{m}` mounts on {}, as docker.mounts[{j}] does already",
+                    b.container
+                ),
+            ));
+        }
+        if ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|k| b.container == *k || b.container.starts_with(&format!("{k}/")))
+        {
+            return Err(SpecError::field(
+                field,
+                format!(
+                    "`{m}`: the container's {} is the kernel's, not a place to mount into",
+                    b.container
+                ),
+            ));
+        }
+        binds.push(b);
+    }
+    Ok(binds)
 }
 
 fn creds_of(acct: &crate::users::Account) -> mounts::Creds {
     mounts::Creds::from(acct)
 }
+
+/// Intake's answer on `requested` from the images of the engine's last check: refused if
+/// it resolves to an image `allowed_images` does not allow, or to none (and nothing would be
+/// pulled).
+fn check_image(
+    cfg: &Config,
+    reference: &str,
+    requested: &image::Requested,
+    info: &engine::EngineInfo,
+) -> Result<(), String> {
+    let allow = image::Allowlist::new(&cfg.docker.allowed_images)
+        .map_err(|e| format!("[docker] allowed_images: {e}"))?;
+    let allowed = || {
+        format!(
+            "[docker] allowed_images: {}",
+            cfg.docker.allowed_images.join(", ")
+        )
+    };
+    match (info.find(requested), requested) {
+        (Some(found), _) if allow.allows(&found.names).is_some() => Ok(()),
+        (Some(found), _) => Err(format!(
+            "image {reference} (resolves to {}: {}) is not allowed here ({})",
+            found.id,
+            if found.names.is_empty() {
+                "no name".to_string()
+            } else {
+                found.names.join(", ")
+            },
+            allowed()
+        )),
+        (None, image::Requested::Named(r)) if cfg.docker.pull == config::Pull::Missing => {
+            match allow.allows(&[r.canonical()]) {
+                Some(_) => Ok(()),
+                None => Err(format!(
+                    "image {reference} ({}) is not allowed here ({})",
+                    r.canonical(),
+                    allowed()
+                )),
+            }
+        }
+        (None, _) => Err(format!(
+            "image {reference} is not on this host's docker engine (and [docker] pull is \"never\"); ask the admin to load it"
+        )),
+    }
+}
+
+/// Limits the engine would refuse, refused at intake in words that name the field.
+fn check_limits(spec: &JobSpec, _cfg: &Config, info: &engine::EngineInfo) -> Result<(), SpecError> {
+    let r = spec.resources.as_ref();
+    if let Some(m) = r.and_then(|r| r.memory)
+        && m.0 < MIN_MEMORY
+    {
+        return Err(SpecError::field(
+            "resources.memory",
+            format!("a container needs at least 6MiB (got {} bytes)", m.0),
+        ));
+    }
+    if let (Some(c), Some(n)) = (r.and_then(|r| r.cpus), info.ncpu)
+        && c > n as f64
+    {
+        return Err(SpecError::field(
+            "resources.cpus",
+            format!("{c} CPUs asked for, but the docker engine has {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The smallest memory limit the engine accepts.
+const MIN_MEMORY: u64 = 6 * 1024 * 1024;
 
 /// The network a job gets: `none` unless it names one the config allows.
 fn network(cfg: &Config, spec: &cyb_proto::spec::DockerSpec) -> Result<String, SpecError> {
@@ -298,8 +389,16 @@ impl Backend for Docker {
             return Err(SpecError::field("docker", "not a docker job"));
         };
         configured(cfg).map_err(|why| SpecError::field("docker.image", why))?;
-        image::parse_requested(&d.image).map_err(|e| SpecError::field("docker.image", e.to_string()))?;
+        let requested =
+            image::parse_requested(&d.image).map_err(|e| SpecError::field("docker.image", e.to_string()))?;
         network(cfg, d)?;
+        let engine = self.engine.status().ok();
+        // What the engine had at its last check answers early (the start checks again).
+        if let Some(info) = &engine {
+            check_image(cfg, &d.image, &requested, info)
+                .map_err(|why| SpecError::field("docker.image", why))?;
+            check_limits(spec, cfg, info)?;
+        }
         if !d.mounts.is_empty() {
             let acct = crate::users::account_cached(owner.uid).map_err(|e| {
                 SpecError::field(
@@ -310,7 +409,7 @@ impl Backend for Docker {
             resolve_mounts(cfg, d, &creds_of(&acct))?;
         }
         if spec.gpus() > 0
-            && let Ok(info) = self.engine.status()
+            && let Some(info) = &engine
             && !info.runtimes.contains(&cfg.docker.gpu_runtime)
         {
             return Err(SpecError::field(

@@ -122,7 +122,7 @@ async fn drive(
     exit.started_at = Some(Timestamp::now());
     if let Err(e) = docker.start_container(name, None).await {
         exit.error = Some(format!(
-            "cannot start container {name} (image and command as the job asked): {}",
+            "cannot start container {name}: {}",
             engine::engine_error(&socket, &e)
         ));
         return;
