@@ -86,8 +86,8 @@ fn docker_line(d: &cyb_proto::rpc::DockerHealth, term: &Term) -> String {
         );
     }
     let gpus = match &d.gpu_problem {
-        None => "GPUs: yes".to_string(),
-        Some(why) => format!("GPUs: no ({why})"),
+        None => "its GPU runtime is there (GPU jobs get the GPUs cybd gives them)".to_string(),
+        Some(why) => format!("no GPU jobs: {why}"),
     };
     format!(
         "{} on {}: engine {}, API {}, cgroup driver {} (cgroup v{}); {gpus}",

@@ -105,10 +105,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
             .iter()
             .map(|t| Path::new(&rec.run_dir).join(t.file).display().to_string())
             .collect();
+        let what = if rec.state.is_terminal() {
+            "no output: the job ended before it wrote any (`cybctl show` says how it ended)"
+        } else {
+            "no output yet"
+        };
         return Err(Failure::new(
             exit::ERROR,
             format!(
-                "no output yet: {} {} not exist (job {} is {})",
+                "{what}: {} {} not exist (job {} is {})",
                 names.join(" and "),
                 if names.len() == 1 { "does" } else { "do" },
                 rec.id,

@@ -17,13 +17,30 @@ pub struct Args {
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
-    let rec = ctx.connect().await?.show(args.id).await?;
+    let conn = ctx.connect().await?;
+    let rec = conn.show(args.id).await?;
     if ctx.json {
         output::json(&rec)?;
     } else {
-        output::print(&render(&rec, OffsetDateTime::now_utc(), ctx.tz, &ctx.term))?;
+        let mut text = render(&rec, OffsetDateTime::now_utc(), ctx.tz, &ctx.term);
+        if matches!(rec.state, JobState::Queued { .. })
+            && let Some(why) = docker_waits(&conn, &rec).await
+        {
+            text.push_str(&format!("waiting      for the docker engine: {why}\n"));
+        }
+        output::print(&text)?;
     }
     Ok(exit::OK)
+}
+
+/// Why a docker job cannot start now, if the engine is what it waits for.
+pub async fn docker_waits(conn: &crate::conn::Conn, rec: &JobRecord) -> Option<String> {
+    if rec.spec.docker.is_none() {
+        return None;
+    }
+    let h = conn.health().await.ok()?;
+    (h.docker.configured && !h.docker.reachable)
+        .then(|| h.docker.problem.unwrap_or_else(|| "it is not reachable".into()))
 }
 
 /// Aligned `key  value` lines.
@@ -198,6 +215,33 @@ fn render(rec: &JobRecord, now: OffsetDateTime, tz: UtcOffset, term: &Term) -> S
     if let Some(cwd) = &rec.spec.cwd {
         l.add("cwd", cwd.clone());
     }
+    if let Some(d) = &rec.spec.docker {
+        if let Some(w) = &d.workdir {
+            l.add("workdir", w.clone());
+        }
+        for m in &d.mounts {
+            l.add("mount", m.clone());
+        }
+        l.add("network", d.network.clone().unwrap_or_else(|| "none".into()));
+    }
+    if let Some(r) = &rec.spec.resources {
+        let mut parts = Vec::new();
+        if let Some(m) = r.memory {
+            parts.push(format!("memory {}", bytesize::ByteSize::b(m.0).display().iec()));
+        }
+        if let Some(c) = r.cpus {
+            parts.push(format!("cpus {c}"));
+        }
+        if let Some(p) = r.pids {
+            parts.push(format!("pids {p}"));
+        }
+        if let Some(g) = r.gpus.filter(|g| *g > 0) {
+            parts.push(format!("gpus {g}"));
+        }
+        if !parts.is_empty() {
+            l.add("asked for", parts.join(", "));
+        }
+    }
     if !rec.spec.env.is_empty() {
         // A value shown as `(hidden)`: the caller is neither the job's owner nor an admin.
         let vars: Vec<String> = rec.spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -273,8 +317,15 @@ fn payload(rec: &JobRecord) -> String {
         Some(Payload::Shell(script)) => format!("sh -c {}", output::shell_join(&[script.to_string()])),
         Some(Payload::Docker(d)) => {
             let mut s = format!("docker image {}", d.image);
-            if let Some(c) = &d.command {
-                s.push_str(&format!(": {}", output::shell_join(c)));
+            let mut argv: Vec<String> = d.entrypoint.clone().unwrap_or_default();
+            argv.extend(d.command.clone().unwrap_or_default());
+            match (&d.entrypoint, argv.is_empty()) {
+                (_, true) => s.push_str(" (its own entrypoint and command)"),
+                (Some(_), false) => s.push_str(&format!(
+                    ", entrypoint and command: {}",
+                    output::shell_join(&argv)
+                )),
+                (None, false) => s.push_str(&format!(", command: {}", output::shell_join(&argv))),
             }
             s
         }

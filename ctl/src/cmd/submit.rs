@@ -176,6 +176,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
     if let Some(n) = &submitted.not_enforced {
         output::note(&n.to_string());
     }
+    if spec.contains_key("docker")
+        && let Ok(h) = conn.health().await
+        && h.docker.configured
+        && !h.docker.reachable
+    {
+        output::note(&format!(
+            "job {id} waits in the queue until the docker engine is back: {}",
+            h.docker.problem.as_deref().unwrap_or("it is not reachable")
+        ));
+    }
 
     if args.follow {
         output::note(&format!("submitted job {id}"));

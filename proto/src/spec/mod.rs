@@ -491,7 +491,9 @@ impl JobSpec {
                 if !ok {
                     return Err(SpecError::field(
                         format!("docker.mounts[{i}]"),
-                        format!("`{m}` is not `/host/path:/container/path[:ro|rw]`"),
+                        format!(
+                            "`{m}` is not `/host/path:/container/path[:ro|rw]` (both paths absolute; `:ro` read-only, `:rw` or nothing read-write)"
+                        ),
                     ));
                 }
             }

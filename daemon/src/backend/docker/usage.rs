@@ -120,12 +120,8 @@ pub fn remove(rel: &str) -> Result<(), String> {
             }
         }
     }
-    // The instance's directory too, once its last job is gone (another job's keeps it).
-    if let Some(instance) = Path::new(rel).parent() {
-        for (m, _, _) in cgroup_mounts() {
-            let _ = std::fs::remove_dir(m.join(instance.strip_prefix("/").unwrap_or(instance)));
-        }
-    }
+    // `<name>.docker/<instance>` stays, empty, as cybd's own `<name>` does: removing it
+    // here could pull it away from under another job's container being made.
     if problems.is_empty() {
         Ok(())
     } else {
