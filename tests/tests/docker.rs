@@ -770,3 +770,32 @@ fn the_shipped_docker_example_runs_from_the_spool_as_its_owner() {
     assert_eq!(r["uid"], who.0);
     assert_eq!(stdout(&d, id), "hello from a container\n");
 }
+
+#[test]
+fn a_container_whose_supervisor_died_too_is_finalized_from_the_engine_not_run_again() {
+    let _g = docker::shared();
+    let Some(e) = docker::engine() else { return };
+    let mut d = daemon("");
+    let id = submit(&d, &[], &["sh", "-c", "sleep 1; echo ran; exit 3"]);
+    wait_container(&e, &d, id);
+    let shown = d.ctl_json(&["show", &id.to_string()]);
+    let sup = shown["supervisor"]["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no supervisor in {shown}"));
+    // Both gone while the container runs: nobody records its end but the engine.
+    d.kill9();
+    // SAFETY: kill(2) of the supervisor this test's daemon started.
+    assert_eq!(unsafe { libc::kill(sup as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(2500));
+    d.restart();
+    let r = ended(&d, id);
+    assert_eq!(
+        (r["state"].clone(), r["exit_code"].clone()),
+        ("failed".into(), 3.into()),
+        "{r}\n{}",
+        d.log()
+    );
+    assert_eq!(r["attempts"], 1, "run again: {r}");
+    assert!(d.log().contains("ended while nobody watched"), "{}", d.log());
+    assert!(wait_until(Duration::from_secs(10), || containers_of(&e, &d, id).is_empty()));
+}

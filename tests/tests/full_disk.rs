@@ -145,6 +145,15 @@ fn a_job_ending_while_the_disk_is_full_is_recorded_once_there_is_room() {
         &["sleep", "3"],
     );
     d.wait_state(id, "running", Duration::from_secs(10));
+    // Running is recorded while the start is prepared; the disk fills once the job's
+    // supervisor has its logs open (the job itself runs).
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .run_dir(id)
+            .join("stdout.log")
+            .exists()),
+        "job {id} did not start"
+    );
     let fillers = [fill(&jobs_dir), fill(&logs_dir)];
 
     // The job ends while nothing can be written: the daemon stays up, answers, says why.

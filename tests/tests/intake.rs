@@ -405,20 +405,31 @@ fn symlinks_hard_links_fifos_and_directories_are_rejected() {
 fn unavailable_backends_are_refused() {
     let d = Daemon::start();
     let cases = [
-        ("docker.json", r#"{"docker":{"image":"alpine:3"}}"#, "docker"),
-        ("task.json", r#"{"task":{"kind":"gpu_report"}}"#, "task"),
+        // Docker jobs are refused until `[docker] allowed_images` lists something.
+        (
+            "docker.json",
+            r#"{"docker":{"image":"alpine:3"}}"#,
+            "docker.image",
+        ),
+        (
+            "task.json",
+            r#"{"task":{"kind":"gpu_report"}}"#,
+            "task",
+            BACKEND_UNAVAILABLE,
+        ),
         (
             "slurm.json",
             r#"{"class":"gpu_slurm","shell":"nvidia-smi"}"#,
             "class",
+            BACKEND_UNAVAILABLE,
         ),
     ];
-    for (name, body, _) in cases {
+    for (name, body, _, _) in cases {
         d.drop_job(name, body);
     }
-    for (name, body, field) in cases {
+    for (name, body, field, why) in cases {
         let err = assert_rejected(&d, name, Some(field));
-        assert!(message(&err).contains(BACKEND_UNAVAILABLE), "{name}: {err}");
+        assert!(message(&err).contains(why), "{name}: {err}");
         // The same job through cybctl is refused too (exit 65), not queued.
         let f = d.path().join(name);
         std::fs::write(&f, body).unwrap();
@@ -429,7 +440,7 @@ fn unavailable_backends_are_refused() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(out.status.code(), Some(65), "submit -f {name}: {text}");
-        assert!(text.contains(BACKEND_UNAVAILABLE), "submit -f {name}: {text}");
+        assert!(text.contains(why), "submit -f {name}: {text}");
     }
     assert_still_accepting(&d);
 }
