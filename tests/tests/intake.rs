@@ -410,6 +410,7 @@ fn unavailable_backends_are_refused() {
             "docker.json",
             r#"{"docker":{"image":"alpine:3"}}"#,
             "docker.image",
+            "[docker] allowed_images is empty",
         ),
         (
             "task.json",
