@@ -79,6 +79,52 @@ pub fn engine_ready() -> Result<String, String> {
     Ok(version)
 }
 
+/// The pids of the running dockerd processes: they change when the engine restarts.
+fn engine_pids() -> Option<String> {
+    let out = Command::new("pgrep").args(["-x", "dockerd"]).output().ok()?;
+    let pids = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!pids.is_empty()).then_some(pids)
+}
+
+/// Waits up to 3 minutes for the engine to answer again.
+async fn wait_engine() -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(180);
+    loop {
+        match engine_ready() {
+            Ok(_) => return Ok(()),
+            Err(why) if Instant::now() >= end => {
+                return Err(anyhow!("the engine did not come back within 3 minutes: {why}"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// Runs measurement `f` until the engine stays up through one run (it is shared: tests of
+/// the engine's trouble stop and restart it): a run the engine restarted or went away
+/// during is measured again, up to 4 more times. A run that fails on a steady engine fails.
+async fn undisturbed<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt = 0;
+    loop {
+        wait_engine().await?;
+        let before = engine_pids();
+        let r = f().await;
+        let steady = before.is_some() && engine_pids() == before && engine_ready().is_ok();
+        if steady || attempt == 4 {
+            return r.with_context(|| format!("{what} (the engine stayed up)"));
+        }
+        attempt += 1;
+        progress(format!(
+            "   the Docker engine restarted or went away during {what}; measuring it again"
+        ));
+        remove_cli_containers();
+    }
+}
+
 /// Removes every container the CLI side started (any state).
 fn remove_cli_containers() {
     let Ok(out) = docker()
@@ -160,6 +206,21 @@ async fn cybd_sample(c: &Cybd, client: &CybClient) -> anyhow::Result<f64> {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// `--docker-samples` of each side, alternating, on a fresh cybd.
+async fn latency_block(o: &Opts) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let c = Cybd::start_with(o, &cybd_config());
+    let client = connect(&c.d.socket()).await?;
+    // One unmeasured job each: the first container start warms the engine's caches.
+    cybd_sample(&c, &client).await?;
+    blocking(cli_sample).await?;
+    let (mut cybd, mut cli) = (Vec::new(), Vec::new());
+    for _ in 0..o.docker_samples.max(1) {
+        cybd.push(cybd_sample(&c, &client).await?);
+        cli.push(blocking(cli_sample).await?);
+    }
+    Ok((cybd, cli))
 }
 
 /// One CLI sample: spawn `docker run --rm IMAGE echo ready`, time to its first stdout line;
@@ -272,7 +333,7 @@ where
     for i in 0..o.repeat.max(1) {
         wait_quiet(o).await;
         let w = Window::start();
-        let mut t = f().await?;
+        let mut t = undisturbed(what, &mut f).await?;
         t.steal = Some(w.steal_share());
         progress(format!(
             "   {what}, run {}: {:.1} jobs/s ({:.1} s; {})",
@@ -302,21 +363,15 @@ pub async fn run(o: &Opts, server_version: String) -> anyhow::Result<Figures> {
         Vec::new(),
     ));
     let n = o.docker_samples.max(1) * o.repeat.max(1);
-    wait_quiet(o).await;
     progress(format!(
         "6a: docker start latency, {n} `echo ready` containers one at a time, cybd and `docker run --rm` alternating..."
     ));
     let (mut cybd_latency, mut cli_latency) = (Vec::new(), Vec::new());
-    {
-        let c = Cybd::start_with(o, &cybd_config());
-        let client = connect(&c.d.socket()).await?;
-        // One unmeasured job each: the first container start warms the engine's caches.
-        cybd_sample(&c, &client).await?;
-        blocking(cli_sample).await?;
-        for _ in 0..n {
-            cybd_latency.push(cybd_sample(&c, &client).await?);
-            cli_latency.push(blocking(cli_sample).await?);
-        }
+    for _ in 0..o.repeat.max(1) {
+        wait_quiet(o).await;
+        let (c, d) = undisturbed("the start latency", || latency_block(o)).await?;
+        cybd_latency.extend(c);
+        cli_latency.extend(d);
     }
     progress(format!(
         "   p50 / p99: cybd {:.0} / {:.0} ms, docker run {:.0} / {:.0} ms",
