@@ -6,7 +6,7 @@
 //! ```text
 //! cargo build --release --workspace
 //! CYB_BIN_DIR=target/release target/release/cyb-bench [--jobs 2000] [--slots 8] [--repeat 3]
-//!     [--only spool,rpc,ctl,admission,submit,peers] [--tmpdir DIR] [--json]
+//!     [--only spool,rpc,ctl,admission,submit,history,peers,docker] [--tmpdir DIR] [--json]
 //! ```
 //!
 //! Run it as root (the harness's daemons run root-owned jobs, and `pause` is admin-only).
@@ -41,6 +41,8 @@ use serde_json::{Value, json};
 
 #[path = "cyb-bench/abuse.rs"]
 mod abuse;
+#[path = "cyb-bench/docker.rs"]
+mod docker;
 
 // ---------------------------------------------------------------------------------------
 // Targets
@@ -71,6 +73,9 @@ enum Part {
     Peers,
     /// Restart on many finished records: time to READY and RSS after recovery.
     History,
+    /// Docker jobs against `docker run --rm` on the same engine: start latency and
+    /// throughput (skipped, saying why, when no engine answers).
+    Docker,
 }
 
 #[derive(Parser, Debug)]
@@ -101,6 +106,13 @@ struct Opts {
     /// RPC submits in flight at once on the one connection (throughput and bulk queueing).
     #[arg(long, default_value_t = 256)]
     rpc_concurrency: usize,
+    /// Docker start latency samples per `--repeat` (one `echo ready` container at a
+    /// time), for cybd and for `docker run --rm` each.
+    #[arg(long, default_value_t = 30)]
+    docker_samples: usize,
+    /// Trivial (`true`) containers per docker throughput run.
+    #[arg(long, default_value_t = 200)]
+    docker_jobs: usize,
     /// Runs of each throughput measurement (cybd and peers); the median is reported, with
     /// every run's figure beside it.
     #[arg(long, default_value_t = 1)]
@@ -110,7 +122,7 @@ struct Opts {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "spool,rpc,ctl,admission,submit,history,peers"
+        default_value = "spool,rpc,ctl,admission,submit,history,peers,docker"
     )]
     only: Vec<Part>,
     /// Run cybd's jobs without cgroups (`[cgroups] enabled = false`): what confinement
@@ -645,9 +657,17 @@ struct Cybd {
 
 impl Cybd {
     fn start(o: &Opts) -> Cybd {
+        Cybd::start_with(o, "")
+    }
+
+    /// Like [`Cybd::start`], with `extra` TOML laid over the configuration.
+    fn start_with(o: &Opts, extra: &str) -> Cybd {
         let mut cfg = TestConfig::new().class_slots(Class::CpuShort, o.slots);
         if o.no_cgroups {
             cfg = cfg.cgroups(false);
+        }
+        if !extra.is_empty() {
+            cfg = cfg.toml(extra);
         }
         let d = Daemon::start_with(cfg);
         let dir = on_signal(Undo::RemoveDir(d.path().to_path_buf()));
@@ -2081,6 +2101,27 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             other_load.push((name.to_string(), run.other_load, run.steal));
         }
     }
+    let mut docker_figures = None;
+    if o.runs(Part::Docker) {
+        match docker::engine_ready() {
+            Ok(version) => {
+                let f = docker::run(&o, version).await?;
+                out["docker"] = f.json(o.slots);
+                for (part, t) in [
+                    ("docker cybd", &f.cybd),
+                    ("docker run sequential", &f.cli_seq),
+                    ("docker run parallel", &f.cli_par),
+                ] {
+                    other_load.push((part.into(), None, t.steal));
+                }
+                docker_figures = Some(f);
+            }
+            Err(why) => {
+                progress(format!("6: docker part skipped: {why}"));
+                out["docker"] = json!({ "skipped": why });
+            }
+        }
+    }
     for (part, l, st) in &other_load {
         out["other_load"][part.as_str()] = json!(l);
         out["steal"][part.as_str()] = json!(st);
@@ -2247,6 +2288,11 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(f) = &docker_figures {
+        f.print(o.slots);
+    } else if let Some(why) = out["docker"]["skipped"].as_str() {
+        println!("\ndocker: skipped: {why}");
+    }
     if o.repeat > 1 {
         println!(
             "throughput figures are the median of {} runs each; every run's figure is listed (\"runs\").",
