@@ -35,9 +35,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> anyhow::Result<i32> {
 
 /// Why a docker job cannot start now, if the engine is what it waits for.
 pub async fn docker_waits(conn: &crate::conn::Conn, rec: &JobRecord) -> Option<String> {
-    if rec.spec.docker.is_none() {
-        return None;
-    }
+    rec.spec.docker.as_ref()?;
     let h = conn.health().await.ok()?;
     (h.docker.configured && !h.docker.reachable)
         .then(|| h.docker.problem.unwrap_or_else(|| "it is not reachable".into()))
