@@ -27,7 +27,8 @@ use nix::sys::signalfd::SignalFd;
 use serde::{Deserialize, Serialize};
 
 use super::engine;
-use crate::backend::native::supervisor::{ExitRecord, Launch, LogFile};
+use crate::backend::native::logfile::LogFile;
+use crate::backend::native::supervisor::{ExitRecord, Launch};
 
 /// What a docker job's supervisor needs beside the native launch description.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -13,6 +13,7 @@
 //! turned into a typed [`AttemptEnd`] here and nowhere else.
 
 pub mod launcher;
+pub mod logfile;
 pub mod runner;
 pub mod spawn;
 pub mod supervisor;
