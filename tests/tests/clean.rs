@@ -58,11 +58,14 @@ fn stats_count(d: &Daemon, state: &str) -> u64 {
 }
 
 /// Job `id` is gone: no record, no run directory (nor its tombstone), `show` says so.
+/// A job leaves the listing as its removal starts; its files go a moment later (retention
+/// removes them off the scheduler), so they get a few seconds.
 fn assert_gone(d: &Daemon, id: u64) {
-    assert!(
-        !d.jobs_dir().join(format!("{id}.json")).exists(),
-        "record of job {id} left"
-    );
+    let record = d.jobs_dir().join(format!("{id}.json"));
+    wait_until(Duration::from_secs(5), || {
+        !record.exists() && !d.run_dir(id).exists()
+    });
+    assert!(!record.exists(), "record of job {id} left");
     assert!(!d.run_dir(id).exists(), "run directory of job {id} left");
     let out = d.ctl(&["show", &id.to_string()]);
     assert_eq!(code(&out), 3, "show {id}: {}", shown(&out));
